@@ -1,0 +1,261 @@
+"""Config schema (dataclasses), YAML loading and dotlist overrides.
+
+A config is ``OmegaConf.merge(schema defaults, YAML file, CLI dotlist)``. The schema is
+structured, so an unknown or misspelt key raises :class:`ConfigError` naming the key and the
+closest valid one: a sweep runs unattended, and a typo must not silently do nothing.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what to do."""
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is split, and how samples are loaded."""
+
+    name: str = "procedural_polyp"
+    root: Optional[str] = None  # folder in the dataset's published layout (None for procedural)
+    image_size: int = 64  # square side every image/mask is resized to
+    n_real: Optional[int] = 16  # few-shot subset of the training split; None = all of it
+    split_seed: int = 0  # seeds the split and the few-shot subset
+    val_fraction: float = 0.15  # used where the dataset has no official split
+    test_fraction: float = 0.15
+    n_procedural: int = 400  # pool size of procedural datasets (before splitting)
+    procedural_seed: int = 0  # content seed of procedural datasets
+    batch_size: int = 8
+    num_workers: int = 0
+    cache_dir: str = "outputs/cache"  # decoded, resized images (keyed by file list and size)
+    transforms: str = "standard"  # albumentations preset for training: standard | none
+    small_lesion_area: float = 0.02  # lesions under this image fraction count as "small"
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer arguments shared by every training stage."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 40
+    max_steps: int = -1
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    deterministic: bool = False
+
+
+@dataclass
+class SegmenterConfig:
+    """Downstream smp segmenter and its optimisation."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    encoder_weights: Optional[str] = None  # None, or a local weights file; never a download
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
+    collapse_dice: float = 0.05  # best val/dice under this is reported as a collapse
+
+
+@dataclass
+class DiffusionConfig:
+    """Latent-diffusion inpainting base and how it is fine-tuned."""
+
+    base_model: str = "tiny"  # "tiny" (shipped) or a local diffusers-format inpainting folder
+    finetune: str = "lora"  # lora | full | none
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    lr: float = 1e-4
+    steps: int = 300
+    batch_size: int = 8
+    cond_dropout: float = 0.1  # prompt dropped to the null prompt, so CFG works
+    lesion_loss_weight: float = 0.0  # extra ε-MSE weight inside the lesion mask
+    background_fraction: float = 0.3  # share of training crops that inpaint background
+    prompt: Optional[str] = None  # None: the dataset's clinical prompt
+    checkpoint_every: int = 100
+
+
+@dataclass
+class GenerationConfig:
+    """Synthetic image–mask pair generation."""
+
+    n_samples: int = 64
+    guidance_scale: float = 4.0
+    steps: int = 25
+    scheduler: str = "ddim"  # ddim | dpm
+    batch_size: int = 16
+    source: str = "real"  # real (MedDiff-FT: lesion placed elsewhere) | normal (DiffAug)
+    guiding_mask: bool = True  # dynamic adaptive guiding mask (blended latent denoising)
+    guide_dilate_px: int = 6  # dilation of the guiding mask at t = T, shrinking to 0 at t = 0
+    mask_source: str = "mixed"  # real | blob | mixed
+    scale_range: List[float] = field(default_factory=lambda: [0.6, 1.4])
+    elastic: float = 0.2  # boundary jitter strength
+    seed: int = 0
+
+
+@dataclass
+class ValidatorConfig:
+    """Quality gate for synthetic pairs."""
+
+    mode: str = "single_step"  # single_step | full | pixel | none
+    iou_threshold: float = 0.7
+    t_eval: int = 200  # timestep for the single-step clean-latent estimate
+    early_reject_t: Optional[int] = None
+    train_steps: int = 300
+    lr: float = 1e-3
+    quality_filter: bool = True
+    quality_quantile: float = 0.95  # reject generated images farther than this real quantile
+    near_copy_quantile: float = 0.02
+    erode_px: int = 1
+
+
+@dataclass
+class AugmentConfig:
+    """How real and synthetic pairs are mixed for the segmenter."""
+
+    method: str = "standard"  # none | standard | copy_paste | diffusion
+    ratio: float = 1.0  # synthetic : real
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking; MLFLOW_TRACKING_URI wins over ``uri`` when set."""
+
+    uri: str = "sqlite:///outputs/mlflow.db"
+    artifact_root: str = "outputs/mlruns"
+    experiment: Optional[str] = None  # None: the config's ``name``
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    """One experiment: data, models, stages, tracking."""
+
+    name: str = "procedural_polyp_baseline"
+    seed: int = 0  # segmenter seed; paired across methods
+    output_dir: str = "outputs"
+    artifacts_dir: str = "artifacts"
+    stages: List[str] = field(default_factory=lambda: ["segment"])
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    validator: ValidatorConfig = field(default_factory=ValidatorConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+STAGES = ("finetune", "generate", "validate", "segment")
+
+
+def _valid_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    for name, value in node.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(value, DictConfig):
+            keys.extend(_valid_keys(value, dotted + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    valid = _valid_keys(OmegaConf.structured(Config))
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown config key '{key}' in {source}.{hint} Valid keys are listed in experiments/config.py.")
+
+
+def _check_keys(data: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """Raise on the first key of ``data`` that the schema does not define."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            raise _unknown_key_error(dotted, source)
+        child = schema[key]
+        if isinstance(child, DictConfig):
+            _check_keys(value, child, source, dotted + ".")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Merge schema defaults, an optional YAML file and dotlist overrides.
+
+    Args:
+        path: YAML experiment file; its keys must exist in :class:`Config`.
+        overrides: ``key=value`` strings, e.g. ``["generation.guidance_scale=5"]``.
+
+    Returns:
+        The resolved, read-only-keyed config.
+
+    Raises:
+        ConfigError: unknown key, malformed override, wrong value type, missing file.
+    """
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist. Pass a YAML file such as experiments/configs/procedural_polyp_baseline.yaml.")
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        _check_keys(raw, schema, str(path))
+        merged = _merge(merged, OmegaConf.create(raw), str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key=value (e.g. trainer.max_epochs=5).")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), "the command line")
+    _validate(merged)
+    return merged
+
+
+def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, extra)
+    except ConfigKeyError as err:
+        raise _unknown_key_error(str(err.full_key or err.key), source) from err
+    except ValidationError as err:
+        raise ConfigError(f"Invalid value for '{err.full_key}' in {source}: {err.msg.splitlines()[0]}") from err
+
+
+_CHOICES = {
+    "diffusion.finetune": ("lora", "full", "none"),
+    "generation.scheduler": ("ddim", "dpm"),
+    "generation.source": ("real", "normal"),
+    "generation.mask_source": ("real", "blob", "mixed"),
+    "validator.mode": ("single_step", "full", "pixel", "none"),
+    "augment.method": ("none", "standard", "copy_paste", "diffusion"),
+    "data.transforms": ("standard", "none"),
+}
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"'{key}' is '{value}'; choose one of {', '.join(choices)}.")
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"Unknown stage(s) {unknown} in 'stages'; choose from {', '.join(STAGES)}.")
+    if not 0.0 <= cfg.validator.iou_threshold <= 1.0:
+        raise ConfigError("'validator.iou_threshold' must lie in [0, 1].")
+    if cfg.augment.ratio < 0:
+        raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (logged to MLflow as ``config.yaml``)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,156 @@
+"""MLflow tracking: one store for every run, resolved config and pictures logged with each.
+
+The default store is ``sqlite:///outputs/mlflow.db`` with artifacts under ``outputs/mlruns``;
+``MLFLOW_TRACKING_URI`` wins when set, so a team can point every worker at one ``mlflow server``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.config import to_yaml
+
+# MLflow's sqlite store prints its schema migrations on first use; they are noise to a user.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """The tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``cfg.tracking.uri``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def git_sha() -> str:
+    """The commit of the code that produced a run ("unknown" outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def is_rank_zero() -> bool:
+    """True outside distributed launches and on global rank 0 inside them."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def set_experiment(cfg: DictConfig, name: Optional[str] = None) -> str:
+    """Select (creating if needed) the MLflow experiment and return its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    name = name or cfg.tracking.experiment or cfg.name
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        mlflow.set_experiment(name)
+        return experiment.experiment_id
+    artifact_root = Path(cfg.tracking.artifact_root).resolve().as_uri()
+    try:
+        experiment_id = mlflow.create_experiment(name, artifact_location=f"{artifact_root}/{name}")
+    except Exception:  # another worker created it between our check and create
+        experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+    mlflow.set_experiment(name)
+    return experiment_id
+
+
+def flat_params(cfg: DictConfig) -> Dict[str, str]:
+    """Dotted key -> string value of every leaf, for ``mlflow.log_params``."""
+    flat: Dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node)[:500]
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+@contextlib.contextmanager
+def start_run(cfg: DictConfig, run_name: str, tags: Optional[Dict[str, str]] = None,
+              nested: bool = False, experiment: Optional[str] = None) -> Iterator[Any]:
+    """Open an MLflow run that carries the resolved config, its params and the code version.
+
+    Yields the active ``mlflow.ActiveRun`` (or ``None`` when tracking is disabled or not rank 0).
+    """
+    if not cfg.tracking.enabled or not is_rank_zero():
+        yield None
+        return
+    import mlflow
+
+    if not nested:
+        set_experiment(cfg, experiment)
+    all_tags = {"git_sha": git_sha(), "config_name": cfg.name, **(tags or {})}
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.log_params(flat_params(cfg))
+        yield run
+
+
+def log_metrics(metrics: Dict[str, float], step: Optional[int] = None) -> None:
+    """Log finite float metrics to the active run (no-op without one)."""
+    import math
+
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    clean = {k: float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_stage_folder(stage_dir: Path, artifact_path: str) -> None:
+    """Log the pictures and small manifests of a finished stage folder to the active run."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    for path in sorted(stage_dir.glob("*")):
+        if path.suffix in {".png", ".jsonl", ".json"} and path.stat().st_size < 20_000_000:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def lightning_logger(run: Any, cfg: DictConfig) -> Any:
+    """A Lightning ``MLFlowLogger`` writing training curves into ``run`` (None without a run)."""
+    if run is None:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(tracking_uri=tracking_uri(cfg), run_id=run.info.run_id,
+                        experiment_name=_experiment_name(run))
+
+
+def _experiment_name(run: Any) -> str:
+    import mlflow
+
+    return mlflow.get_experiment(run.info.experiment_id).name
+
+
+def ui_main(argv: Optional[list] = None) -> int:
+    """``meddiffaug ui``: start the MLflow UI on 127.0.0.1 with one worker."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="meddiffaug ui", description=ui_main.__doc__)
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--backend-store-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db")
+    args = parser.parse_args(argv)
+    uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///outputs/mlflow.db"
+    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port), "--workers", "1"]
+    print("Starting:", " ".join(command), flush=True)
+    return subprocess.call(command)

@@ -1,0 +1,5 @@
+"""Guided inpainting sampler (placeholder, being written)."""
+
+
+def inpaint(*args, **kwargs):
+    raise NotImplementedError

@@ -1,0 +1,336 @@
+"""Latent validator: a small segmenter on VAE latents that gates synthetic image–mask pairs (DiffAug).
+
+The validator sees a latent ``x`` (B,C,h,w) and the timestep ``t`` it came from and predicts the
+lesion mask at latent resolution, upsampled bilinearly (as logits) to image resolution. It is
+trained on the real few-shot pairs' latents in three forms, so it meets at validation the kind of
+input it is given there:
+
+* clean latents ``z0`` (``t = 0``),
+* single-step clean-latent estimates ``ẑ0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t`` from the diffusion model's ε̂,
+* noised latents ``z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε`` (drawn on the fly; flagged as "noisy" so the network
+  never confuses them with estimates at the same ``t``).
+
+Below the module: the gate functions (single-step ẑ0, full SDEdit denoise, early-reject callback).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def add_noise(z0: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion ``z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε``.
+
+    Args:
+        z0: clean latents (B,C,h,w).
+        eps: noise (B,C,h,w).
+        alphas_cumprod: ᾱ schedule (T,).
+        t: integer timesteps (B,) or scalar.
+    """
+    a = _gather(alphas_cumprod, t, z0)
+    return a.sqrt() * z0 + (1 - a).sqrt() * eps
+
+
+def estimate_z0(z_t: torch.Tensor, eps_hat: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Single-step clean-latent estimate ``ẑ0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t`` (DiffAug eq. 11).
+
+    Args:
+        z_t: noisy latents (B,C,h,w).
+        eps_hat: predicted noise (B,C,h,w).
+        alphas_cumprod: ᾱ schedule (T,).
+        t: integer timesteps (B,) or scalar.
+
+    Returns:
+        ẑ0 (B,C,h,w); equals ``z0`` exactly when ``eps_hat`` is the true noise.
+    """
+    a = _gather(alphas_cumprod, t, z_t)
+    return (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+
+
+def _gather(alphas_cumprod: torch.Tensor, t, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, device=alphas_cumprod.device).long().reshape(-1)
+    a = alphas_cumprod[t].to(like.device, like.dtype)
+    if a.numel() == 1:
+        a = a.expand(like.shape[0])
+    return a.view(-1, *([1] * (like.dim() - 1)))
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
+    """Per-sample IoU between predicted and intended class-index masks.
+
+    Binary: IoU of the lesion class. Multi-class: mean IoU over the foreground classes present in
+    either mask. A sample where both masks are empty scores 1.0 (nothing was asked, nothing found).
+
+    Args:
+        pred: (B,H,W) int class indices.
+        target: (B,H,W) int class indices.
+        num_classes: including background.
+
+    Returns:
+        (B,) float IoU in [0, 1].
+    """
+    ious = []
+    for c in range(1, max(num_classes, 2)):
+        p, g = pred == c, target == c
+        inter = (p & g).flatten(1).sum(1).float()
+        union = (p | g).flatten(1).sum(1).float()
+        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(union, float("nan"))))
+    stack = torch.stack(ious, 1)
+    present = ~stack.isnan()
+    mean = torch.nan_to_num(stack, nan=0.0).sum(1) / present.sum(1).clamp(min=1)
+    return torch.where(present.any(1), mean, torch.ones_like(mean))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (B,) -> (B,dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class _FiLMBlock(nn.Module):
+    """Two 3x3 convs with GroupNorm; the (t, kind) embedding scales and shifts the first."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(min(8, cout), cout)
+        self.film = nn.Linear(emb_dim, 2 * cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(min(8, cout), cout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(self.norm1(self.conv1(x)) * (1 + scale) + shift)
+        h = F.silu(self.norm2(self.conv2(h)))
+        return h + self.skip(x)
+
+
+class LatentSegNet(nn.Module):
+    """Compact two-level U-Net on latents with timestep FiLM.
+
+    Compact rather than ``smp.Unet``: latents are 8–64 px, where smp's 5-level encoders would reduce
+    the map to a single pixel; two levels keep a receptive field over the whole 16x16 latent.
+
+    Args:
+        in_channels: latent channels C.
+        out_channels: 1 for binary (sigmoid), K for K-class softmax.
+        width: channels of the first level (the second has 2x).
+    """
+
+    def __init__(self, in_channels: int = 4, out_channels: int = 1, width: int = 32):
+        super().__init__()
+        emb = 4 * width
+        self.width = width
+        # kind 0 = clean latent or clean-latent estimate, 1 = raw noisy latent z_t
+        self.kind_emb = nn.Embedding(2, emb)
+        self.t_mlp = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.inp = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.enc1 = _FiLMBlock(width, width, emb)
+        self.enc2 = _FiLMBlock(width, 2 * width, emb)
+        self.mid = _FiLMBlock(2 * width, 2 * width, emb)
+        self.dec1 = _FiLMBlock(3 * width, width, emb)
+        self.out = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        """Logits at latent resolution (B,out,h,w) for latents (B,C,h,w), t (B,), kind (B,)."""
+        emb = self.t_mlp(timestep_embedding(t, self.width)) + self.kind_emb(kind.long())
+        h1 = self.enc1(self.inp(x), emb)
+        # ceil-mode pooling and a size-matched upsample keep odd latent sizes working
+        h2 = self.mid(self.enc2(F.max_pool2d(h1, 2, ceil_mode=True), emb), emb)
+        up = F.interpolate(h2, size=h1.shape[-2:], mode="bilinear", align_corners=False)
+        return self.out(self.dec1(torch.cat([h1, up], 1), emb))
+
+
+class LatentValidator(L.LightningModule):
+    """Latent-space segmenter used as the DiffAug quality gate.
+
+    Batches are dicts ``{"x": (B,C,h,w) clean latent or ẑ0, "t": (B,) its timestep, "z0": (B,C,h,w)
+    clean latent of the same pair, "mask": (B,H,W) int64}`` (see :func:`experiments.validate_stage.build_latent_bank`).
+
+    Args:
+        in_channels: latent channels C.
+        num_classes: classes including background; 2 = binary (one sigmoid logit).
+        width: network width.
+        lr: AdamW learning rate (cosine decay to 5 %).
+        train_steps: optimisation steps (sets the schedule length).
+        num_train_timesteps: T of the diffusion schedule.
+        alphas_cumprod: ᾱ (T,) for the on-the-fly noised inputs; stored in the checkpoint.
+        noisy_fraction: share of each batch replaced by raw noisy latents z_t.
+        noisy_t_max: largest t for those (defaults to T // 2: larger t carries no lesion shape).
+        flip: random horizontal/vertical flips of latent and mask together.
+    """
+
+    def __init__(self, in_channels: int = 4, num_classes: int = 2, width: int = 32, lr: float = 1e-3,
+                 train_steps: int = 300, num_train_timesteps: int = 1000, alphas_cumprod: Optional[torch.Tensor] = None,
+                 noisy_fraction: float = 0.25, noisy_t_max: Optional[int] = None, flip: bool = True):
+        super().__init__()
+        self.save_hyperparameters(ignore=["alphas_cumprod"])
+        self.binary = num_classes <= 2
+        self.net = LatentSegNet(in_channels, 1 if self.binary else num_classes, width)
+        ac = alphas_cumprod if alphas_cumprod is not None else torch.ones(num_train_timesteps)
+        self.register_buffer("alphas_cumprod", ac.detach().float().clone())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, out_size: Optional[Sequence[int]] = None,
+                kind: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mask logits (B,K,H,W) at ``out_size`` (default: latent size) for latents x (B,C,h,w)."""
+        t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(x.shape[0])
+        kind = torch.zeros_like(t) if kind is None else kind
+        logits = self.net(x, t, kind)
+        if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
+
+    @torch.no_grad()
+    def predict_masks(self, x: torch.Tensor, t, out_size: Sequence[int]) -> torch.Tensor:
+        """Class-index masks (B,H,W) int64 for clean latents / estimates x (B,C,h,w) at timestep t."""
+        logits = self(x.to(self.device, torch.float32), t, out_size)
+        if self.binary:
+            return (logits[:, 0] > 0).long()
+        return logits.argmax(1)
+
+    def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Dice handles the small-lesion class imbalance; BCE/CE keeps gradients well-behaved early on
+        if self.binary:
+            target = (mask > 0).float()
+            prob = logits[:, 0].sigmoid()
+            bce = F.binary_cross_entropy_with_logits(logits[:, 0], target)
+            inter = (prob * target).flatten(1).sum(1)
+            dice = 1 - (2 * inter + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+            return bce + dice.mean()
+        prob = logits.softmax(1)
+        onehot = F.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2).float()
+        inter = (prob * onehot).sum((2, 3))
+        dice = 1 - (2 * inter + 1) / (prob.sum((2, 3)) + onehot.sum((2, 3)) + 1)
+        return F.cross_entropy(logits, mask) + dice[:, 1:].mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, t, z0, mask = batch["x"], batch["t"].long(), batch["z0"], batch["mask"].long()
+        kind = torch.zeros_like(t)
+        n_noisy = int(round(self.hparams.noisy_fraction * x.shape[0]))
+        if n_noisy:
+            # fresh noise every step: the bank only holds clean latents and ε̂-estimates
+            t_max = self.hparams.noisy_t_max or self.hparams.num_train_timesteps // 2
+            tn = torch.randint(0, t_max, (n_noisy,), device=x.device)
+            zt = add_noise(z0[:n_noisy], torch.randn_like(z0[:n_noisy]), self.alphas_cumprod, tn)
+            x = torch.cat([zt, x[n_noisy:]])
+            t = torch.cat([tn, t[n_noisy:]])
+            kind = torch.cat([torch.ones_like(tn), kind[n_noisy:]])
+        if self.hparams.flip:
+            # latents of a conv VAE flip with the image, so flips are label-preserving augmentation
+            if torch.rand(()) < 0.5:
+                x, mask = x.flip(-1), mask.flip(-1)
+            if torch.rand(()) < 0.5:
+                x, mask = x.flip(-2), mask.flip(-2)
+        loss = self._loss(self(x, t, mask.shape[-2:], kind), mask)
+        self.log("validator/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
+        steps = max(1, self.hparams.train_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------- gate functions
+
+def diffusion_condition(diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str):
+    """Latents and inpainting condition of image–mask pairs, as generation builds them.
+
+    Uses ``diffusion.prepare_condition(images, masks)`` when the model offers it, so the gate sees
+    exactly the generation condition; otherwise the diffusers convention: the masked image is the
+    image with the mask region set to mid-grey (0 in [-1, 1]) and the mask is resized to the latent.
+
+    Args:
+        diffusion: object with the CONTRACTS diffusion API.
+        images: (B,3,H,W) float in [0,1].
+        masks: (B,H,W) int class indices (foreground = any class > 0).
+        prompt: text prompt of the lesion class.
+
+    Returns:
+        ``(z0 (B,C,h,w), mask_lat (B,1,h,w), masked_image_lat (B,C,h,w), text_emb (B,L,D))``.
+    """
+    fg = (masks > 0).float()[:, None]
+    z0 = diffusion.encode_images(images)
+    if hasattr(diffusion, "prepare_condition"):
+        mask_lat, masked_lat = diffusion.prepare_condition(images, fg)
+    else:
+        masked_lat = diffusion.encode_images(images * (1 - fg) + 0.5 * fg)
+        mask_lat = F.interpolate(fg, size=z0.shape[-2:], mode="nearest")
+    text = diffusion.encode_prompts([prompt] * images.shape[0])
+    return z0, mask_lat, masked_lat, text
+
+
+@torch.no_grad()
+def single_step_estimate(diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str, t: int,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Encode, noise to ``t``, one ε̂ call, and return ẑ0 (B,C,h,w). No decode, no denoising loop."""
+    z0, mask_lat, masked_lat, text = diffusion_condition(diffusion, images, masks, prompt)
+    eps = torch.randn(z0.shape, generator=generator, device="cpu").to(z0.device, z0.dtype)
+    ac = diffusion.alphas_cumprod.to(z0.device)
+    tt = torch.full((z0.shape[0],), int(t), device=z0.device, dtype=torch.long)
+    z_t = add_noise(z0, eps, ac, tt)
+    eps_hat = diffusion.predict_eps(z_t, tt, mask_lat, masked_lat, text)
+    return estimate_z0(z_t, eps_hat, ac, tt)
+
+
+@torch.no_grad()
+def full_denoise(diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str, t: int, steps: int = 50,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """SDEdit-style: noise to ``t``, then ``steps`` deterministic DDIM steps down to 0; returns z0 (B,C,h,w).
+
+    The baseline single-step validation is compared against (DiffAug: 50 steps, 0.31 samples/s).
+    """
+    z0, mask_lat, masked_lat, text = diffusion_condition(diffusion, images, masks, prompt)
+    eps = torch.randn(z0.shape, generator=generator, device="cpu").to(z0.device, z0.dtype)
+    ac = diffusion.alphas_cumprod.to(z0.device)
+    ts = torch.linspace(int(t), 0, steps + 1).round().long().tolist()
+    z = add_noise(z0, eps, ac, torch.tensor([ts[0]]))
+    for t_now, t_next in zip(ts[:-1], ts[1:]):
+        tt = torch.full((z.shape[0],), t_now, device=z.device, dtype=torch.long)
+        eps_hat = diffusion.predict_eps(z, tt, mask_lat, masked_lat, text)
+        x0 = estimate_z0(z, eps_hat, ac, tt)
+        a_next = _gather(ac, t_next, z)
+        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps_hat  # DDIM, eta = 0
+    return z
+
+
+def make_early_reject_callback(validator: LatentValidator, masks: torch.Tensor, threshold: float, t_reject: int,
+                               alphas_cumprod: torch.Tensor, num_classes: int = 2):
+    """A ``step_callback`` for ``InpaintingDiffusion.inpaint`` that stops samples failing the gate early.
+
+    At the first step with ``t <= t_reject`` it forms ẑ0 from ``(z_t, ε̂)``, segments it and returns
+    a bool (B,) marking the samples whose IoU with the intended mask is below ``threshold``; every
+    other step it returns None. The callback keeps ``.ious`` (B,) and ``.stopped`` (B,) for logging.
+
+    Args:
+        validator: trained :class:`LatentValidator` (or any object with ``predict_masks(x, t, out_size)``).
+        masks: intended masks (B,H,W) of the batch being generated.
+        threshold: IoU gate θ.
+        t_reject: timestep at (or first below) which to judge.
+        alphas_cumprod: ᾱ (T,) of the diffusion schedule.
+        num_classes: classes including background.
+    """
+
+    def callback(i: int, t, z_t: torch.Tensor, eps_hat: torch.Tensor) -> Optional[torch.Tensor]:
+        t_int = int(torch.as_tensor(t).reshape(-1)[0])
+        if callback.fired or t_int > t_reject:
+            return None
+        callback.fired = True
+        z0_hat = estimate_z0(z_t, eps_hat, alphas_cumprod.to(z_t.device), t_int)
+        pred = validator.predict_masks(z0_hat, t_int, masks.shape[-2:]).cpu()
+        callback.ious = mask_iou(pred, masks.cpu().long(), num_classes)
+        callback.stopped = callback.ious < threshold
+        return callback.stopped.to(z_t.device)
+
+    callback.fired, callback.ious, callback.stopped = False, None, None
+    return callback
