@@ -113,20 +113,21 @@ def _alpha(q: np.ndarray, r_px: float, soft_px: float = 1.0) -> np.ndarray:
 def _curves(rng, size, n, length, curl, start=None, steps=24) -> np.ndarray:
     """Rasterise ``n`` smooth random curves (hair, vessels) into a binary (S,S) float image."""
     canvas = np.zeros((size, size), np.float32)
-    for _ in range(n):
-        p = rng.uniform(-1.1, 1.1, 2) if start is None else np.asarray(start(rng), float)
-        th = rng.uniform(0, 2 * np.pi)
-        dth = curl * rng.standard_normal(steps).cumsum() / steps ** 0.5 + rng.uniform(-curl, curl)
-        L = rng.uniform(*length)
-        ang = th + dth
-        pts = p + np.cumsum(np.stack([np.cos(ang), np.sin(ang)], 1) * L / steps, 0)
-        # densify to half-pixel spacing so the rasterised curve is connected at any size
-        dense = int(L * size) + 2
-        s = np.linspace(0, steps - 1, dense)
-        xy = np.stack([np.interp(s, np.arange(steps), pts[:, j]) for j in range(2)], 1)
-        ij = np.round((xy + 1) / 2 * size - 0.5).astype(int)
-        ok = (ij >= 0).all(1) & (ij < size).all(1)
-        canvas[ij[ok, 1], ij[ok, 0]] = 1.0
+    if n == 0:
+        return canvas
+    p0 = rng.uniform(-1.1, 1.1, (n, 2)) if start is None else np.array([start(rng) for _ in range(n)], float)
+    th = rng.uniform(0, 2 * np.pi, (n, 1))
+    walk = curl * rng.standard_normal((n, steps)).cumsum(1) / steps ** 0.5
+    ang = th + walk + rng.uniform(-curl, curl, (n, 1))
+    seg = rng.uniform(*length, (n, 1, 1)) / steps
+    pts = p0[:, None] + np.cumsum(np.stack([np.cos(ang), np.sin(ang)], -1) * seg, 1)  # (n,steps,2)
+    # densify every segment to < half-pixel spacing so a curve stays connected at any size
+    f = int(np.ceil(length[1] / steps * size)) + 1
+    frac = np.linspace(0, 1, f, endpoint=False)[None, None, :, None]
+    dense = (pts[:, :-1, None] + (pts[:, 1:] - pts[:, :-1])[:, :, None] * frac).reshape(-1, 2)
+    ij = np.round((dense + 1) / 2 * size - 0.5).astype(int)
+    ok = (ij >= 0).all(1) & (ij < size).all(1)
+    canvas[ij[ok, 1], ij[ok, 0]] = 1.0
     return canvas
 
 
@@ -197,7 +198,7 @@ def _fundus(g, t, S, normal):
     cx0, cy0 = g.uniform(-0.05, 0.05, 2)
     R = np.hypot(X - cx0, Y - cy0)
     fov = np.clip((g.uniform(0.95, 1.3) - R) * S / 2, 0, 1)
-    base = np.array([0.78, 0.33, 0.12]) * g.uniform(0.8, 1.15, 3)
+    base = np.array([0.78, 0.36, 0.2]) * g.uniform([0.8, 0.75, 0.5], [1.15, 1.3, 1.6])  # pale to dark fundi
     bright = (1 - 0.3 * R ** 3) * (1 + 0.1 * _noise(g, S, 4) + 0.04 * _noise(g, S, 16))
     side = g.choice([-1.0, 1.0])  # left / right eye
     dx, dy = side * g.uniform(0.05, 0.35), g.uniform(-0.2, 0.2)
@@ -211,14 +212,18 @@ def _fundus(g, t, S, normal):
     off = (1 - cdr) * rd * 0.5 * g.uniform(0, 1)
     ccx, ccy = dx - side * off, dy + g.uniform(-0.3, 0.3) * off
     qc = _blob(g, X, Y, ccx, ccy, rd * cdr, rd * cdr * asp, irregular=0.05)
-    ad = _alpha(qd, rd * S / 2, 1.5) * g.uniform(0.55, 0.95)
+    if g.random() < 0.5:  # peripapillary atrophy: an unlabelled pale crescent beside the disc
+        qp = _blob(g, X, Y, dx - side * rd * 0.35, dy + g.uniform(-0.1, 0.1), rd * 1.3, rd * asp * 1.15, 0.1)
+        ap = _alpha(qp, rd * S / 2, 2.0) * (qd > 1) * g.uniform(0.3, 0.7)
+        col = col * (1 - ap) + np.array([0.92, 0.7, 0.5])[:, None, None] * ap
+    ad = _alpha(qd, rd * S / 2, 2.0) * g.uniform(0.4, 0.9)
     disc_col = np.array([0.98, 0.72, 0.42]) * g.uniform(0.9, 1.05, 3)
     col = col * (1 - ad) + disc_col[:, None, None] * ad * (1 + 0.05 * _noise(g, S, 10))
     ac = _alpha(qc, rd * cdr * S / 2, 2.0) * g.uniform(0.3, 0.8)  # cup edge is subtle in reality
     col = col * (1 - ac) + np.array([1.0, 0.92, 0.74])[:, None, None] * ac
     start = lambda r: (ccx + r.normal(0, 0.02), ccy + r.normal(0, 0.02))  # noqa: E731
-    thick = _line(_curves(g, S, g.integers(4, 7), (0.8, 1.8), 1.2, start), 0.05 * S / 2)
-    thin = _line(_curves(g, S, g.integers(5, 10), (0.3, 1.2), 1.5, start), 0.025 * S / 2)
+    thick = _line(_curves(g, S, g.integers(4, 7), (0.8, 1.8), 0.8, start), 0.035 * S / 2)
+    thin = _line(_curves(g, S, g.integers(5, 10), (0.3, 1.2), 1.2, start), 0.018 * S / 2)
     v = np.maximum(thick, 0.7 * thin)
     col = col * (1 - v * np.array([0.45, 0.65, 0.55])[:, None, None])
     img = col * fov * (1 + 0.03 * t.standard_normal((S, S)))

@@ -44,7 +44,9 @@ def fov_from_image(image: np.ndarray, threshold: int = 12, margin_px: int = 1) -
     """
     fov = image.max(axis=-1) > threshold
     # Dark lesions or shadows inside the FOV are not "outside": fill holes, drop specks.
-    fov = ndimage.binary_fill_holes(ndimage.binary_opening(fov, disk(1)))
+    # Opening by hand: the erosion treats the image edge as inside (it is no FOV boundary).
+    fov = ndimage.binary_dilation(ndimage.binary_erosion(fov, disk(1), border_value=1), disk(1))
+    fov = ndimage.binary_fill_holes(fov)
     if fov.sum() < 0.25 * fov.size:  # a mostly dark image: thresholding is meaningless
         return np.ones(fov.shape, bool)
     if margin_px > 0:

@@ -57,13 +57,16 @@ def pixel_stat_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
-    """Ledoit–Wolf shrinkage covariance (D,D) of centred-or-not samples x (N,D)."""
+    """Ledoit–Wolf shrinkage covariance (D,D) of samples x (N,D)."""
     n, d = x.shape
     xc = x - x.mean(0)
     s = xc.T @ xc / n
     mu = torch.trace(s) / d
     delta = ((s - mu * torch.eye(d, dtype=x.dtype)) ** 2).sum() / d
-    beta = sum(((xi[:, None] * xi[None]) - s).pow(2).sum() for xi in xc) / (n * n * d)
+    # Σ_i ||x_i x_iᵀ − S||²_F expanded, so no (N,D,D) tensor is formed
+    sq = (xc * xc).sum(1)
+    beta = (sq.pow(2) - 2 * ((xc @ s) * xc).sum(1)).sum() + n * (s * s).sum()
+    beta = beta / (n * n * d)
     shrink = torch.clamp(beta / delta.clamp(min=1e-12), 0.0, 1.0)
     return shrink * mu * torch.eye(d, dtype=x.dtype) + (1 - shrink) * s
 

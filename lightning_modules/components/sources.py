@@ -14,7 +14,7 @@ sources: val/test images must not leak into training data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -92,10 +92,15 @@ def pick_sources(images: np.ndarray, masks: np.ndarray, ids: Sequence[str],
         n :class:`Source` objects.
     """
     pool, kind = source_pool(masks, train_indices, mode)
+    return [make_source(images, masks, ids, i, kind) for i in source_order(pool, n, rng)]
+
+
+def source_order(pool: Sequence[int], n: int, rng: np.random.Generator) -> list[int]:
+    """``n`` pool indices as concatenated shuffled passes over ``pool`` (the draw of :func:`pick_sources`)."""
     order: list[int] = []
     while len(order) < n:
         order.extend(int(pool[k]) for k in rng.permutation(len(pool)))
-    return [make_source(images, masks, ids, i, kind) for i in order[:n]]
+    return order[:n]
 
 
 def make_source(images: np.ndarray, masks: np.ndarray, ids: Sequence[str], index: int,
@@ -125,7 +130,7 @@ def union_label(existing: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 
 def sources_from_datamodule(datamodule, n: int, rng: np.random.Generator, mode: str = "real",
-                            split: Optional[str] = "train_few") -> list[Source]:
+                            split: str = "train_few") -> list[Source]:
     """:func:`pick_sources` over a set-up ``SegmentationDataModule`` (only its ``split``)."""
     return pick_sources(datamodule.images, datamodule.masks, datamodule.ids,
                         datamodule.split_indices[split], n, rng, mode)

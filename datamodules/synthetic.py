@@ -1,0 +1,109 @@
+"""Synthetic image–mask pairs (a generate or validate manifest) as a torch Dataset.
+
+Samples look exactly like real ones (``SegmentationDataset``): ``{"image": float32 (3,S,S) in
+[0,1], "mask": int64 (S,S), "id": str}``, so the segmenter cannot tell them apart by format.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import ConcatDataset, Dataset, Subset  # noqa: E402
+
+from datamodules.errors import DataError  # noqa: E402
+from lightning_modules.components import pairs_io  # noqa: E402
+
+
+class SyntheticPairs(Dataset):
+    """Pairs listed in a ``.jsonl`` manifest (``generate/manifest.jsonl`` or ``validate/accepted.jsonl``).
+
+    Args:
+        manifest_path: JSONL with one object per sample holding ``image`` and ``mask`` paths
+            (absolute, or relative to the manifest's folder) and ``id``.
+        image_size: Side S every pair is resized to (images bilinear, masks nearest).
+        transforms: Optional albumentations pipeline applied to (image uint8 (S,S,3), mask) jointly.
+
+    Raises:
+        DataError: the manifest is missing or malformed, a line lacks ``image``/``mask``, or a
+            listed file does not exist (the message names it).
+    """
+
+    def __init__(self, manifest_path, image_size: int, transforms: Optional[Callable] = None):
+        self.manifest_path = Path(manifest_path)
+        self.image_size, self.transforms = int(image_size), transforms
+        records = pairs_io.read_manifest(self.manifest_path, missing_ok=False)
+        base = self.manifest_path.parent
+        self.items: list[tuple[str, Path, Path]] = []
+        for n, r in enumerate(records, start=1):
+            if "image" not in r or "mask" not in r:
+                raise DataError(f"{self.manifest_path}, record {n} has no 'image'/'mask' path; "
+                                f"regenerate the manifest")
+            img, msk = pairs_io.resolve(r["image"], base), pairs_io.resolve(r["mask"], base)
+            for p in (img, msk):  # fail at construction, not in a worker mid-epoch
+                if not p.is_file():
+                    raise DataError(f"{p} (listed in {self.manifest_path}, record {n}) does not exist; "
+                                    f"rerun the stage that wrote it or remove the line")
+            self.items.append((str(r.get("id", img.stem)), img, msk))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pair ``i`` as (uint8 (S,S,3), uint8 (S,S)) at ``image_size``."""
+        _, img_path, mask_path = self.items[i]
+        image, mask = pairs_io.read_image(img_path), pairs_io.read_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise DataError(f"{mask_path} has shape {mask.shape} but its image {img_path} has "
+                            f"{image.shape[:2]}; regenerate the pair")
+        S = self.image_size
+        if image.shape[:2] != (S, S):
+            image = np.asarray(Image.fromarray(image).resize((S, S), Image.BILINEAR))
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+        return image, mask
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, mask = self.load(i)
+        if self.transforms is not None:
+            out = self.transforms(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,
+                "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(), "id": self.items[i][0]}
+
+
+def mix_real_and_synthetic(real_dataset: Dataset, synthetic_dataset: Optional[Dataset], ratio: float,
+                           seed: int) -> Dataset:
+    """Real set plus ``round(ratio * len(real))`` synthetic samples drawn by ``seed``.
+
+    Draws without replacement when the synthetic pool is large enough, else with replacement
+    (the ratio is what the experiment sweeps, so it is honoured even for a small accepted set).
+
+    Args:
+        real_dataset: The real training set (``train_few``).
+        synthetic_dataset: Accepted synthetic pairs, or None.
+        ratio: Synthetic : real; 0 returns ``real_dataset`` itself.
+        seed: Seeds the draw.
+
+    Returns:
+        ``real_dataset`` or a ``ConcatDataset([real, Subset(synthetic, drawn)])``.
+    """
+    if ratio < 0:
+        raise ValueError(f"ratio must be >= 0, got {ratio}")
+    k = int(round(ratio * len(real_dataset)))
+    if k == 0:
+        return real_dataset
+    if synthetic_dataset is None or len(synthetic_dataset) == 0:
+        warnings.warn(f"ratio {ratio} asks for {k} synthetic samples but none were accepted; "
+                      f"training on real data only", RuntimeWarning, stacklevel=2)
+        return real_dataset
+    rng = np.random.default_rng(seed)
+    n = len(synthetic_dataset)
+    idx = rng.choice(n, size=k, replace=k > n)
+    return ConcatDataset([real_dataset, Subset(synthetic_dataset, [int(i) for i in idx])])

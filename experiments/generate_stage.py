@@ -1,0 +1,233 @@
+"""Generate stage: synthetic image–mask pairs by diffusion inpainting or the copy-paste control.
+
+Sample ``i`` depends only on ``(cfg.generation.seed, i)`` and the training data: its source
+image, mask (every mask-generator choice) and label are planned identically for
+``augment.method = diffusion`` and ``copy_paste``, so the two methods differ only in the pixels
+inside the new mask. Outputs (under ``workdir``): ``images/<id>.png``, ``masks/<id>.png`` (label =
+existing lesions ∪ new lesion), ``new_masks/<id>.png`` (new lesion only), ``manifest.jsonl``
+(one line per sample: every seed and parameter), ``grid.png``. Each batch is written
+PNGs-first, manifest-last, all atomically, so a killed run resumes after the last finished
+batch: ids already in the manifest are skipped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from lightning_modules.components import pairs_io
+from lightning_modules.components.copy_paste import copy_paste, donor_mask, lesion_components
+from lightning_modules.components.fidelity import fid_kid
+from lightning_modules.components.masks import MaskGenerationError, MaskGenerator
+from lightning_modules.components.sources import make_source, source_order, source_pool, union_label
+
+METHODS = ("diffusion", "copy_paste")
+MAX_SOURCE_TRIES = 4  # primary source + alternates when the mask fits nowhere in the primary
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """Independent, stable 32-bit seed of sample ``i`` (does not depend on n or batch size)."""
+    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0])
+
+
+def sample_id(i: int) -> str:
+    """Synthetic ids carry a prefix so they never collide with real ids in a mixed dataset."""
+    return f"syn_{i:05d}"
+
+
+def load_model(cfg, upstream: dict):
+    """The fine-tuned ``InpaintingDiffusion`` of the finetune stage (tests monkeypatch this)."""
+    if "finetune" not in upstream:
+        raise ValueError("augment.method=diffusion needs the finetune stage's output "
+                         "(upstream['finetune'] is missing): add 'finetune' to cfg.stages")
+    from experiments.finetune_stage import load_finetuned  # lazy: heavy, and written concurrently
+
+    return load_finetuned(cfg, Path(upstream["finetune"]))
+
+
+class Planner:
+    """Plans sample ``i``: source, new mask and label (method-independent).
+
+    Args:
+        cfg: Whole config (uses ``cfg.generation``).
+        images, masks, ids: Datamodule arrays, uint8 (N,S,S,3), uint8 (N,S,S), N ids.
+        train_indices: ``train_few`` rows: the only sources, mask shapes and donors.
+    """
+
+    def __init__(self, cfg, images: np.ndarray, masks: np.ndarray, ids: list, train_indices: list):
+        g = cfg.generation
+        self.images, self.masks, self.ids, self.seed = images, masks, ids, int(g.seed)
+        self.train = [int(i) for i in train_indices]
+        self.generator = MaskGenerator(masks[self.train], None, tuple(g.scale_range), float(g.elastic),
+                                       str(g.mask_source))
+        self.pool, self.kind = source_pool(masks, self.train, str(g.source))
+        # One balanced source order for the whole run, from its own stream of the seed.
+        order_rng = np.random.default_rng([self.seed, 0])
+        self.order = source_order(self.pool, int(g.n_samples), order_rng)
+
+    def plan(self, i: int) -> dict[str, Any]:
+        """Returns a dict with ``id, sample_seed, source, new_mask, label, mask_params`` or
+        ``{"id", "skip_reason"}`` when no source could host a mask."""
+        s_seed = sample_seed(self.seed, i)
+        rng = np.random.default_rng(s_seed)
+        index, reasons = self.order[i], []
+        for attempt in range(MAX_SOURCE_TRIES):
+            src = make_source(self.images, self.masks, self.ids, index, self.kind)
+            try:
+                new, params = self.generator.sample(rng, src.occupied, fov=src.fov)
+            except MaskGenerationError as e:
+                reasons.append(f"{src.id}: {e}")
+                index = int(self.pool[rng.integers(len(self.pool))])
+                continue
+            return {"id": sample_id(i), "index": i, "sample_seed": s_seed, "source": src,
+                    "source_attempt": attempt, "new_mask": new, "label": union_label(src.existing, new),
+                    "mask_params": params}
+        return {"id": sample_id(i), "skip_reason": " | ".join(reasons)}
+
+
+def _base_record(cfg, p: dict, method: str) -> dict[str, Any]:
+    src = p["source"]
+    return {"id": p["id"], "method": method, "seed": int(cfg.generation.seed), "sample_index": p["index"],
+            "sample_seed": p["sample_seed"], "source_id": src.id, "source_index": src.index,
+            "source_kind": src.kind, "source_attempt": p["source_attempt"],
+            "mask_source": str(cfg.generation.mask_source), "scale_range": list(cfg.generation.scale_range),
+            "elastic": float(cfg.generation.elastic), "mask_params": p["mask_params"],
+            "image_size": int(src.image.shape[0]), "label_classes": sorted(int(c) for c in np.unique(p["label"]))}
+
+
+def _copy_paste_batch(plans: list, images, masks, donors: list) -> tuple[list, list]:
+    outs, extra = [], []
+    for p in plans:
+        # Own stream per sample, drawn after nothing else: masks/sources stay method-independent.
+        rng = np.random.default_rng([p["sample_seed"], 2])
+        row, lab = donors[int(rng.integers(len(donors)))]
+        angle = float(rng.uniform(0.0, 360.0))
+        dmask = donor_mask(masks, row, lab)
+        outs.append(copy_paste(p["source"].image, p["new_mask"], images[row], dmask, angle=angle,
+                               occupied=p["source"].occupied))
+        extra.append({"donor_index": row, "donor_component": lab, "paste_angle": angle})
+    return outs, extra
+
+
+def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str) -> tuple[list, list]:
+    g = cfg.generation
+    src = torch.stack([torch.from_numpy(p["source"].image).permute(2, 0, 1).float() / 255.0 for p in plans])
+    msk = torch.stack([torch.from_numpy((p["new_mask"] > 0).astype(np.float32))[None] for p in plans])
+    dev = getattr(model, "device", torch.device("cpu"))
+    # One generator per batch, seeded by its first sample: batches are fixed by index, so a
+    # resumed run regenerates an unfinished batch exactly.
+    batch_seed = plans[0]["sample_seed"]
+    gen = torch.Generator().manual_seed(batch_seed)
+    with torch.no_grad():
+        out = model.inpaint(src.to(dev), msk.to(dev), [prompt] * len(plans), [negative] * len(plans),
+                            guidance_scale=float(g.guidance_scale), steps=int(g.steps),
+                            scheduler=str(g.scheduler), guiding_mask=bool(g.guiding_mask),
+                            guide_dilate_px=int(g.guide_dilate_px), generator=gen)
+    imgs = (out.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+    extra = [{"guidance_scale": float(g.guidance_scale), "steps": int(g.steps), "scheduler": str(g.scheduler),
+              "guiding_mask": bool(g.guiding_mask), "guide_dilate_px": int(g.guide_dilate_px),
+              "prompt": prompt, "negative_prompt": negative, "batch_seed": batch_seed,
+              "batch_position": k} for k in range(len(plans))]
+    return list(imgs), extra
+
+
+def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) -> dict[str, float]:
+    """Generate ``cfg.generation.n_samples`` pairs into ``workdir`` (resumable).
+
+    Args:
+        cfg: Whole config; uses ``generation``, ``augment.method`` and ``diffusion.prompt``.
+        datamodule: Set-up-able datamodule (``images``, ``masks``, ``ids``, ``split_indices``,
+            ``prompt``, optional ``background_prompt``).
+        workdir: Stage folder (stable across interruptions).
+        upstream: ``{"finetune": Path}`` for ``diffusion``; unused for ``copy_paste``.
+        logger: Optional object with ``log_metrics(dict, step)``; gets progress per batch.
+
+    Returns:
+        ``gen/n_samples``, ``gen/n_skipped``, ``gen/seconds`` (cumulative over resumes),
+        ``gen/samples_per_s``, ``gen/fid``, ``gen/kid``, ``gen/kid_std``.
+    """
+    method = str(cfg.augment.method)
+    if method not in METHODS:
+        raise ValueError(f"the generate stage needs augment.method in {METHODS}, got {method!r}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if hasattr(datamodule, "setup"):
+        datamodule.setup()
+    images, masks, ids = datamodule.images, datamodule.masks, list(datamodule.ids)
+    planner = Planner(cfg, images, masks, ids, datamodule.split_indices["train_few"])
+    manifest = workdir / "manifest.jsonl"
+    done = {r["id"] for r in pairs_io.read_manifest(manifest)}
+    pending = [i for i in range(int(cfg.generation.n_samples)) if sample_id(i) not in done]
+    progress_path = workdir / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"seconds": 0.0}
+
+    model = load_model(cfg, upstream) if method == "diffusion" and pending else None
+    donors = lesion_components(masks, planner.train) if method == "copy_paste" and pending else None
+    prompt = cfg.diffusion.prompt or datamodule.prompt  # the prompt the model was fine-tuned with
+    negative = getattr(datamodule, "background_prompt", "") or ""
+    skipped, bs = [], max(1, int(cfg.generation.batch_size))
+    for b in range(0, len(pending), bs):
+        t0 = time.perf_counter()
+        plans = [planner.plan(i) for i in pending[b:b + bs]]
+        skipped += [p for p in plans if "skip_reason" in p]
+        plans = [p for p in plans if "skip_reason" not in p]
+        if not plans:
+            continue
+        if method == "diffusion":
+            outs, extra = _diffusion_batch(cfg, model, plans, prompt, negative)
+        else:
+            outs, extra = _copy_paste_batch(plans, images, masks, donors)
+        records = []
+        for p, img, ex in zip(plans, outs, extra):
+            rel_img, rel_mask = pairs_io.write_pair(workdir, p["id"], img, p["label"])
+            rel_new = f"new_masks/{p['id']}.png"
+            pairs_io.write_png(workdir / rel_new, p["new_mask"])
+            records.append({**_base_record(cfg, p, method), **ex, "image": rel_img, "mask": rel_mask,
+                            "new_mask": rel_new})
+        pairs_io.append_manifest(manifest, records)  # commit point of the batch
+        progress["seconds"] += time.perf_counter() - t0
+        pairs_io.atomic_write(progress_path, lambda f: f.write(json.dumps(progress)), mode="w")
+        if logger is not None and hasattr(logger, "log_metrics"):
+            logger.log_metrics({"gen/n_done": float(len(done) + b + len(plans))}, step=b // bs)
+
+    records = pairs_io.read_manifest(manifest)
+    if skipped:
+        pairs_io.write_manifest(workdir / "skipped.jsonl",
+                                [{"id": p["id"], "reason": p["skip_reason"]} for p in skipped])
+    fake = np.stack([pairs_io.read_image(workdir / r["image"]) for r in records]) if records else np.zeros((0,))
+    real = images[list(datamodule.split_indices["train"])]
+    metrics = {"gen/n_samples": float(len(records)), "gen/n_skipped": float(len(skipped)),
+               "gen/seconds": float(progress["seconds"]),
+               "gen/samples_per_s": float(len(records) / progress["seconds"]) if progress["seconds"] > 0 else 0.0}
+    metrics.update(fid_kid(real, fake, seed=int(cfg.generation.seed)))
+    if records:
+        save_grid(workdir / "grid.png", records[:8], workdir, images)
+    return metrics
+
+
+def save_grid(path: Path, records: list, root: Path, images: np.ndarray) -> Path:
+    """``grid.png``: rows of source | mask | generated | overlay (matplotlib, Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 2 * len(records)), dpi=80)
+    FigureCanvasAgg(fig)  # no pyplot: no global backend state, safe in workers
+    axes = fig.subplots(len(records), 4, squeeze=False)
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.float32)
+    for row, r in zip(axes, records):
+        img = pairs_io.read_image(root / r["image"])
+        label = pairs_io.read_mask(root / r["mask"])
+        overlay = img.astype(np.float32)
+        fg = label > 0
+        overlay[fg] = 0.55 * overlay[fg] + 0.45 * colours[np.minimum(label[fg], 3)]
+        panels = (images[r["source_index"]], label, img, overlay.astype(np.uint8))
+        for ax, panel, title in zip(row, panels, ("source", "mask", "generated", "overlay")):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=max(1, int(label.max())) if panel.ndim == 2 else None)
+            ax.set_title(f"{title} {r['id']}" if title == "generated" else title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    return pairs_io.atomic_write(path, lambda f: fig.savefig(f, format="png"))

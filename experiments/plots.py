@@ -1,0 +1,152 @@
+"""Figures for ``results.md``: metric-vs-knob curves with seed CIs, and real-vs-generated grids.
+
+Everything renders with the Agg backend (no display on a training box) and is written
+atomically (temp file + ``os.replace``) so a reader never sees half a PNG.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.stats import summarize  # noqa: E402
+
+Points = List[Tuple[float, Dict[str, float]]]  # (x, summarize(...)) sorted by x
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def points_by_x(x_values: Sequence[Any], y_values: Sequence[Any]) -> Points:
+    """Group per-run ``y`` by numeric ``x`` and summarize each group over seeds.
+
+    Non-numeric or missing ``x`` entries are skipped (a plot axis must be ordered).
+    """
+    groups: Dict[float, list] = {}
+    for x, y in zip(x_values, y_values):
+        try:
+            xf = float(x)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(xf):
+            groups.setdefault(xf, []).append(y)
+    return [(x, summarize(groups[x])) for x in sorted(groups)]
+
+
+def _errorbar(ax: Any, points: Points, color: str, label: str, marker: str = "o") -> None:
+    xs = np.array([p[0] for p in points])
+    means = np.array([p[1]["mean"] for p in points])
+    low = np.array([p[1]["ci95_low"] for p in points])
+    high = np.array([p[1]["ci95_high"] for p in points])
+    # Single-seed points have no CI: draw them without a bar rather than with a fake zero bar.
+    yerr = np.vstack([np.nan_to_num(means - low), np.nan_to_num(high - means)])
+    ax.errorbar(xs, means, yerr=yerr, color=color, marker=marker, capsize=3, label=label)
+
+
+def line_plot(points: Points, path: Path, x_label: str, y_label: str, title: str = "") -> Path:
+    """Mean ± 95 % CI of one metric against one knob (e.g. Dice vs augmentation ratio)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    _errorbar(ax, points, "tab:blue", y_label)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"{y_label} (mean, 95 % CI)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def twin_plot(left: Points, right: Points, path: Path, x_label: str, left_label: str,
+              right_label: str, title: str = "") -> Path:
+    """Two metrics on twin y axes against one knob (e.g. accept rate and Dice vs θ)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    _errorbar(ax, left, "tab:orange", left_label, marker="s")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(left_label, color="tab:orange")
+    ax2 = ax.twinx()
+    _errorbar(ax2, right, "tab:blue", right_label)
+    ax2.set_ylabel(f"{right_label} (mean, 95 % CI)", color="tab:blue")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_from_spec(plot: Dict[str, Any], columns: Dict[str, Sequence[Any]], path: Path,
+                   title: str = "") -> Optional[Path]:
+    """Draw the figure a table YAML declares.
+
+    Args:
+        plot: ``{kind: line, x: KEY, y: METRIC}`` or ``{kind: twin, x: KEY, y: [M1, M2]}``.
+        columns: key or metric name -> per-run values (same length, one entry per run).
+        path: PNG to write.
+        title: figure title.
+
+    Returns:
+        The PNG path, or None when there is nothing numeric to draw.
+
+    Raises:
+        ValueError: unknown ``kind`` or wrong number of ``y`` metrics.
+    """
+    kind, x = plot.get("kind", "line"), plot["x"]
+    ys = plot["y"] if isinstance(plot["y"], (list, tuple)) else [plot["y"]]
+    if kind not in ("line", "twin") or len(ys) != (1 if kind == "line" else 2):
+        raise ValueError(f"plot {plot}: use kind line with one y metric, or twin with two.")
+    x_values = columns.get(x, [])
+    series = [points_by_x(x_values, columns.get(y, [None] * len(x_values))) for y in ys]
+    if not all(series):
+        return None
+    x_label = x.split(".")[-1] if x.startswith("axis.") else x
+    if kind == "line":
+        return line_plot(series[0], path, x_label, ys[0], title)
+    return twin_plot(series[0], series[1], path, x_label, ys[0], ys[1], title)
+
+
+def _as_uint8(images: Any, n: int) -> np.ndarray:
+    arr = np.asarray(images)[:n]
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)  # (B,C,H,W) torch layout -> (B,H,W,C)
+    if arr.dtype != np.uint8:  # floats in [0, 1]
+        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
+
+
+def sample_grid(real_images: Any, generated_images: Any, path: Path, n: int = 8,
+                title: str = "") -> Path:
+    """Save real samples (top row) above generated samples (bottom row).
+
+    Args:
+        real_images: (N,H,W,3) uint8, or float in [0, 1]; (N,3,H,W) tensors/arrays also work.
+        generated_images: same layout as ``real_images``.
+        path: PNG to write.
+        n: at most this many per row.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    real, gen = _as_uint8(real_images, n), _as_uint8(generated_images, n)
+    cols = max(len(real), len(gen), 1)
+    fig, axes = plt.subplots(2, cols, figsize=(1.4 * cols, 3.0), squeeze=False)
+    for row, (name, images) in enumerate((("real", real), ("generated", gen))):
+        for col in range(cols):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(images):
+                ax.imshow(images[col], cmap="gray" if images[col].ndim == 2 else None)
+        axes[row][0].set_title(name, fontsize=8, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,147 @@
+"""Segment stage: train the smp segmenter on real (+ accepted synthetic) pairs, test the best checkpoint."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from experiments.trainer import build_trainer
+from lightning_modules.segmenter import SegmenterModule
+
+
+def build_segmenter(cfg: DictConfig, datamodule: Any, total_steps: Optional[int] = None) -> SegmenterModule:
+    """A fresh :class:`SegmenterModule` for ``cfg.segmenter`` and the datamodule's classes."""
+    s = cfg.segmenter
+    return SegmenterModule(arch=s.arch, encoder=s.encoder, encoder_weights=s.encoder_weights,
+                           num_classes=datamodule.num_classes, lr=s.lr, weight_decay=s.weight_decay,
+                           min_lr_ratio=s.min_lr_ratio, small_lesion_area=cfg.data.small_lesion_area,
+                           total_steps=total_steps, class_names=tuple(datamodule.classes))
+
+
+def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> Dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+
+
+def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger: Any = None,
+                  extra_train: Any = None, callbacks: Iterable[Any] = (), **trainer_overrides: Any) -> Dict[str, float]:
+    """Train, select the best epoch on ``val/dice``, and test it.
+
+    Checkpoints go to ``workdir/checkpoints`` (``best-<epoch>.ckpt`` and ``last.ckpt``); an existing
+    ``last.ckpt`` is resumed, so a killed run, or a rerun with a larger ``trainer.max_epochs``,
+    continues where it stopped. A prediction grid of the test split is written to
+    ``workdir/predictions.png``.
+
+    Args:
+        cfg: resolved config (seed, data.small_lesion_area, segmenter, trainer).
+        datamodule: a ``SegmentationDataModule``.
+        workdir: stage folder.
+        logger: Lightning logger or None.
+        extra_train: a Dataset of synthetic ``{"image", "mask", "id"}`` samples added to ``train_few``.
+        callbacks: extra callbacks.
+        **trainer_overrides: extra ``L.Trainer`` keywords (tests).
+
+    Returns:
+        Floats: ``val/dice``, ``val/iou``, ``val/loss`` of the best checkpoint, every ``test/*``
+        metric, ``seg/best_epoch`` and ``seg/collapsed`` (1.0 when best val/dice is under
+        ``cfg.segmenter.collapse_dice`` or NaN).
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    workdir = Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    datamodule.setup()
+    if extra_train is not None:
+        datamodule.extra_train = extra_train
+    module = build_segmenter(cfg, datamodule, total_steps=cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/dice", mode="max",
+                                 save_last=True, save_top_k=1, auto_insert_metric_name=False)
+    trainer = build_trainer(cfg, workdir, logger=logger, callbacks=[checkpoint, *callbacks], **trainer_overrides)
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+
+    best = checkpoint.best_model_path
+    trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    metrics = _metrics(trainer, ("val/",))
+    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    metrics.update(_metrics(trainer, ("test/",)))
+    match = re.search(r"best-(\d+)", Path(best).name) if best else None
+    metrics["seg/best_epoch"] = float(match.group(1)) if match else float("nan")
+    dice = metrics.get("val/dice", float("nan"))
+    metrics["seg/collapsed"] = float(math.isnan(dice) or dice < cfg.segmenter.collapse_dice)
+    if trainer.is_global_zero:  # module now holds the best weights (loaded by trainer.test)
+        save_prediction_figure(module, datamodule.dataset("test"), workdir / "predictions.png")
+    return metrics
+
+
+def run_segment(cfg: DictConfig, datamodule: Any, workdir: str | Path, upstream: Mapping[str, Path],
+                logger: Any = None) -> Dict[str, float]:
+    """Pipeline entry point (``experiments.pipeline.STAGE_FUNCTIONS["segment"]``).
+
+    With ``augment.method`` ``diffusion`` or ``copy_paste``, the accepted synthetic pairs of the
+    ``validate`` stage are mixed in at ``augment.ratio`` by ``datamodules.augmented``.
+    """
+    extra = None
+    if cfg.augment.method in ("diffusion", "copy_paste") and cfg.augment.ratio > 0 and "validate" in upstream:
+        from datamodules.augmented import synthetic_dataset  # the real+synthetic mixing policy lives there
+
+        extra = synthetic_dataset(cfg, datamodule, Path(upstream["validate"]))
+    return fit_segmenter(cfg, datamodule, workdir, logger=logger, extra_train=extra)
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RGB image (H,W,3) in [0,1] with class indices (H,W) tinted (1 green, 2 blue, 3 red, ...)."""
+    colours = np.array([[0, 0, 0], [0, 1, 0], [0, 0.4, 1], [1, 0, 0], [1, 1, 0]], dtype=np.float32)
+    tint = colours[np.clip(mask, 0, len(colours) - 1)]
+    alpha = 0.45 * (mask > 0)[..., None]
+    return image * (1 - alpha) + tint * alpha
+
+
+def save_prediction_figure(module: SegmenterModule, dataset: Any, path: str | Path, n: int = 8) -> Path:
+    """Write a PNG grid, one row per sample: image | truth overlay | prediction overlay.
+
+    Samples are spread evenly over ``dataset`` (items ``{"image": (3,H,W) float, "mask": (H,W)}``).
+    The file is written to a temporary name and renamed, so readers never see a partial PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    n = min(n, len(dataset))
+    idx = np.linspace(0, len(dataset) - 1, n).round().astype(int) if n else []
+    items = [dataset[int(i)] for i in idx]
+    fig = Figure(figsize=(6, 2 * max(n, 1)))
+    FigureCanvasAgg(fig)
+    if items:
+        images = torch.stack([it["image"] for it in items])
+        preds = module.predict_masks(images).cpu().numpy()
+        axes = fig.subplots(n, 3, squeeze=False)
+        for r, it in enumerate(items):
+            img = it["image"].permute(1, 2, 0).numpy()
+            truth = np.asarray(it["mask"])
+            for c, (panel, title) in enumerate([(img, "image"), (_overlay(img, truth), "truth"),
+                                                (_overlay(img, preds[r]), "prediction")]):
+                axes[r, c].imshow(np.clip(panel, 0, 1))
+                axes[r, c].set_axis_off()
+                axes[r, c].set_title(f"{title} {it.get('id', '')}" if c == 0 else title, fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=80)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

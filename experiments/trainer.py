@@ -1,0 +1,40 @@
+"""The one place a Lightning ``Trainer`` is built from ``cfg.trainer`` (shared by every training stage)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+
+def build_trainer(cfg: DictConfig, workdir: str | Path, logger: Any = None, callbacks: Iterable[Any] = (),
+                  max_steps: Optional[int] = None, **overrides: Any) -> L.Trainer:
+    """Build a Trainer from ``cfg.trainer``.
+
+    Args:
+        cfg: the resolved experiment config (only ``cfg.trainer`` is read).
+        workdir: ``default_root_dir`` (stage folder; checkpoints are placed by callbacks).
+        logger: a Lightning logger (e.g. MLflow) or None for no logger; ``self.log`` values still
+            reach ``trainer.callback_metrics`` and the checkpoint callbacks.
+        callbacks: extra callbacks.
+        max_steps: overrides ``cfg.trainer.max_steps`` (stages that count optimizer steps).
+        **overrides: any other ``L.Trainer`` keyword (tests use ``limit_train_batches`` ...).
+
+    Returns:
+        The Trainer. ``strategy=ddp`` with ``accelerator=cpu`` uses the gloo backend.
+    """
+    t = cfg.trainer
+    devices = t.devices
+    if OmegaConf.is_config(devices):  # a list of device ids from YAML
+        devices = OmegaConf.to_container(devices)
+    kwargs = dict(
+        accelerator=t.accelerator, devices=devices, strategy=t.strategy, precision=t.precision,
+        max_epochs=t.max_epochs, max_steps=t.max_steps if max_steps is None else max_steps,
+        log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
+        deterministic=t.deterministic, enable_progress_bar=True, enable_model_summary=False,
+        default_root_dir=str(workdir), logger=logger if logger is not None else False,
+        callbacks=list(callbacks),
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)

@@ -1,0 +1,1 @@
+"""Plain nn.Modules and functions used by the Lightning modules (masks, metrics, samplers, ...)."""

@@ -1,0 +1,386 @@
+"""``meddiffaug sweep STUDY.yaml``: an Optuna study whose trials are pipeline runs logged to MLflow.
+
+Every process (or machine) running the same command shares one RDB storage: ``create_study(...,
+load_if_exists=True)`` resumes, a heartbeat marks trials of killed workers stale, and
+``RetryHeartbeatStaleTrialCallback`` re-queues them. A trial whose parameters already produced a
+FINISHED MLflow run (same ``trial_key``) reuses that run's metric instead of training again, so a
+retry never duplicates finished work. Trials share the stage cache: a sweep over ``augment.ratio``
+fine-tunes the diffusion model once.
+
+Pruning hook for the segment stage (see :func:`pruning_callbacks`)::
+
+    from sweeps.study import pruning_callbacks
+    pruning = pruning_callbacks()                 # [] outside a study
+    trainer = L.Trainer(..., callbacks=[*own_callbacks, *pruning])
+    trainer.fit(...)
+    for cb in pruning:                            # only needed under DDP; a no-op otherwise
+        cb.check_pruned()
+"""
+from __future__ import annotations
+
+import argparse
+import contextvars
+import json
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from experiments import pipeline, tracking
+from experiments.config import ConfigError, load_config
+from sweeps import space as sp
+
+STUDY_KEYS = {"study_name", "description", "base_config", "overrides", "storage", "direction", "metric",
+              "sampler", "pruner", "n_trials", "search_space", "heartbeat_interval", "grace_period",
+              "max_retry", "experiment"}
+DEFAULT_STORAGE = "sqlite:///outputs/optuna.db"
+_TRIAL: contextvars.ContextVar = contextvars.ContextVar("meddiffaug_optuna_trial", default=None)
+
+
+@dataclass
+class StudySpec:
+    """A parsed study YAML file."""
+
+    name: str
+    base_config: Path
+    overrides: List[str]
+    space: List[sp.Param]
+    storage: str = DEFAULT_STORAGE
+    direction: str = "maximize"
+    metric: str = "val/dice"
+    sampler: Optional[Dict[str, Any]] = None
+    pruner: Optional[Dict[str, Any]] = None
+    n_trials: Optional[int] = None
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    max_retry: int = 3
+    experiment: Optional[str] = None
+
+
+def load_study_spec(path: str | Path) -> StudySpec:
+    """Parse and validate a study YAML (unknown keys and non-config search keys are errors)."""
+    path = Path(path)
+    raw = sp.load_yaml(path, "Study")
+    sp.check_keys(raw, STUDY_KEYS, str(path))
+    for required in ("study_name", "base_config", "search_space"):
+        if required not in raw:
+            raise ConfigError(f"'{required}' is missing in {path}.")
+    sampler, pruner = raw.get("sampler") or {"type": "tpe"}, raw.get("pruner") or {"type": "none"}
+    sampler = {"type": sampler} if isinstance(sampler, str) else dict(sampler)
+    pruner = {"type": pruner} if isinstance(pruner, str) else dict(pruner)
+    if raw.get("direction", "maximize") not in ("maximize", "minimize"):
+        raise ConfigError(f"'direction' in {path} must be maximize or minimize.")
+    known = {k: raw[k] for k in ("storage", "direction", "metric", "n_trials", "heartbeat_interval",
+                                 "grace_period", "max_retry", "experiment") if raw.get(k) is not None}
+    return StudySpec(name=str(raw["study_name"]), base_config=sp.resolve_path(raw["base_config"], path.parent),
+                     overrides=list(raw.get("overrides") or []), space=sp.parse_space(raw["search_space"], str(path)),
+                     sampler=sampler, pruner=pruner, **known)
+
+
+def make_sampler(spec: StudySpec, seed_offset: int = 0) -> Any:
+    """The sampler of ``spec``; the seed is offset by the trials already in the study so a rerun
+    proposes new points instead of replaying the first run's random start-up trials."""
+    import optuna
+
+    kwargs = dict(spec.sampler)
+    kind = kwargs.pop("type", "tpe")
+    seed = kwargs.pop("seed", None)
+    seed = None if seed is None else int(seed) + seed_offset
+    try:
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **kwargs)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **kwargs)
+        if kind == "grid":
+            return optuna.samplers.GridSampler({p.key: p.grid_values() for p in spec.space}, seed=seed, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"sampler of study '{spec.name}': {err}") from err
+    raise ConfigError(f"sampler type '{kind}' of study '{spec.name}': choose tpe, random or grid.")
+
+
+def make_pruner(spec: StudySpec) -> Any:
+    """The pruner of ``spec`` (``median`` with its arguments, or ``none``)."""
+    import optuna
+
+    kwargs = dict(spec.pruner)
+    kind = kwargs.pop("type", "none")
+    try:
+        if kind == "median":
+            return optuna.pruners.MedianPruner(**kwargs)
+        if kind == "none" and not kwargs:
+            return optuna.pruners.NopPruner()
+    except TypeError as err:
+        raise ConfigError(f"pruner of study '{spec.name}': {err}") from err
+    raise ConfigError(f"pruner '{kind}' {kwargs or ''} of study '{spec.name}': choose median (with its "
+                      "arguments) or none.")
+
+
+def make_storage(url: str, spec: StudySpec) -> Any:
+    """RDB storage with heartbeat and automatic retry of trials whose worker died."""
+    import inspect
+
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback  # optuna < 4.9 names it so
+    params = inspect.signature(optuna.storages.RDBStorage).parameters
+    arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+    with warnings.catch_warnings():  # heartbeat is "experimental" in optuna: not the user's concern
+        warnings.simplefilter("ignore")
+        return optuna.storages.RDBStorage(url, heartbeat_interval=spec.heartbeat_interval,
+                                          grace_period=spec.grace_period,
+                                          **{arg: retry_cls(max_retry=spec.max_retry)})
+
+
+def current_trial() -> Any:
+    """The ``optuna.Trial`` whose pipeline runs in this thread, or None outside a study."""
+    return _TRIAL.get()
+
+
+def pruning_callbacks(monitor: str = "val/dice") -> List[Any]:
+    """Lightning callbacks that report ``monitor`` to the current trial and prune it.
+
+    The segment stage adds these to its Trainer; outside a study the list is empty, so the stage
+    needs no knowledge of Optuna. Under DDP call ``cb.check_pruned()`` after ``trainer.fit``.
+    """
+    trial = current_trial()
+    if trial is None:
+        return []
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    return [PyTorchLightningPruningCallback(trial, monitor=monitor)]
+
+
+def _client() -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def _runs(experiment_id: str, filters: str, max_results: int = 1000) -> List[Any]:
+    return _client().search_runs([experiment_id], filter_string=filters, max_results=max_results,
+                                 order_by=["attributes.start_time ASC"])
+
+
+def parent_run_id(experiment_id: str, study: str) -> str:
+    """The study's parent MLflow run: found by tags on rerun, created once otherwise.
+
+    Two workers starting together may both create one; the older wins and the other is deleted.
+    """
+    filters = f"tags.study = '{study}' and tags.role = 'study_parent'"
+    found = _runs(experiment_id, filters)
+    if found:
+        return found[0].info.run_id
+    mine = _client().create_run(experiment_id, run_name=f"study-{study}",
+                                tags={"study": study, "role": "study_parent", "git_sha": tracking.git_sha()})
+    winner = _runs(experiment_id, filters)[0].info.run_id
+    if winner != mine.info.run_id:
+        _client().delete_run(mine.info.run_id)
+    return winner
+
+
+class Objective:
+    """Callable for ``study.optimize``: one pipeline run per trial, deduplicated by ``trial_key``."""
+
+    def __init__(self, spec: StudySpec, experiment_id: Optional[str], parent_id: Optional[str], n_jobs: int = 1):
+        self.spec, self.experiment_id, self.parent_id, self.n_jobs = spec, experiment_id, parent_id, n_jobs
+        self._local = threading.local()  # one datamodule per thread: stages may mutate it
+        self._locks: Dict[Any, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        spec = self.spec
+        params = {p.key: p.suggest(trial) for p in spec.space}
+        cfg = load_config(spec.base_config, spec.overrides + sp.to_overrides(params))
+        sigs = pipeline.signatures(cfg)
+        key = sp.short_hash({"study": spec.name, "params": params, "sig": sigs[pipeline.required_stages(cfg)[-1]]})
+        trial.set_user_attr("trial_key", key)
+        if self.experiment_id is not None:
+            self._close_stale_runs(trial)
+            done = _runs(self.experiment_id, f"tags.trial_key = '{key}' and attributes.status = 'FINISHED'", 1)
+            if done and spec.metric in done[0].data.metrics:
+                print(f"[sweep] trial {trial.number}: reusing finished MLflow run {done[0].info.run_id}", flush=True)
+                trial.set_user_attr("mlflow_run_id", done[0].info.run_id)
+                trial.set_user_attr("reused", True)
+                return float(done[0].data.metrics[spec.metric])
+        datamodule = self._datamodule(cfg)
+        if self.n_jobs > 1:
+            self._warm_upstream(cfg, datamodule, sigs)
+        tags = {"study": spec.name, "trial": str(trial.number), "trial_key": key, "role": "trial"}
+        if self.parent_id:  # explicit, so trials in worker threads (no active parent there) nest too
+            tags["mlflow.parentRunId"] = self.parent_id
+        token = _TRIAL.set(trial)
+        try:
+            result = pipeline.run_pipeline(cfg, nested=True, run_name=f"trial-{trial.number}", tags=tags,
+                                           datamodule=datamodule)
+        except optuna.TrialPruned:
+            self._mark(trial, "KILLED", {"pruned": "true"})
+            raise
+        finally:
+            _TRIAL.reset(token)
+        if spec.metric not in result.metrics:
+            raise ConfigError(f"metric '{spec.metric}' not produced; available: {sorted(result.metrics)}")
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        return float(result.metrics[spec.metric])
+
+    def _datamodule(self, cfg: Any) -> Any:
+        """Build the datamodule once per distinct ``cfg.data`` (per thread)."""
+        from omegaconf import OmegaConf
+
+        key = sp.short_hash(OmegaConf.to_container(cfg.data, resolve=True))
+        if getattr(self._local, "key", None) != key:
+            self._local.key, self._local.dm = key, pipeline.build_datamodule(cfg)
+        if getattr(self._local.dm, "extra_train", None) is not None:
+            self._local.dm.extra_train = None  # the previous trial's synthetic pairs must not leak in
+        return self._local.dm
+
+    def _warm_upstream(self, cfg: Any, datamodule: Any, sigs: Dict[str, str]) -> None:
+        """With threads, compute shared upstream stages under a lock so two trials never write the
+        same ``<sig>.partial`` folder at once; the trial's own run then finds them cached."""
+        needed = pipeline.required_stages(cfg)
+        if len(needed) < 2:
+            return
+        key = tuple(sigs[s] for s in needed[:-1])
+        with self._locks_guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            pipeline.run_stages(cfg, targets=[needed[-2]], run=None, datamodule=datamodule)
+
+    def _mark(self, trial: Any, status: str, tags: Dict[str, str]) -> None:
+        """Give this trial's unfinished MLflow run(s) ``status`` (a pruned run ends as FAILED)."""
+        if self.experiment_id is None:
+            return
+        for run in _runs(self.experiment_id, f"tags.study = '{self.spec.name}' and tags.trial = '{trial.number}'"):
+            if run.info.status == "FINISHED":
+                continue
+            for name, value in tags.items():
+                _client().set_tag(run.info.run_id, name, value)
+            _client().set_terminated(run.info.run_id, status)
+
+    def _close_stale_runs(self, trial: Any) -> None:
+        """A retried trial's predecessors died mid-run: mark their RUNNING MLflow runs KILLED."""
+        history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+        for number in history:
+            for run in _runs(self.experiment_id, f"tags.study = '{self.spec.name}' and tags.trial = '{number}' "
+                                                 "and attributes.status = 'RUNNING'"):
+                _client().set_terminated(run.info.run_id, "KILLED")
+
+
+def report_best(study: Any, spec: StudySpec, out_dir: Path, plots: bool = True) -> Optional[Dict[str, Any]]:
+    """Print the best trial as one JSON line; log it, ``best/<metric>`` and plots to the active run."""
+    import mlflow
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    if not done:
+        print(json.dumps({"study": spec.name, "best": None, "trials": counts}))
+        return None
+    best = study.best_trial
+    summary = {"study": spec.name, "metric": spec.metric, "best_value": best.value, "best_trial": best.number,
+               "best_params": best.params, "trials": counts}
+    print(json.dumps(summary, default=str), flush=True)
+    if mlflow.active_run() is None:
+        return summary
+    mlflow.log_metric(f"best/{spec.metric}", best.value)
+    # Params are immutable in MLflow and the best changes between reruns: tags, not params.
+    mlflow.set_tags({"best.trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+    mlflow.log_dict(summary, "best_trial.json")
+    if plots:
+        for path in _plots(study, out_dir):
+            mlflow.log_artifact(str(path), artifact_path="plots")
+    return summary
+
+
+def _plots(study: Any, out_dir: Path) -> List[Path]:
+    """Optimisation history and parameter importances as PNGs; skipped with a note when Optuna cannot
+    draw them (fewer than 2 finished trials, or no parameter varies)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in (("optimization_history", ovm.plot_optimization_history),
+                       ("param_importances", ovm.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw(study)
+            path = out_dir / f"{name}.png"
+            ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(ax.figure)
+            written.append(path)
+        except Exception as err:  # noqa: BLE001 - a missing plot must not fail a finished study
+            print(f"[sweep] {name} plot skipped: {type(err).__name__}: {err}", flush=True)
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``meddiffaug sweep STUDY.yaml [--n-trials N] [--n-jobs J] [--storage URL] [--timeout S]``."""
+    parser = argparse.ArgumentParser(prog="meddiffaug sweep", description=main.__doc__)
+    parser.add_argument("study", help="study YAML, e.g. sweeps/studies/procedural_polyp_tpe.yaml")
+    parser.add_argument("--n-trials", type=int, default=None, help="trials this process runs (default: YAML)")
+    parser.add_argument("--n-jobs", type=int, default=1, help="parallel trials in this process (threads)")
+    parser.add_argument("--storage", default=None, help=f"Optuna RDB URL (default: YAML or {DEFAULT_STORAGE})")
+    parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after S seconds")
+    parser.add_argument("--max-total-trials", type=int, default=None,
+                        help="stop once the study (all workers) has this many complete/pruned trials")
+    parser.add_argument("--no-plots", action="store_true", help="skip the importance/history plots")
+    args = parser.parse_args(argv)
+    import mlflow
+    import optuna
+
+    spec = load_study_spec(args.study)
+    storage_url = args.storage or spec.storage
+    base = load_config(spec.base_config, spec.overrides)
+    for param in spec.space:  # resolve the space's corners now: a type error fails before trial 0
+        corner = param.choices if param.type == "categorical" else (param.low, param.high)
+        for value in corner:
+            value = int(value) if param.type == "int" else value
+            load_config(spec.base_config, spec.overrides + sp.to_overrides({param.key: value}))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=spec.name, storage=make_storage(storage_url, spec),
+                                direction=spec.direction, pruner=make_pruner(spec), load_if_exists=True)
+    study.sampler = make_sampler(spec, seed_offset=len(study.trials))
+    n_trials = args.n_trials if args.n_trials is not None else spec.n_trials
+    callbacks = []
+    if args.max_total_trials is not None:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        callbacks.append(optuna.study.MaxTrialsCallback(args.max_total_trials, states=states))
+        if len(study.get_trials(deepcopy=False, states=states)) >= args.max_total_trials:
+            n_trials = 0
+    # The grid sampler stops the study itself once every grid point ran.
+    if n_trials is None and args.timeout is None and args.max_total_trials is None and \
+            spec.sampler.get("type") != "grid":
+        raise ConfigError("Give n_trials in the study YAML, --n-trials, --timeout or --max-total-trials.")
+    out_dir = Path(base.output_dir) / "studies" / spec.name
+    experiment = spec.experiment or spec.name
+    if not (base.tracking.enabled and tracking.is_rank_zero()):
+        study.optimize(Objective(spec, None, None, args.n_jobs), n_trials=n_trials, timeout=args.timeout,
+                       n_jobs=args.n_jobs, gc_after_trial=True, callbacks=callbacks)
+        report_best(study, spec, out_dir, plots=False)
+        return 0
+    experiment_id = tracking.set_experiment(base, experiment)
+    parent = parent_run_id(experiment_id, spec.name)
+    with mlflow.start_run(run_id=parent):
+        mlflow.set_tags({"sampler": spec.sampler.get("type"), "metric": spec.metric, "direction": spec.direction,
+                         "storage": storage_url.split("@")[-1]})  # never log a password in a DB URL
+        mlflow.log_text(Path(args.study).read_text(), "study.yaml")
+        study.optimize(Objective(spec, experiment_id, parent, args.n_jobs), n_trials=n_trials,
+                       timeout=args.timeout, n_jobs=args.n_jobs, gc_after_trial=True, callbacks=callbacks)
+        report_best(study, spec, out_dir, plots=not args.no_plots)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

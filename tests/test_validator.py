@@ -1,0 +1,219 @@
+"""Latent validator, gate functions, early rejection and the feature-space quality filter.
+
+Everything runs on a fake diffusion object (avg-pool + fixed 1x1 conv "VAE", an ε-predictor that is
+exact outside the inpainting mask and a shrinkage guess inside), so no real model is needed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.components.quality import FeatureQualityFilter, ledoit_wolf, pixel_stat_features
+from lightning_modules.validator import (LatentValidator, add_noise, estimate_z0, make_early_reject_callback,
+                                         mask_iou)
+
+S = 64  # image size; the fake VAE downsamples 4x -> 16x16 latents
+
+
+class FakeDiffusion(nn.Module):
+    """The CONTRACTS diffusion API in a few lines: linear "VAE", shrinkage ε-predictor."""
+
+    num_train_timesteps = 1000
+
+    def __init__(self, seed: int = 0, factor: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        enc = torch.linalg.qr(torch.randn(4, 4, generator=g))[0][:, :3]  # orthonormal columns (4,3)
+        self.factor = factor
+        self.register_buffer("enc", enc)
+        self.register_buffer("dec", torch.linalg.pinv(enc))
+        betas = torch.linspace(1e-4, 0.02, self.num_train_timesteps)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0))
+
+    def encode_images(self, x):
+        return torch.einsum("oc,bchw->bohw", self.enc, F.avg_pool2d(x * 2 - 1, self.factor))
+
+    def decode_latents(self, z):
+        x = torch.einsum("co,bohw->bchw", self.dec, z)
+        return ((F.interpolate(x, scale_factor=self.factor, mode="nearest") + 1) / 2).clamp(0, 1)
+
+    def encode_prompts(self, prompts):
+        return torch.zeros(len(prompts), 2, 8)
+
+    def predict_eps(self, z_t, t, mask_lat, masked_image_lat, text_emb):
+        a = self.alphas_cumprod[torch.as_tensor(t).long()].view(-1, 1, 1, 1).to(z_t)
+        outside = (z_t - a.sqrt() * masked_image_lat) / (1 - a).sqrt()  # known context: exact
+        inside = (1 - a).sqrt() * z_t  # unknown content: the N(0, I)-prior guess
+        return torch.where(mask_lat > 0.5, inside, outside)
+
+
+def render(n: int, seed: int, lesion: bool = True, shift: int = 0, size: int = S):
+    """Polyp-like pairs: smooth pink background, a red ellipse lesion.
+
+    Returns images (n,3,S,S) in [0,1] and masks (n,S,S) int64 of the *original* lesion position (so
+    ``shift``/``lesion=False`` give images whose lesion is misplaced/missing w.r.t. the mask).
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor([0.75, 0.45, 0.45]).view(1, 3, 1, 1)
+    bg = base + 0.12 * F.interpolate(torch.rand(n, 3, 4, 4, generator=g) - 0.5, size=(size, size), mode="bilinear")
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    c = torch.randint(size // 4, 3 * size // 4, (n, 2), generator=g)
+    r = torch.randint(size // 8, size // 5, (n, 2), generator=g)
+    masks = (((yy - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2
+             + ((xx - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2 <= 1).long()
+    drawn = torch.roll(masks, shifts=(shift, shift), dims=(1, 2)) if lesion else torch.zeros_like(masks)
+    color = torch.tensor([0.95, 0.15, 0.2]).view(1, 3, 1, 1)
+    images = torch.where(drawn[:, None].bool(), color + 0.05 * torch.randn(n, 3, size, size, generator=g), bg)
+    return images.clamp(0, 1), masks
+
+
+class OracleSegmenter:
+    """Pixel segmenter that knows the lesion colour (for gate-logic tests)."""
+
+    def predict_masks(self, images):
+        return ((images[:, 0] - images[:, 1]) > 0.5).long()
+
+
+class OracleLatentValidator:
+    """Latent 'validator' that decodes the fake VAE and thresholds redness."""
+
+    def __init__(self, diffusion):
+        self.diffusion = diffusion
+
+    def predict_masks(self, x, t, out_size):
+        img = self.diffusion.decode_latents(x)
+        return F.interpolate(OracleSegmenter().predict_masks(img)[:, None].float(), size=tuple(out_size))[:, 0].long()
+
+
+def test_estimate_z0_recovers_z0_with_true_noise():
+    ac = FakeDiffusion().alphas_cumprod
+    z0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 250, 999])
+    z0_hat = estimate_z0(add_noise(z0, eps, ac, t), eps, ac, t)
+    assert torch.allclose(z0_hat, z0, atol=1e-4)
+
+
+def test_mask_iou_binary_multiclass_and_empty():
+    a = torch.zeros(3, 4, 4, dtype=torch.long)
+    b = a.clone()
+    a[0, :2], b[0, :1] = 1, 1  # IoU 0.5
+    a[1, :2] = 1  # target empty, prediction not -> 0
+    assert torch.allclose(mask_iou(a, b), torch.tensor([0.5, 0.0, 1.0]))
+    m = torch.tensor([[[0, 1, 2, 2]]])
+    assert math.isclose(float(mask_iou(m, m, num_classes=3)), 1.0)
+
+
+def test_early_reject_callback_stops_missing_and_misplaced():
+    diff = FakeDiffusion()
+    good, masks = render(1, seed=3)
+    erased, _ = render(1, seed=3, lesion=False)
+    shifted, _ = render(1, seed=3, shift=20)
+    images = torch.cat([good, erased, shifted])
+    masks = masks.repeat(3, 1, 1)
+    z0, eps = diff.encode_images(images), torch.randn(3, 4, S // 4, S // 4)
+    cb = make_early_reject_callback(OracleLatentValidator(diff), masks, 0.5, t_reject=200,
+                                    alphas_cumprod=diff.alphas_cumprod)
+    out = [cb(i, t, add_noise(z0, eps, diff.alphas_cumprod, torch.tensor([t])), eps) for i, t in enumerate([900, 500, 150, 100])]
+    assert out[0] is None and out[1] is None and out[3] is None  # judged once, at the first t <= 200
+    assert out[2].tolist() == [False, True, True]
+    assert cb.ious[0] > 0.7
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A latent validator trained on 16 real pairs through the stage's own training path."""
+    from experiments.config import load_config
+    from experiments.validate_stage import train_latent_validator
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["validator.train_steps=150", "validator.t_eval=100", "validator.lr=3e-3"])
+    diff = FakeDiffusion()
+    images, masks = render(16, seed=0)
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        validator = train_latent_validator(cfg, diff, images, masks, "a polyp", 2, Path(d))
+    return cfg, diff, validator
+
+
+def test_latent_validator_beats_chance_on_heldout_clean_latents(trained):
+    _, diff, validator = trained
+    images, masks = render(12, seed=100)
+    pred = validator.predict_masks(diff.encode_images(images), 0, (S, S))
+    iou = mask_iou(pred, masks).mean()
+    chance = mask_iou(torch.ones_like(masks), masks).mean()  # "everything is lesion"
+    assert iou > 0.6 and iou > chance + 0.4, (float(iou), float(chance))
+
+
+def test_single_step_gate_keeps_good_rejects_missing_and_misplaced(trained):
+    from experiments.validate_stage import make_gate, run_gate
+
+    cfg, diff, validator = trained
+    good, masks = render(8, seed=200)
+    erased, _ = render(8, seed=200, lesion=False)
+    shifted, _ = render(8, seed=200, shift=S // 3)
+    gate = make_gate("single_step", cfg, "a polyp", 2, torch.device("cpu"), diffusion=diff, validator=validator)
+    iou_good, _ = run_gate(gate, good, masks)
+    iou_erased, _ = run_gate(gate, erased, masks)
+    iou_shift, _ = run_gate(gate, shifted, masks)
+    theta = 0.5
+    assert (iou_good >= theta).float().mean() >= 0.75, iou_good
+    assert (iou_erased < theta).all(), iou_erased
+    assert (iou_shift < theta).all(), iou_shift
+
+
+def test_pixel_gate_logic_with_oracle_segmenter():
+    from experiments.config import load_config
+    from experiments.validate_stage import make_gate, run_gate
+
+    cfg = load_config(None, ["validator.mode=pixel"])
+    good, masks = render(4, seed=5)
+    erased, _ = render(4, seed=5, lesion=False)
+    shifted, _ = render(4, seed=5, shift=S // 3)
+    gate = make_gate("pixel", cfg, "a polyp", 2, torch.device("cpu"), segmenter=OracleSegmenter())
+    ious, _ = run_gate(gate, torch.cat([good, erased, shifted]), masks.repeat(3, 1, 1))
+    assert (ious[:4] > 0.9).all() and (ious[4:] < 0.1).all()
+
+
+def test_quality_filter_flags_noise_outlier_and_near_copy():
+    real, masks = render(16, seed=0)
+    qf = FeatureQualityFilter(pixel_stat_features, quality_quantile=0.95, near_copy_quantile=0.02).fit(real)
+    fresh, fresh_masks = render(8, seed=300)  # same distribution, new lesion on another background
+    noise = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(1))
+    copy = real[3:4].clone()
+    images = torch.cat([fresh, noise, copy])
+    sources = torch.cat([real[:8], real[:1], real[3:4]])
+    rep = qf.assess(images, sources, torch.cat([fresh_masks, masks[:1], masks[3:4]]))
+    assert rep.outlier[8] and rep.score[8] > rep.threshold  # noise image
+    assert rep.near_copy[9] and not rep.outlier[9]  # exact copy of its source
+    assert rep.accepted[:8].float().mean() >= 0.75  # typical images mostly pass
+    assert not rep.near_copy[:8].any()
+
+
+def test_quality_filter_mahalanobis_and_shrinkage():
+    x = torch.randn(30, 5, dtype=torch.float64) @ torch.randn(5, 5, dtype=torch.float64)
+    cov = ledoit_wolf(x)
+    assert torch.allclose(cov, cov.T) and torch.linalg.eigvalsh(cov).min() > 0
+    real, _ = render(16, seed=0)
+    qf = FeatureQualityFilter(pixel_stat_features, metric="mahalanobis").fit(real)
+    noise = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(1))
+    assert qf.assess(noise).outlier.all()
+
+
+def test_validator_checkpoint_roundtrip(tmp_path):
+    ac = FakeDiffusion().alphas_cumprod
+    v = LatentValidator(num_classes=3, alphas_cumprod=ac, width=8)
+    x = torch.randn(2, 4, 8, 8)
+    assert v(x, torch.tensor([0, 10]), (32, 32)).shape == (2, 3, 32, 32)
+    assert v.predict_masks(torch.randn(1, 4, 7, 9), 5, (28, 36)).shape == (1, 28, 36)  # odd latent sizes
+    torch.save({"state_dict": v.state_dict(), "hyper_parameters": dict(v.hparams)}, tmp_path / "v.pt")
+    blob = torch.load(tmp_path / "v.pt", weights_only=True)
+    w = LatentValidator(**blob["hyper_parameters"])
+    w.load_state_dict(blob["state_dict"])
+    assert torch.equal(w.alphas_cumprod, ac)
+    assert np.allclose(w(x, 3).detach(), v(x, 3).detach())
