@@ -228,7 +228,7 @@ def _fundus(g, t, S, normal):
     col = col * (1 - v * np.array([0.45, 0.65, 0.55])[:, None, None])
     img = col * fov * (1 + 0.03 * t.standard_normal((S, S)))
     label = np.where(qd < 1, 1, 0).astype(np.int16)
-    label[(qc < 1) & (qd < 1)] = 2
+    label[(qc < 1) & (qd < 1 - 1.5 / (rd * S / 2))] = 2  # a neuroretinal rim of >= 1 px always remains
     label[fov < 0.5] = 0
     extra = {"cdr": float(cdr), "glaucoma": glaucoma}
     return img, label, label, extra
