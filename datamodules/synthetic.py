@@ -65,8 +65,8 @@ class SyntheticPairs(Dataset):
                             f"{image.shape[:2]}; regenerate the pair")
         S = self.image_size
         if image.shape[:2] != (S, S):
-            image = np.asarray(Image.fromarray(image).resize((S, S), Image.BILINEAR))
-            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+            image = np.array(Image.fromarray(image).resize((S, S), Image.BILINEAR))
+            mask = np.array(Image.fromarray(mask).resize((S, S), Image.NEAREST))
         return image, mask
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -78,32 +78,39 @@ class SyntheticPairs(Dataset):
                 "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(), "id": self.items[i][0]}
 
 
+def synthetic_subset(synthetic_dataset: Optional[Dataset], n_real: int, ratio: float, seed: int) -> Optional[Dataset]:
+    """The ``round(ratio * n_real)`` synthetic samples drawn by ``seed`` (None when there are none).
+
+    Draws without replacement when the synthetic pool is large enough, else with replacement
+    (the ratio is what the experiment sweeps, so it is honoured even for a small accepted set).
+    Suits ``SegmentationDataModule.extra_train``, which is concatenated to ``train_few``.
+    """
+    if ratio < 0:
+        raise ValueError(f"ratio must be >= 0, got {ratio}")
+    k = int(round(ratio * n_real))
+    if k == 0:
+        return None
+    if synthetic_dataset is None or len(synthetic_dataset) == 0:
+        warnings.warn(f"ratio {ratio} asks for {k} synthetic samples but none were accepted; "
+                      f"training on real data only", RuntimeWarning, stacklevel=2)
+        return None
+    n = len(synthetic_dataset)
+    idx = np.random.default_rng(seed).choice(n, size=k, replace=k > n)
+    return Subset(synthetic_dataset, [int(i) for i in idx])
+
+
 def mix_real_and_synthetic(real_dataset: Dataset, synthetic_dataset: Optional[Dataset], ratio: float,
                            seed: int) -> Dataset:
     """Real set plus ``round(ratio * len(real))`` synthetic samples drawn by ``seed``.
 
-    Draws without replacement when the synthetic pool is large enough, else with replacement
-    (the ratio is what the experiment sweeps, so it is honoured even for a small accepted set).
-
     Args:
         real_dataset: The real training set (``train_few``).
         synthetic_dataset: Accepted synthetic pairs, or None.
-        ratio: Synthetic : real; 0 returns ``real_dataset`` itself.
-        seed: Seeds the draw.
+        ratio: Synthetic : real; 0 (or no synthetic pair) returns ``real_dataset`` itself.
+        seed: Seeds the draw (see :func:`synthetic_subset`).
 
     Returns:
         ``real_dataset`` or a ``ConcatDataset([real, Subset(synthetic, drawn)])``.
     """
-    if ratio < 0:
-        raise ValueError(f"ratio must be >= 0, got {ratio}")
-    k = int(round(ratio * len(real_dataset)))
-    if k == 0:
-        return real_dataset
-    if synthetic_dataset is None or len(synthetic_dataset) == 0:
-        warnings.warn(f"ratio {ratio} asks for {k} synthetic samples but none were accepted; "
-                      f"training on real data only", RuntimeWarning, stacklevel=2)
-        return real_dataset
-    rng = np.random.default_rng(seed)
-    n = len(synthetic_dataset)
-    idx = rng.choice(n, size=k, replace=k > n)
-    return ConcatDataset([real_dataset, Subset(synthetic_dataset, [int(i) for i in idx])])
+    extra = synthetic_subset(synthetic_dataset, len(real_dataset), ratio, seed)
+    return real_dataset if extra is None else ConcatDataset([real_dataset, extra])

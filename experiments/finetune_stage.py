@@ -45,7 +45,7 @@ def background_blob(lesion: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         blob = _smooth_blob(rng, size, *rng.uniform(0.15, 0.85, 2) * size, rng.uniform(0.07, 0.2) * size) & ~keepout
         if blob.sum() > best_area:
             best, best_area = blob, blob.sum()
-        if best_area > 0.8 * blob.size * 0.02:
+        if best_area >= 0.015 * blob.size:  # big enough: stop searching
             break
     return best
 
@@ -210,6 +210,11 @@ def finetune_diffusion(cfg, datamodule, workdir, logger=None):
     loss = trainer.callback_metrics.get("ft/loss")
     return model, {"ft/loss": float(loss) if loss is not None else float("nan"), "ft/steps": float(trainer.global_step),
                    "ft/seconds": time.time() - start}
+
+
+def run_finetune(cfg, datamodule, workdir, upstream=None, logger=None) -> dict:
+    """Pipeline entry (``experiments.pipeline.STAGE_FUNCTIONS``): fine-tune, return metrics only."""
+    return finetune_diffusion(cfg, datamodule, workdir, logger=logger)[1]
 
 
 def load_finetuned(cfg, workdir) -> InpaintingDiffusion:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +79,8 @@ class Planner:
             src = make_source(self.images, self.masks, self.ids, index, self.kind)
             try:
                 new, params = self.generator.sample(rng, src.occupied, fov=src.fov)
+                if "source_mask_index" in params:  # the real sample the shape came from
+                    params["shape_source_id"] = str(self.ids[self.train[params["source_mask_index"]]])
             except MaskGenerationError as e:
                 reasons.append(f"{src.id}: {e}")
                 index = int(self.pool[rng.integers(len(self.pool))])
@@ -113,11 +115,32 @@ def _copy_paste_batch(plans: list, images, masks, donors: list) -> tuple[list, l
     return outs, extra
 
 
+def _prompts(cfg, model, datamodule) -> tuple[str, str]:
+    """(lesion prompt, negative prompt): the ones the model was fine-tuned under when it carries
+    them (``InpaintingDiffusion.lesion_prompt`` / ``.background_prompt``), else the config's or
+    the datamodule's. A mismatch with the training prompts would waste the fine-tune."""
+    def text(obj, name):
+        value = getattr(obj, name, None)
+        return value if isinstance(value, str) and value else None
+
+    prompt = text(model, "lesion_prompt") or cfg.diffusion.prompt or datamodule.prompt
+    negative = text(model, "background_prompt") or text(datamodule, "background_prompt") or ""
+    return prompt, negative
+
+
+def _model_device(model) -> torch.device:
+    """Where the model's weights live (its ``device`` attribute, else its first parameter)."""
+    dev = getattr(model, "device", None)
+    if dev is None and hasattr(model, "parameters"):
+        dev = next(iter(model.parameters()), torch.empty(0)).device
+    return torch.device(dev or "cpu")
+
+
 def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str) -> tuple[list, list]:
     g = cfg.generation
     src = torch.stack([torch.from_numpy(p["source"].image).permute(2, 0, 1).float() / 255.0 for p in plans])
     msk = torch.stack([torch.from_numpy((p["new_mask"] > 0).astype(np.float32))[None] for p in plans])
-    dev = getattr(model, "device", torch.device("cpu"))
+    dev = _model_device(model)
     # One generator per batch, seeded by its first sample: batches are fixed by index, so a
     # resumed run regenerates an unfinished batch exactly.
     batch_seed = plans[0]["sample_seed"]
@@ -167,8 +190,7 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
 
     model = load_model(cfg, upstream) if method == "diffusion" and pending else None
     donors = lesion_components(masks, planner.train) if method == "copy_paste" and pending else None
-    prompt = cfg.diffusion.prompt or datamodule.prompt  # the prompt the model was fine-tuned with
-    negative = getattr(datamodule, "background_prompt", "") or ""
+    prompt, negative = _prompts(cfg, model, datamodule)
     skipped, bs = [], max(1, int(cfg.generation.batch_size))
     for b in range(0, len(pending), bs):
         t0 = time.perf_counter()
@@ -210,24 +232,36 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
 
 
 def save_grid(path: Path, records: list, root: Path, images: np.ndarray) -> Path:
-    """``grid.png``: rows of source | mask | generated | overlay (matplotlib, Agg canvas)."""
+    """``grid.png``: one row per record: source | mask | generated | overlay (matplotlib Agg).
+
+    The panels are tiled into one array and drawn on a single Axes: 32 separate Axes cost
+    seconds of matplotlib layout for a picture of a few kilobytes.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 2 * len(records)), dpi=80)
-    FigureCanvasAgg(fig)  # no pyplot: no global backend state, safe in workers
-    axes = fig.subplots(len(records), 4, squeeze=False)
     colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.float32)
-    for row, r in zip(axes, records):
+    rows = []
+    for r in records:
         img = pairs_io.read_image(root / r["image"])
         label = pairs_io.read_mask(root / r["mask"])
         overlay = img.astype(np.float32)
         fg = label > 0
         overlay[fg] = 0.55 * overlay[fg] + 0.45 * colours[np.minimum(label[fg], 3)]
-        panels = (images[r["source_index"]], label, img, overlay.astype(np.uint8))
-        for ax, panel, title in zip(row, panels, ("source", "mask", "generated", "overlay")):
-            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=max(1, int(label.max())) if panel.ndim == 2 else None)
-            ax.set_title(f"{title} {r['id']}" if title == "generated" else title, fontsize=7)
-            ax.axis("off")
-    fig.tight_layout()
-    return pairs_io.atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        mask_rgb = np.repeat((label * (255 // max(1, int(label.max()))))[..., None], 3, -1)
+        panels = [images[r["source_index"]], mask_rgb, img, overlay]
+        pad = np.full((img.shape[0], 2, 3), 255, np.uint8)  # white gutter between panels
+        rows.append(np.concatenate(sum([[p.astype(np.uint8), pad] for p in panels], [])[:-1], 1))
+        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
+    mosaic = np.concatenate(rows[:-1], 0)
+    fig = Figure(figsize=(6, 1.5 * len(records) + 0.4), dpi=100)
+    FigureCanvasAgg(fig)  # no pyplot: no global backend state, safe in workers
+    ax = fig.add_axes((0.12, 0.0, 0.88, 1.0 - 0.3 / fig.get_figheight()))
+    ax.imshow(mosaic, interpolation="nearest")
+    side = img.shape[0] + 2
+    for k, title in enumerate(("source", "mask", "generated", "overlay")):
+        ax.text(k * side + side / 2, -2, title, ha="center", va="bottom", fontsize=8)
+    for k, r in enumerate(records):
+        ax.text(-3, k * side + side / 2, r["id"], ha="right", va="center", fontsize=7)
+    ax.axis("off")
+    return pairs_io.atomic_write(path, lambda f: fig.savefig(f, format="png"), fsync=False)

@@ -83,7 +83,7 @@ def twin_plot(left: Points, right: Points, path: Path, x_label: str, left_label:
 
 
 def plot_from_spec(plot: Dict[str, Any], columns: Dict[str, Sequence[Any]], path: Path,
-                   title: str = "") -> Optional[Path]:
+                   title: str = "", labels: Optional[Dict[str, str]] = None) -> Optional[Path]:
     """Draw the figure a table YAML declares.
 
     Args:
@@ -91,6 +91,7 @@ def plot_from_spec(plot: Dict[str, Any], columns: Dict[str, Sequence[Any]], path
         columns: key or metric name -> per-run values (same length, one entry per run).
         path: PNG to write.
         title: figure title.
+        labels: key or metric -> axis label (e.g. ``test/dice`` -> ``Dice``).
 
     Returns:
         The PNG path, or None when there is nothing numeric to draw.
@@ -106,10 +107,10 @@ def plot_from_spec(plot: Dict[str, Any], columns: Dict[str, Sequence[Any]], path
     series = [points_by_x(x_values, columns.get(y, [None] * len(x_values))) for y in ys]
     if not all(series):
         return None
-    x_label = x.split(".")[-1] if x.startswith("axis.") else x
+    name = lambda key: (labels or {}).get(key, key.split(".")[-1] if key.startswith("axis.") else key)  # noqa: E731
     if kind == "line":
-        return line_plot(series[0], path, x_label, ys[0], title)
-    return twin_plot(series[0], series[1], path, x_label, ys[0], ys[1], title)
+        return line_plot(series[0], path, name(x), name(ys[0]), title)
+    return twin_plot(series[0], series[1], path, name(x), name(ys[0]), name(ys[1]), title)
 
 
 def _as_uint8(images: Any, n: int) -> np.ndarray:

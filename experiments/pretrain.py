@@ -34,11 +34,15 @@ def _log(path: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
-def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
-    """Linear warm-up, then cosine decay to 10 %."""
+def _lr(step: int, total: int, base: float, warmup: int = 200, time_frac: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10 % over whichever runs out first: steps or time.
+
+    On a shared machine the step rate varies, so a time budget must still end at a low LR.
+    """
     if step < warmup:
         return base * (step + 1) / warmup
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+    frac = max((step - warmup) / max(1, total - warmup), time_frac)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def load_pool(pool_size: int, size: int, seed: int):
@@ -56,18 +60,31 @@ def load_pool(pool_size: int, size: int, seed: int):
     return np.concatenate(ims), np.concatenate(mks), np.concatenate(kinds), prompts
 
 
-def train_vae(vae, images: np.ndarray, steps: int, batch: int, log: Path, state: dict) -> float:
-    """Phase 1. Returns held-out PSNR (dB) of reconstructions (posterior mean)."""
+def train_vae(vae, images: np.ndarray, steps: int, batch: int, log: Path, state: dict, budget_s: float = float("inf"),
+              crop: int = 0) -> float:
+    """Phase 1 (stops after ``budget_s`` seconds). Returns held-out PSNR (dB) of full-size reconstructions.
+
+    ``crop`` > 0 trains on random crops of that side: the VAE is convolutional, so crops teach
+    the same reconstruction at a fraction of the cost per sample (SD's VAE was trained on crops too).
+    """
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 * 2 - 1
     held, train = x_all[:64], x_all[64:]
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     if "vae_opt" in state:
         opt.load_state_dict(state["vae_opt"])
     vae.train()
+    t0 = time.time()
     for step in range(state.get("vae_step", 0), steps):
+        used = (time.time() - t0) / budget_s
+        if used >= 1:
+            _log(log, f"vae time budget reached at step {step}")
+            break
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, 1e-3, warmup=100)
+            g["lr"] = _lr(step, steps, 1e-3, warmup=100, time_frac=used)
         x = train[torch.randint(len(train), (batch,))]
+        if 0 < crop < x.shape[-1]:
+            oy, ox = (torch.randint(0, x.shape[-1] - crop + 1, (2,)) // 4 * 4).tolist()  # latent-grid aligned
+            x = x[..., oy:oy + crop, ox:ox + crop]
         x = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, x, x.flip(-1))
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -92,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="outputs/pretrain", help="scratch folder: log, resume checkpoint")
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--unet-steps", type=int, default=6000)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop UNet training after this wall time (still saves)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of the whole run (still saves)")
+    p.add_argument("--vae-share", type=float, default=0.35, help="share of --max-minutes the VAE may use")
+    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--vae-crop", type=int, default=32, help="train the VAE on random crops of this side (0 = full)")
     p.add_argument("--pool-size", type=int, default=600, help="images per procedural kind")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64)
@@ -117,7 +137,8 @@ def main(argv=None) -> int:
 
     # ---- phase 1: VAE
     if not state.get("vae_done"):
-        psnr = train_vae(comps["vae"], images, args.vae_steps, args.batch_size, log, state)
+        budget = 60 * args.max_minutes * args.vae_share if args.max_minutes else float("inf")
+        psnr = train_vae(comps["vae"], images, args.vae_steps, args.vae_batch_size, log, state, budget, args.vae_crop)
         with torch.no_grad():  # unit-variance latents for the diffusion schedule (SD's scaling_factor idea)
             x = torch.from_numpy(images[:512]).permute(0, 3, 1, 2).float() / 255 * 2 - 1
             std = comps["vae"].encode(x).latent_dist.mean.std().item()
@@ -148,12 +169,15 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     step, losses, t_unet = state.get("unet_step", 0), [], time.time()
     model.train()
+    # The UNet phase gets what is left of the budget, minus ~1 min for writing the folder.
+    unet_budget = 60 * args.max_minutes - (time.time() - t0) - 60 if args.max_minutes else float("inf")
     while step < args.unet_steps:
-        if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
+        used = (time.time() - t_unet) / max(unet_budget, 1.0)
+        if used >= 1:
             _log(log, f"time budget of {args.max_minutes} min reached at step {step}")
             break
         for g in opt.param_groups:
-            g["lr"] = _lr(step, args.unet_steps, 5e-4)
+            g["lr"] = _lr(step, args.unet_steps, 5e-4, time_frac=used)
         i = torch.multinomial(weights, args.batch_size, replacement=True, generator=gen)
         batch = dict(z0=bank["z0"][bank["img"][i]], mask_lat=bank["mask_lat"][i], masked_lat=bank["masked_lat"][i],
                      prompt_idx=bank["prompt_idx"][i])
@@ -186,7 +210,7 @@ def main(argv=None) -> int:
     size_mb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2 ** 20
     card = {
         "command": command, "data": f"procedural pool, {args.pool_size} images x {len(prompt_pairs)} kinds at {args.image_size}px (seeds {args.seed}+1000+k)",
-        "vae_steps": state.get("vae_step"), "vae_psnr_db": round(state["vae_psnr"], 2), "vae_scaling_factor": round(state["vae_scale"], 5),
+        "vae_steps": state.get("vae_step"), "vae_batch_size": args.vae_batch_size, "vae_crop": args.vae_crop, "vae_psnr_db": round(state["vae_psnr"], 2), "vae_scaling_factor": round(state["vae_scale"], 5),
         "unet_steps": step, "batch_size": args.batch_size, "final_unet_loss": round(final_loss, 5), "unet_params": n_unet,
         "wall_minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "weights_mb": round(size_mb, 2),
         "prompts": prompt_pairs,
@@ -212,7 +236,8 @@ Latent-diffusion inpainting model in diffusers format, pretrained from scratch o
 
 * Command: `{c['command']}` ({c['threads']} thread(s))
 * Data: {c['data']}; no real images.
-* VAE: AutoencoderKL (32, 64, 64), 64 px -> 16x16x4 latents; {c['vae_steps']} steps at batch {c['batch_size']};
+* VAE: AutoencoderKL (32, 64, 64), 64 px -> 16x16x4 latents; {c['vae_steps']} steps at batch {c['vae_batch_size']}
+  (random {c['vae_crop']} px crops);
   held-out reconstruction PSNR **{c['vae_psnr_db']} dB**; scaling_factor {c['vae_scaling_factor']}.
 * UNet: UNet2DConditionModel (32, 64, 64), in_channels 9 = [noisy latents 4, mask 1, masked-image latents 4],
   {c['unet_params']:,} parameters; {c['unet_steps']} steps at batch {c['batch_size']} (EMA weights);

@@ -16,19 +16,19 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import pandas as pd
 from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
-from experiments.stats import fmt, jsonable, paired_difference, summarize
+from experiments.stats import jsonable, paired_difference, summarize
+from experiments.table_render import (COLLAPSE_METRIC, GATE_METRIC, render_markdown_table,  # noqa: F401
+                                      render_section)
 
 SPEC_KEYS = {"title", "grid", "command", "rows", "columns", "baseline", "compare", "filter",
              "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes",
              "gate_min_real_pass"}
-SEG_PREFIXES = ("test/", "val/")  # metrics a collapsed segmenter corrupts
-GATE_METRIC, COLLAPSE_METRIC = "gen/real_pass_rate", "seg/collapsed"
 
 
 def canon(value: Any) -> str:
@@ -66,6 +66,7 @@ def load_table(path: str | Path) -> Dict[str, Any]:
     rows["by"] = by
     rows["order"] = {by[0]: rows.get("order") or []} if single else rows.get("order") or {}
     rows["names"] = {by[0]: rows.get("names") or {}} if single else rows.get("names") or {}
+    rows.setdefault("header", by[0].split(".")[-1] if single else " · ".join(b.split(".")[-1] for b in by))
     spec["rows"] = rows
     spec["columns"] = [{"metric": c, "name": c} if isinstance(c, str) else dict(c)
                        for c in spec["columns"]]
@@ -144,7 +145,18 @@ def _row_sort(spec: Dict[str, Any], key: tuple) -> tuple:
 
 
 def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
-    """Aggregate runs into rows: per-metric summaries, collapse counts, gate flags, Δs."""
+    """Aggregate runs into rows: per-metric summaries, collapse counts, gate flags, Δs.
+
+    Args:
+        spec: a table spec from :func:`load_table`.
+        runs: the grid's runs from :func:`collect_runs`.
+
+    Returns:
+        ``{id, title, grid, command, n_runs, rows, baseline_names, pooled, pending, notes}``;
+        each row holds ``key``, ``label``, ``n``, ``seeds``, ``metrics`` (metric ->
+        :func:`~experiments.stats.summarize`), ``by_seed``, ``collapsed``, ``gate_warning`` and
+        ``vs`` (one entry per baseline: its label and the paired differences per metric).
+    """
     by_cols = [column_of(b) for b in spec["rows"]["by"]]
     metrics = list(dict.fromkeys([c["metric"] for c in spec["columns"]] + spec["compare"]
                                  + [GATE_METRIC, COLLAPSE_METRIC]))
@@ -188,7 +200,12 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
                      for m in spec["compare"]}
             row.setdefault("vs", []).append({"baseline": ref["label"] if ref else None,
                                              "is_baseline": ref is row, "diff": diffs})
+    names = spec["rows"]["names"]
+    baseline_names = [" · ".join(str({canon(k): v for k, v in (names.get(b) or {}).items()}
+                                     .get(canon(v), v)) for b, v in base.items())
+                      for base in spec["baselines"]]
     return {"id": spec["id"], "title": spec["title"], "grid": spec["grid"],
+            "baseline_names": baseline_names,
             "command": spec["command"], "n_runs": len(runs), "rows": rows, "pooled": pooled,
             "pending": spec.get("pending") or [], "notes": spec.get("notes")}
 
@@ -198,109 +215,6 @@ def _baseline_row(spec: Dict[str, Any], rows: List[dict], row: dict,
     """The row that equals ``base`` on its keys and ``row`` on every other grouping key."""
     want = [canon(base[b]) if b in base else v for b, v in zip(spec["rows"]["by"], row["key"])]
     return next((r for r in rows if r["key"] == want and r["n"]), None)
-
-
-def render_markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table (first column left-aligned, the rest right)."""
-    clean = lambda cell: str(cell).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(clean(h) for h in header) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def _cell(summary: Dict[str, float], col: Dict[str, Any], collapsed: int, best: bool) -> str:
-    spec = col.get("format", ".3f")
-    if not summary["n"]:
-        return "no runs yet"
-    text = fmt(summary["mean"], spec)
-    text = f"**{text}**" if best else text
-    if summary["n"] >= 2:
-        text += f" ± {fmt(summary['std'], spec)}"
-        if col.get("ci"):
-            text += f" [{fmt(summary['ci95_low'], spec)}, {fmt(summary['ci95_high'], spec)}]"
-    else:
-        text += " (n=1)"
-    if collapsed and col["metric"].startswith(SEG_PREFIXES):
-        text += f" ({collapsed} collapsed)"
-    return text
-
-
-def _diff_cell(diff: Optional[Dict[str, Any]], col: Dict[str, Any], is_base: bool) -> str:
-    if is_base:
-        return "reference"
-    if diff is None or not diff["n"]:
-        return "no paired seeds"
-    spec = col.get("format", ".3f")
-    text = fmt(diff["mean"], spec, signed=True)
-    if diff["n"] < 2:
-        return f"{text} (n=1 pair; CI undefined)"
-    low, high = diff["ci95_low"], diff["ci95_high"]
-    if low > 0 or high < 0:  # the CI excludes zero: mark whether that is good news
-        good = (low > 0) == bool(col.get("higher_is_better", True))
-        text = f"**{text}** {'▲' if good else '▼'}"
-    return f"{text} [{fmt(low, spec, True)}, {fmt(high, spec, True)}] (n={diff['n']})"
-
-
-def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[str] = None) -> str:
-    """One ``results.md`` section: title, command, table, seeds, footnotes (and a figure)."""
-    out = [f"## {table['title']}", "", f"Filled by: `{table['command']}`", ""]
-    cols = spec["columns"]
-    by_metric = {c["metric"]: c for c in cols}
-    header = ["Row"] + [c.get("name", c["metric"]) for c in cols] + ["n"]
-    for base in spec["baselines"]:
-        names = spec["rows"]["names"]
-        name = " · ".join(str({canon(k): v for k, v in (names.get(b) or {}).items()}
-                              .get(canon(v), v)) for b, v in base.items())
-        header += [f"Δ {by_metric.get(m, {'name': m}).get('name', m)} vs {name} (paired, 95 % CI)"
-                   for m in spec["compare"]]
-    body, notes = [], []
-    if not table["n_runs"]:
-        out += [f"No runs yet: run `{table['command']}`.", ""]
-    else:
-        best = {}
-        for c in cols:
-            means = [r["metrics"][c["metric"]]["mean"] for r in table["rows"] if r["n"]]
-            means = [m for m in means if m == m]
-            if len(means) > 1 and c.get("higher_is_better") is not None:
-                best[c["metric"]] = max(means) if c["higher_is_better"] else min(means)
-        for r in table["rows"]:
-            label = ("⚠ " if r["gate_warning"] else "") + r["label"]
-            cells = [_cell(r["metrics"][c["metric"]], c, r["collapsed"],
-                           best.get(c["metric"]) == r["metrics"][c["metric"]]["mean"]) for c in cols]
-            diffs = [_diff_cell(v["diff"][m], by_metric.get(m, {}), v["is_baseline"])
-                     for v in r.get("vs", []) for m in spec["compare"]]
-            body.append([label] + cells + [str(r["n"])] + diffs)
-            if r["gate_warning"]:
-                rate = r["metrics"][GATE_METRIC]["mean"]
-                notes.append(f"⚠ {r['label']}: gate passes only {rate:.0%} of real validation "
-                             f"pairs (mean `{GATE_METRIC}` < {spec.get('gate_min_real_pass', 0.8):.0%}); "
-                             "its verdicts on synthetic pairs are not trustworthy.")
-        if any(r["collapsed"] for r in table["rows"]):
-            notes.append("collapsed: a run whose best validation Dice stayed under "
-                         "`segmenter.collapse_dice`; such runs are included in the mean and counted.")
-        if table["pooled"]:
-            notes.append("Some rows hold several cells per seed (an axis not fixed by the "
-                         "table's filter); they are averaged per seed before pairing.")
-    for p in table["pending"]:
-        body.append([f"{p['dataset']} (pending)", f"pending: {p.get('needs', '')}; run `{p['command']}`"]
-                    + ["pending"] * (len(header) - 2))
-    if body:
-        out += [render_markdown_table(header, body), ""]
-    seeds = sorted({s for r in table["rows"] for s in r["seeds"]}, key=lambda s: (len(s), s))
-    if table["n_runs"]:
-        ns = sorted({r["n"] for r in table["rows"] if r["n"]})
-        n_text = str(ns[0]) if ns[0] == ns[-1] else f"{ns[0]}–{ns[-1]}"
-        out += [f"n = {n_text} seeds per row (seeds {', '.join(seeds)}); cells are mean ± std over seeds"
-                + (", [95 % t-CI]" if any(c.get("ci") for c in cols) else "")
-                + ("; Δ columns are paired by seed (mean difference, 95 % t-CI, number of pairs); "
-                   "**bold** Δ: the CI excludes 0 (▲ better, ▼ worse)" if spec["baselines"] else "")
-                + ".", ""]
-    notes += [spec["notes"]] if spec.get("notes") else []
-    out += [f"{i}. {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
-    if plot:
-        out += [f"![{table['title']}]({plot})", ""]
-    return "\n".join(out)
 
 
 def headline(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
@@ -314,9 +228,10 @@ def headline(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) ->
     pair = lambda a, b: paired_difference(a["by_seed"][dice], b["by_seed"][dice]) if a and b else None  # noqa: E731
     gain, gain_cp = pair(aug, real), pair(aug, cp)
     param = lambda k: runs[k].dropna().iloc[0] if k in runs and runs[k].notna().any() else None  # noqa: E731
+    n_real = param("params.data.n_real") or spec.get("n_real")
     return jsonable({
         "table": spec["id"], "dataset": param("params.data.name") or spec.get("dataset"),
-        "n_real": param("params.data.n_real") or spec.get("n_real"),
+        "n_real": int(n_real) if str(n_real).isdigit() else n_real,
         "seeds": gain["n"] if gain else 0,
         "dice_real_only": mean(real, dice), "dice_augmented": mean(aug, dice),
         "gain": gain["mean"] if gain else None,
@@ -363,8 +278,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
     args = parser.parse_args(argv)
     command = "meddiffaug table " + shlex.join(list(argv) if argv is not None else sys.argv[2:])
+    specs = [load_table(p) for p in args.tables]  # a bad YAML fails before any store is touched
     uri = args.tracking_uri or default_tracking_uri()
-    specs = [load_table(p) for p in args.tables]
     out_dir = Path(args.write or args.json or ".").parent
     sections, result, written = [], {"generated_by": command, "tables": {}}, []
     for spec in specs:
@@ -376,7 +291,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             keys = [spec["plot"]["x"]] + list(spec["plot"]["y"] if isinstance(spec["plot"]["y"], list) else [spec["plot"]["y"]])
             cols = {k: list(runs[column_of(k)]) if column_of(k) in runs else [] for k in keys}
-            png = plot_from_spec(spec["plot"], cols, out_dir / f"{spec['id']}.png", spec["title"])
+            labels = {c["metric"]: c.get("name", c["metric"]) for c in spec["columns"]}
+            labels[spec["rows"]["by"][0]] = spec["rows"]["header"]
+            png = plot_from_spec(spec["plot"], cols, out_dir / f"{spec['id']}.png", spec["title"], labels)
             plot, written = (png.name, written + [png]) if png else (None, written)
         sections.append(render_section(spec, table, plot))
         result["tables"][spec["id"]] = jsonable({k: v for k, v in table.items()})

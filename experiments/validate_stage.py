@@ -72,12 +72,19 @@ def erode(mask: np.ndarray, px: int) -> np.ndarray:
 
 
 def build_latent_bank(diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str, t_focus: list,
-                      per_image: int = 8, batch_size: int = 16, seed: int = 0) -> dict:
+                      per_image: int = 9, batch_size: int = 16, seed: int = 0) -> dict:
     """Validator training items from real pairs: clean latents and single-step ẑ0 estimates.
 
-    Half of each image's estimates sit exactly at the gate's timesteps ``t_focus``, half are drawn in
-    ``[1, 1.5·max(t_focus)]`` so the validator also copes with nearby noise levels; every other one is
-    conditioned on another pair's mask (the target stays the true mask).
+    The inpainting condition makes ε̂ worse inside the conditioning mask, and every real image holds a
+    lesion; a validator trained only on (image, own mask) learns "blurry region = lesion" and passes
+    samples whose lesion is missing. So the estimates cycle through three conditions:
+
+    * the pair itself, conditioned on its own mask (what a good sample looks like);
+    * conditioned on another pair's mask (a clean lesion outside the mask: a *misplaced* lesion);
+    * "erased": the lesion region (dilated) replaced by another image's pixels at the same place,
+      target mixed accordingly, conditioned on the original mask (a *missing* lesion).
+
+    Timesteps alternate between the gate's ``t_focus`` and draws in ``[1, 1.5·max(t_focus)]``.
 
     Args:
         images: (N,3,H,W) in [0,1] on the diffusion's device.
@@ -90,25 +97,32 @@ def build_latent_bank(diffusion, images: torch.Tensor, masks: torch.Tensor, prom
     T = int(diffusion.num_train_timesteps)
     t_hi = max(2, min(T - 1, int(1.5 * max(t_focus))))
     out = {"x": [], "t": [], "z0": [], "mask": []}
+
+    def add(x, t, z0, m):
+        out["x"].append(x.cpu()), out["t"].append(t.cpu()), out["z0"].append(z0.cpu()), out["mask"].append(m.cpu())
+
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             img, m = images[i:i + batch_size], masks[i:i + batch_size].to(images.device)
+            roll = (lambda x: x.roll(1, 0)) if len(m) > 1 else (lambda x: x.flip(-1).flip(-2))
+            pad = max(1, img.shape[-1] // 16)
+            region = F.max_pool2d((m > 0).float()[:, None], 2 * pad + 1, 1, pad)[:, 0].bool()
+            img_mix = torch.where(region[:, None], roll(img), img)
+            m_mix = torch.where(region, roll(m), m)
             z0, *cond_true = diffusion_condition(diffusion, img, m, prompt)
-            # every other estimate is conditioned on ANOTHER pair's mask: ε̂ is worse inside the
-            # inpainting mask, and the validator must not learn "blurry region = lesion"
-            other = m.roll(1, 0) if len(m) > 1 else m.flip(-1).flip(-2)
-            cond_other = diffusion_condition(diffusion, img, other, prompt)[1:]
+            cond_other = diffusion_condition(diffusion, img, roll(m), prompt)[1:]
+            z0_mix, *cond_mix = diffusion_condition(diffusion, img_mix, m, prompt)
+            variants = [(z0, cond_true, m), (z0, cond_other, m), (z0_mix, cond_mix, m_mix)]
             ac = diffusion.alphas_cumprod.to(z0.device)
-            out["x"].append(z0.cpu()), out["t"].append(torch.zeros(len(img), dtype=torch.long))
-            out["z0"].append(z0.cpu()), out["mask"].append(m.cpu())
+            zeros = torch.zeros(len(img), dtype=torch.long)
+            add(z0, zeros, z0, m), add(z0_mix, zeros, z0_mix, m_mix)
             for j in range(per_image):
-                t = t_focus[j % len(t_focus)] if j < per_image // 2 else int(torch.randint(1, t_hi, (), generator=gen))
+                t = t_focus[j % len(t_focus)] if j % 2 == 0 else int(torch.randint(1, t_hi, (), generator=gen))
                 tt = torch.full((len(img),), int(t), dtype=torch.long, device=z0.device)
-                eps = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
-                z_t = add_noise(z0, eps, ac, tt)
-                z0_hat = estimate_z0(z_t, diffusion.predict_eps(z_t, tt, *(cond_other if j % 2 else cond_true)), ac, tt)
-                out["x"].append(z0_hat.cpu()), out["t"].append(tt.cpu())
-                out["z0"].append(z0.cpu()), out["mask"].append(m.cpu())
+                zc, cond, target = variants[j % 3]
+                eps = torch.randn(zc.shape, generator=gen).to(zc.device, zc.dtype)
+                z_t = add_noise(zc, eps, ac, tt)
+                add(estimate_z0(z_t, diffusion.predict_eps(z_t, tt, *cond), ac, tt), tt, zc, target)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -293,6 +307,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     gen_dir = Path(upstream["generate"])
     rows, images, masks, raw_masks = load_generated(gen_dir, size)
     n, ncls, device = len(rows), int(datamodule.num_classes), _device(cfg)
+    prompt = cfg.diffusion.prompt or datamodule.prompt  # as the generate stage conditions
     metrics: dict = {"gen/n_samples": float(n)}
 
     ious, preds, gate_model = torch.full((n,), float("nan")), None, "none"
@@ -306,11 +321,11 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
                 gate_model = "given"
             diffusion = diffusion.to(device).eval() if hasattr(diffusion, "to") else diffusion
             validator = train_latent_validator(cfg, diffusion, real_img[few].to(device), real_msk[few],
-                                               datamodule.prompt, ncls, workdir, logger).to(device)
+                                               prompt, ncls, workdir, logger).to(device)
             gate_model = f"{mode}@t{int(v.t_eval)} on {gate_model} diffusion"
         elif segmenter is None:
             segmenter, gate_model = train_pixel_segmenter(cfg, datamodule, workdir, logger).to(device), "pixel segmenter"
-        gate = make_gate(mode, cfg, datamodule.prompt, ncls, device, diffusion, validator, segmenter, full_steps)
+        gate = make_gate(mode, cfg, prompt, ncls, device, diffusion, validator, segmenter, full_steps)
         start = time.time()
         ious, preds = run_gate(gate, images, masks)
         metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)

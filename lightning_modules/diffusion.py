@@ -73,6 +73,15 @@ class InpaintingDiffusion(L.LightningModule):
         self.prompt_texts: List[str] = [""]  # index 0 is always the null prompt
         self._prompt_cache: Optional[torch.Tensor] = None
         self.strict_loading = False  # Lightning checkpoints hold only the trained weights
+        self.train()
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (from_pretrained returns eval-mode modules)."""
+        super().train(mode)
+        self.vae.eval()
+        if not self.train_text_encoder:
+            self.text_encoder.eval()
+        return self
 
     # ----------------------------------------------------------------------------- construction
     @classmethod

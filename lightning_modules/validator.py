@@ -246,9 +246,9 @@ class LatentValidator(L.LightningModule):
 def diffusion_condition(diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str):
     """Latents and inpainting condition of image–mask pairs, as generation builds them.
 
-    Uses ``diffusion.prepare_condition(images, masks)`` when the model offers it, so the gate sees
-    exactly the generation condition; otherwise the diffusers convention: the masked image is the
-    image with the mask region set to mid-grey (0 in [-1, 1]) and the mask is resized to the latent.
+    Uses the model's own ``encode_masked`` / ``mask_to_latent`` when it has them, so the gate sees
+    exactly the generation condition; otherwise the SD convention: the masked image is the image with
+    the mask region mid-grey (0 in [-1, 1]); a latent cell is masked if any of its pixels is.
 
     Args:
         diffusion: object with the CONTRACTS diffusion API.
@@ -261,11 +261,14 @@ def diffusion_condition(diffusion, images: torch.Tensor, masks: torch.Tensor, pr
     """
     fg = (masks > 0).float()[:, None]
     z0 = diffusion.encode_images(images)
-    if hasattr(diffusion, "prepare_condition"):
-        mask_lat, masked_lat = diffusion.prepare_condition(images, fg)
+    if hasattr(diffusion, "encode_masked"):
+        masked_lat = diffusion.encode_masked(images, fg)
     else:
         masked_lat = diffusion.encode_images(images * (1 - fg) + 0.5 * fg)
-        mask_lat = F.interpolate(fg, size=z0.shape[-2:], mode="nearest")
+    if hasattr(diffusion, "mask_to_latent"):
+        mask_lat = diffusion.mask_to_latent(fg, z0.shape[-2:]).to(z0.device)
+    else:
+        mask_lat = F.adaptive_max_pool2d(fg, tuple(z0.shape[-2:]))
     text = diffusion.encode_prompts([prompt] * images.shape[0])
     return z0, mask_lat, masked_lat, text
 

@@ -92,6 +92,8 @@ def grid_cells(grid_yaml: str | Path) -> List[Cell]:
     if not isinstance(variants, dict):
         raise ConfigError(f"'variants' in {path} must map a name to a list of overrides.")
     seeds = _as_list(raw["seeds"], "'seeds'", str(path)) if "seeds" in raw else [None]
+    if any(s is not None and (isinstance(s, bool) or not isinstance(s, int)) for s in seeds):
+        raise ConfigError(f"'seeds' in {path} must be a list of integers.")
     seed_keys = list(raw.get("seed_keys") or DEFAULT_SEED_KEYS)
     for key in seed_keys:
         sp.check_config_key(key, f"seed_keys of {path}")
@@ -109,11 +111,16 @@ def grid_cells(grid_yaml: str | Path) -> List[Cell]:
             if seed is not None:
                 tags["seed"] = str(seed)
             cells.append(Cell(name, variant, point, seed, overrides, base, sig, tags))
-    for cell in cells:  # a typo in one cell must fail now, not after hours of the others
+    # A typo in one cell must fail now, not after hours of the others. Overrides act key by key,
+    # so checking each variant, axis value and seed block once covers every cell, cheaply.
+    groups = {tuple(dotlist) for _, dotlist, _ in plans}
+    groups |= {(f"{key}={sp.format_value(v)}",) for _, _, own in plans for key, values in own.items() for v in values}
+    groups |= {tuple(sp.to_overrides({k: int(s) for k in seed_keys})) for s in seeds if s is not None}
+    for group in sorted(groups):
         try:
-            cell.config()
+            load_config(base, shared + list(group))
         except ConfigError as err:
-            raise ConfigError(f"grid '{name}' cell {cell.label}: {err}") from err
+            raise ConfigError(f"grid '{name}' ({' '.join(group) or 'shared overrides'}): {err}") from err
     sigs = [c.sig for c in cells]
     if len(set(sigs)) != len(sigs):
         raise ConfigError(f"grid '{name}' has duplicate cells (same variant and overrides); check its axes.")

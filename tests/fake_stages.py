@@ -4,7 +4,8 @@
 datamodule builder, so the real pipeline (signatures, cache, MLflow runs) runs around stages that
 take milliseconds. Every stage call appends one line to ``$FAKE_STAGE_CALLS/<stage>`` (or
 ``<cfg.output_dir>/fake_calls/<stage>``), so tests count invocations across processes.
-``FAKE_SEGMENT_SLEEP`` (seconds) makes the segment stage slow enough to be killed mid-trial.
+``FAKE_SEGMENT_SLEEP`` (seconds) makes the segment stage slow enough to be killed mid-trial;
+``FAKE_SEGMENT_FAIL_RATIO`` / ``FAKE_PRUNE_RATIO`` make it fail / prune at that ``augment.ratio``.
 """
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ def run_segment(cfg, datamodule, workdir, upstream, logger=None) -> Dict[str, fl
 
     _record(cfg, "segment", workdir, "start")
     time.sleep(float(os.environ.get("FAKE_SEGMENT_SLEEP", "0")))
+    ratio = float(cfg.augment.ratio)
+    if os.environ.get("FAKE_SEGMENT_FAIL_RATIO") and ratio == float(os.environ["FAKE_SEGMENT_FAIL_RATIO"]):
+        raise RuntimeError(f"fake segment failure at ratio {ratio}")
+    if os.environ.get("FAKE_PRUNE_RATIO") and ratio == float(os.environ["FAKE_PRUNE_RATIO"]):
+        import optuna  # what PyTorchLightningPruningCallback raises from inside trainer.fit
+
+        raise optuna.TrialPruned("fake prune")
     _record(cfg, "segment", workdir)
     dice = fake_dice(cfg)
     return {"val/dice": dice, "test/dice": dice - 0.05, "fake/in_trial": float(current_trial() is not None)}

@@ -131,7 +131,7 @@ def _datamodule():
 
 
 @pytest.mark.slow
-def test_finetune_stage_resumes_from_last_ckpt(base_dir, tmp_path):
+def test_finetune_stage_resumes_from_last_ckpt(base_dir, tmp_path, monkeypatch):
     over = [f"diffusion.base_model={base_dir}", "diffusion.batch_size=2", "diffusion.checkpoint_every=2",
             "diffusion.lora_rank=2", "trainer.log_every_n_steps=1"]
     cfg = load_config(None, over + ["diffusion.steps=4"])
@@ -141,8 +141,10 @@ def test_finetune_stage_resumes_from_last_ckpt(base_dir, tmp_path):
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 4 and all("lora" in k for k in ckpt["state_dict"])  # trained weights only
     cfg = load_config(None, over + ["diffusion.steps=6"])  # "interrupted" at 4: continue to 6
+    calls, real = [], InpaintingDiffusion.training_step
+    monkeypatch.setattr(InpaintingDiffusion, "training_step", lambda self, *a: calls.append(1) or real(self, *a))
     model, m2 = finetune_diffusion(cfg, _datamodule(), tmp_path)
-    assert m2["ft/steps"] == 6 and np.isfinite(m2["ft/loss"])
+    assert m2["ft/steps"] == 6 and len(calls) == 2 and np.isfinite(m2["ft/loss"])  # continued, not restarted
     assert torch.load(last, weights_only=False)["global_step"] == 6
     loaded = load_finetuned(cfg, tmp_path)
     assert loaded.lesion_prompt == "a polyp" and loaded.background_prompt == "colonoscopy image of normal colon mucosa"

@@ -52,7 +52,7 @@ def store(tmp_path_factory):
     mlflow.create_experiment("ablation_main", artifact_location=(root / "art2").as_uri())
     mlflow.set_experiment("ablation_main")
     for theta, accept in ((0.5, 0.9), (0.7, 0.6), (0.9, 0.2)):
-        for ratio in (1.0, 3.0):
+        for ratio in (1, 3):  # sweeps/grid.py tags json.dumps(value): "3", "0.7"
             for seed in range(3):
                 _log_run(mlflow, "ablation_main",
                          {"axis.validator.iou_threshold": str(theta), "axis.augment.ratio": str(ratio),
@@ -60,6 +60,14 @@ def store(tmp_path_factory):
                           "cell": f"{theta}-{ratio}-{seed}"},
                          {"gen/accept_rate": accept, "test/dice": 0.5 + theta / 10 + seed / 100 + ratio / 50,
                           "gen/real_pass_rate": 0.9})
+    mlflow.create_experiment("meddiff_ft", artifact_location=(root / "art3").as_uri())
+    mlflow.set_experiment("meddiff_ft")
+    for arch, base in (("Unet", 0.5), ("FPN", 0.3)):
+        for variant, gain in (("real", 0.0), ("augmented", 0.1), ("no_erosion", 0.05)):
+            for seed in range(2):
+                _log_run(mlflow, "meddiff_ft", {"axis.segmenter.arch": arch, "variant": variant,
+                                                "seed": str(seed), "cell": f"{arch}-{variant}-{seed}"},
+                         {"test/dice": base + gain + seed * (0.01 + gain)})
     return uri
 
 
@@ -129,7 +137,7 @@ def test_collapsed_runs_are_counted_not_hidden(outputs):
     assert cp["metrics"]["test/dice"]["mean"] == pytest.approx(sum(DICE["copy_paste"]) / 4)
     row = _md_row(text, "Copy-paste")
     assert "(1 collapsed)" in row.split("|")[2]
-    assert "(1 collapsed)" not in row.split("|")[5]  # generation metrics are not affected
+    assert "(1 collapsed)" not in row.split("|")[6]  # generation metrics are not affected
     assert "collapsed: a run whose best validation Dice" in text
 
 
@@ -137,7 +145,7 @@ def test_gate_sanity_flag(outputs):
     text, result, _ = outputs
     assert _rows(result, "diffaug_main")["synthetic_unfiltered"]["gate_warning"]
     assert _md_row(text, "⚠ Diffusion, no gate")
-    assert "gate passes only 43% of real validation pairs" in text
+    assert "gate passes only 43 % of real validation pairs" in text
     assert not _rows(result, "diffaug_main")["real_only"]["gate_warning"]
 
 
@@ -186,7 +194,7 @@ def test_missing_grid_says_how_to_fill_it(outputs):
 
 def test_collect_runs_filters_and_handles_missing_experiment(store):
     df = collect_runs("ablation_main", store, {"axis.validator.iou_threshold": 0.7, "seed": "1"})
-    assert len(df) == 2 and set(df["tags.axis.augment.ratio"]) == {"1.0", "3.0"}
+    assert len(df) == 2 and set(df["tags.axis.augment.ratio"]) == {"1", "3"}
     assert collect_runs("no_such_grid", store).empty
 
 
@@ -211,3 +219,40 @@ def test_bad_table_yaml_is_an_error(tmp_path):
 def test_canon():
     assert canon(3.0) == canon("3") == "3" and canon(0.7) == canon("0.70") == "0.7"
     assert canon("real_only") == "real_only"
+
+
+def test_composite_rows_pair_within_the_same_architecture(outputs):
+    text, result, _ = outputs
+    rows = {tuple(r["key"]): r for r in result["tables"]["meddiff_ft"]["rows"]}
+    assert list(rows) == [("Unet", "real"), ("Unet", "augmented"), ("Unet", "no_erosion"),
+                          ("FPN", "real"), ("FPN", "augmented"), ("FPN", "no_erosion")]
+    fpn_no_erosion = rows[("FPN", "no_erosion")]
+    vs_real, vs_full = fpn_no_erosion["vs"]
+    assert vs_real["baseline"] == "FPN · real only"
+    # no_erosion - real per seed: seed 0: 0.05, seed 1: 0.05 + 0.05 = 0.10
+    assert vs_real["diff"]["test/dice"]["mean"] == pytest.approx(0.075)
+    assert vs_full["baseline"] == "FPN · augmented (full MedDiff-FT)"
+    assert vs_full["diff"]["test/dice"]["mean"] == pytest.approx(-0.075)
+    assert _md_row(text, "FPN · − mask erosion")
+
+
+def test_sample_grid(tmp_path):
+    import numpy as np
+
+    from experiments.plots import sample_grid
+
+    real = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    gen = np.random.default_rng(1).random((4, 3, 16, 16)).astype(np.float32)  # (B,C,H,W) floats
+    path = sample_grid(real, gen, tmp_path / "grid.png")
+    assert path.stat().st_size > 500
+
+
+def test_diff_cell_never_fakes_a_ci():
+    from experiments.table_render import _diff_cell
+
+    col = {"metric": "test/dice", "format": ".3f", "higher_is_better": True}
+    one = {"mean": 0.1, "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1}
+    assert _diff_cell(one, col, False) == "+0.100 (n=1 pair; CI undefined)"
+    worse = {"mean": 0.1, "ci95_low": 0.05, "ci95_high": 0.15, "n": 3}
+    assert "▼" in _diff_cell(worse, {**col, "metric": "test/fnr", "higher_is_better": False}, False)
+    assert _diff_cell(None, col, False) == "no paired seeds"

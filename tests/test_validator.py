@@ -125,13 +125,13 @@ def test_early_reject_callback_stops_missing_and_misplaced():
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained():  # ~20 s on one core: the tests using it are marked slow
     """A latent validator trained on 16 real pairs through the stage's own training path."""
     from experiments.config import load_config
     from experiments.validate_stage import train_latent_validator
 
     torch.set_num_threads(1)
-    cfg = load_config(None, ["validator.train_steps=150", "validator.t_eval=100", "validator.lr=3e-3"])
+    cfg = load_config(None, ["validator.train_steps=100", "validator.t_eval=100", "validator.lr=4e-3"])
     diff = FakeDiffusion()
     images, masks = render(16, seed=0)
     import tempfile
@@ -141,6 +141,7 @@ def trained():
     return cfg, diff, validator
 
 
+@pytest.mark.slow
 def test_latent_validator_beats_chance_on_heldout_clean_latents(trained):
     _, diff, validator = trained
     images, masks = render(12, seed=100)
@@ -150,6 +151,7 @@ def test_latent_validator_beats_chance_on_heldout_clean_latents(trained):
     assert iou > 0.6 and iou > chance + 0.4, (float(iou), float(chance))
 
 
+@pytest.mark.slow
 def test_single_step_gate_keeps_good_rejects_missing_and_misplaced(trained):
     from experiments.validate_stage import make_gate, run_gate
 

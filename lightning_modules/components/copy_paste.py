@@ -81,6 +81,10 @@ def _paste_region(out: np.ndarray, region: np.ndarray, donor_image: np.ndarray,
         tex = cv2.warpAffine(tex, mat, (tw, th), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
     tex = cv2.resize(tex, (w, h), interpolation=cv2.INTER_LINEAR if h * w > tex.shape[0] * tex.shape[1]
                      else cv2.INTER_AREA)
+    # The feathered rim reaches ``m`` px beyond the bbox: extend the texture there by reflection,
+    # or the rim would blend toward nothing (a dark, box-shaped halo).
+    m = int(np.ceil(2 * feather_px)) + 1
+    tex = cv2.copyMakeBorder(tex, m, m, m, m, cv2.BORDER_REFLECT101)
 
     # Colour relation of the donor lesion to its own surroundings, re-applied at the target.
     width = max(2, int(round(0.25 * np.sqrt(region.sum()))))
@@ -89,11 +93,18 @@ def _paste_region(out: np.ndarray, region: np.ndarray, donor_image: np.ndarray,
     ds_mu, ds_sd = _stats(d_lab, _ring(donor_region, width, donor_exclude), ~donor_region)
     ts_mu, ts_sd = _stats(t_lab, _ring(region, width, exclude), ~region)
     target_mu = ts_mu + (d_mu - ds_mu)
-    target_sd = d_sd * np.clip(ts_sd / ds_sd, 0.5, 2.0)
-    tex_lab = _lab(tex)
-    tex_lab = (tex_lab - d_mu) / d_sd * target_sd + target_mu
-    patch = np.zeros_like(t_lab)
-    patch[ys, xs] = tex_lab
+    # Contrast follows the target only in lightness; chroma spread stays the donor's, since a
+    # ring holding vessels or folds has a chroma spread that says nothing about the lesion.
+    ratio = np.ones(3, np.float32)
+    ratio[0] = np.clip(ts_sd[0] / ds_sd[0], 0.5, 2.0)
+    target_sd = d_sd * ratio
+    tex_lab = (_lab(tex) - d_mu) / d_sd * target_sd + target_mu
+    S_h, S_w = region.shape
+    y0, x0 = ys.start - m, xs.start - m
+    cy = slice(max(y0, 0), min(ys.stop + m, S_h))
+    cx = slice(max(x0, 0), min(xs.stop + m, S_w))
+    patch = t_lab.copy()
+    patch[cy, cx] = tex_lab[cy.start - y0:cy.stop - y0, cx.start - x0:cx.stop - x0]
     pasted = _rgb(patch)
 
     # Feathered alpha: exactly 1 on the mask, decaying to 0 just outside (truncated Gaussian).

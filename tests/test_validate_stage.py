@@ -1,0 +1,134 @@
+"""run_validate end to end on a fake datamodule, a fake generate folder and the fake diffusion."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from experiments.config import load_config
+from experiments.validate_stage import erode, run_validate
+
+try:
+    from tests.test_validator import S, FakeDiffusion, OracleSegmenter, render
+except ImportError:  # pytest's rootdir-less import mode
+    from test_validator import S, FakeDiffusion, OracleSegmenter, render
+
+
+def _u8(images: torch.Tensor) -> np.ndarray:
+    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+class FakeDataModule:
+    """The attributes of a set-up SegmentationDataModule that the validate stage reads."""
+
+    classes, num_classes, prompt, modality = ("background", "polyp"), 2, "a polyp", "polyp"
+
+    def __init__(self):
+        images, masks = render(24, seed=0)
+        self.images, self.masks = _u8(images), masks.numpy().astype(np.uint8)
+        self.ids = [f"r{i}" for i in range(24)]
+        self.split_indices = {"train": list(range(16)), "train_few": list(range(16)), "val": list(range(16, 24)), "test": []}
+
+    def setup(self, stage=None):
+        pass
+
+
+@pytest.fixture
+def generated(tmp_path):
+    """A generate-stage folder: 4 good, 2 lesion-erased, 2 lesion-shifted, 1 noise, 1 copy of its source."""
+    good, masks = render(8, seed=50)
+    erased, _ = render(8, seed=50, lesion=False)
+    shifted, _ = render(8, seed=50, shift=S // 3)
+    dm = FakeDataModule()
+    noise = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(2))
+    copy = torch.from_numpy(dm.images[2:3]).permute(0, 3, 1, 2).float() / 255
+    images = torch.cat([good[:4], erased[4:6], shifted[6:8], noise, copy])
+    all_masks = torch.cat([masks, masks[:1], torch.from_numpy(dm.masks[2:3]).long()])
+    kinds = ["good"] * 4 + ["erased"] * 2 + ["shifted"] * 2 + ["noise", "copy"]
+    gen = tmp_path / "generate"
+    (gen / "images").mkdir(parents=True), (gen / "masks").mkdir()
+    rows = []
+    for i, (img, m, kind) in enumerate(zip(_u8(images), all_masks.numpy().astype(np.uint8), kinds)):
+        Image.fromarray(img).save(gen / "images" / f"g{i}.png")
+        Image.fromarray(m).save(gen / "masks" / f"g{i}.png")
+        rows.append({"id": f"g{i}", "image": f"images/g{i}.png", "mask": f"masks/g{i}.png",
+                     "source_id": "r2" if kind == "copy" else f"r{i}", "kind": kind, "seed": i})
+    (gen / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dm, gen, kinds
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _check_outputs(work, metrics, n=10):
+    for key in ("gen/accept_rate", "gen/n_accepted", "gen/real_pass_rate", "gen/gate_flagged"):
+        assert key in metrics
+    decisions = _read(work / "decisions.jsonl")
+    accepted = _read(work / "accepted.jsonl")
+    assert len(decisions) == n and (work / "accept_reject.png").is_file()
+    assert metrics["gen/n_accepted"] == len(accepted) == sum(d["accepted"] for d in decisions)
+    for row in accepted:  # absolute paths; masks are the eroded copies under workdir/masks
+        assert row["image"].startswith("/") and row["mask"].startswith(str(work.resolve()))
+        assert Image.open(row["mask"]).size == (S, S)
+    return {d["id"]: d for d in decisions}, accepted
+
+
+def test_pixel_mode_with_oracle_segmenter(generated, tmp_path):
+    dm, gen, kinds = generated
+    cfg = load_config(None, ["validator.mode=pixel", "validator.iou_threshold=0.7", "validator.erode_px=1"])
+    from lightning_modules.components.quality import pixel_stat_features
+    work = tmp_path / "validate"
+    metrics = run_validate(cfg, dm, work, {"generate": gen}, segmenter=OracleSegmenter(), feature_fn=pixel_stat_features)
+    dec, accepted = _check_outputs(work, metrics)
+    verdict = {kind: [] for kind in kinds}
+    for i, kind in enumerate(kinds):
+        verdict[kind].append(dec[f"g{i}"]["accepted"])
+    assert all(verdict["good"]) and not any(verdict["erased"]) and not any(verdict["shifted"])
+    assert "outlier" in dec["g8"]["reasons"] and "near_copy" in dec["g9"]["reasons"]
+    assert metrics["gen/real_pass_rate"] == 1.0 and metrics["gen/gate_flagged"] == 0.0
+    # erosion: every accepted mask lost its boundary ring
+    for row in accepted:
+        original = np.asarray(Image.open(gen / "masks" / f"{row['id']}.png"))
+        eroded = np.asarray(Image.open(row["mask"]))
+        assert 0 < eroded.sum() < original.sum() and not (eroded & ~original.astype(bool)).any()
+
+
+def test_none_mode_accepts_all_but_quality_rejects(generated, tmp_path):
+    dm, gen, _ = generated
+    from lightning_modules.components.quality import pixel_stat_features
+    cfg = load_config(None, ["validator.mode=none"])
+    metrics = run_validate(cfg, dm, tmp_path / "v", {"generate": gen}, feature_fn=pixel_stat_features)
+    dec, _ = _check_outputs(tmp_path / "v", metrics)
+    assert not dec["g8"]["accepted"] and not dec["g9"]["accepted"]
+    assert all(dec[f"g{i}"]["accepted"] and dec[f"g{i}"]["iou"] is None for i in range(4))
+    cfg = load_config(None, ["validator.mode=none", "validator.quality_filter=false"])
+    assert run_validate(cfg, dm, tmp_path / "w", {"generate": gen})["gen/accept_rate"] == 1.0
+
+
+def test_erode_shrinks_each_class():
+    m = np.zeros((12, 12), np.uint8)
+    m[2:10, 2:10], m[4:8, 4:8] = 1, 2
+    e = erode(m, 1)
+    assert e.sum() < m.sum() and (e[m == 0] == 0).all() and (e == 2).sum() == 4
+
+
+@pytest.mark.slow
+def test_single_step_mode_end_to_end(generated, tmp_path):
+    dm, gen, kinds = generated
+    from lightning_modules.components.quality import pixel_stat_features
+    cfg = load_config(None, ["validator.mode=single_step", "validator.train_steps=100", "validator.lr=4e-3",
+                             "validator.t_eval=100", "validator.iou_threshold=0.5"])
+    work = tmp_path / "validate"
+    metrics = run_validate(cfg, dm, work, {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
+    dec, _ = _check_outputs(work, metrics)
+    assert metrics["gen/real_pass_rate"] >= 0.75 and metrics["gen/gate_flagged"] == 0.0
+    assert sum(dec[f"g{i}"]["accepted"] for i in range(4)) >= 3
+    assert not any(dec[f"g{i}"]["accepted"] for i in range(4, 8))
+    assert (work / "checkpoints" / "validator" / "last.ckpt").is_file()
+    # resume: a rerun restores the finished validator instead of retraining and decides the same
+    again = run_validate(cfg, dm, work, {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
+    assert again["gen/n_accepted"] == metrics["gen/n_accepted"]
