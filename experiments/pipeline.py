@@ -67,7 +67,11 @@ def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
             inputs["diffusion_prompt"] = cfg.diffusion.prompt
         return inputs
     if stage == "validate":
-        return {"validator": _subtree(cfg, "validator"), "base_model": cfg.diffusion.base_model}
+        inputs = {"validator": _subtree(cfg, "validator"), "base_model": cfg.diffusion.base_model,
+                  "prompt": cfg.diffusion.prompt}
+        if cfg.validator.mode == "pixel":  # the pixel gate trains a segmenter on the real pairs
+            inputs["segmenter"] = _subtree(cfg, "segmenter")
+        return inputs
     if stage == "segment":
         return {"data": data, "augment": _subtree(cfg, "augment"), "segmenter": _subtree(cfg, "segmenter"),
                 "trainer": _subtree(cfg, "trainer"), "seed": cfg.seed}

@@ -58,7 +58,7 @@ def _variant_plan(name: Any, spec: Any, axes: Dict[str, List[Any]], source: str)
     """A variant is a dotlist, or ``{overrides: [...], axes: {key: [...]}}`` whose axes replace the
     grid's for that variant (e.g. ablations run on one architecture only)."""
     if spec is None or isinstance(spec, list):
-        return list(spec or []), axes
+        return sp.as_overrides(spec, f"variant '{name}' of {source}"), axes
     if not isinstance(spec, dict):
         raise ConfigError(f"variant '{name}' in {source} must be a list of overrides or a mapping.")
     sp.check_keys(spec, {"overrides", "axes"}, f"variant '{name}' of {source}")
@@ -66,7 +66,7 @@ def _variant_plan(name: Any, spec: Any, axes: Dict[str, List[Any]], source: str)
     for key, values in (spec.get("axes") or {}).items():
         sp.check_config_key(key, f"axes of variant '{name}' in {source}")
         own[key] = _as_list(values, f"axis '{key}' of variant '{name}'", source)
-    return list(spec.get("overrides") or []), own
+    return sp.as_overrides(spec.get("overrides"), f"variant '{name}' of {source}"), own
 
 
 def grid_cells(grid_yaml: str | Path) -> List[Cell]:
@@ -83,7 +83,7 @@ def grid_cells(grid_yaml: str | Path) -> List[Cell]:
         if required not in raw:
             raise ConfigError(f"'{required}' is missing in {path}.")
     name, base = str(raw["name"]), sp.resolve_path(raw["base_config"], path.parent)
-    shared = list(raw.get("overrides") or [])
+    shared = sp.as_overrides(raw.get("overrides"), str(path))
     axes = raw.get("axes") or {}
     for key, values in axes.items():
         sp.check_config_key(key, f"axes of {path}")

@@ -96,6 +96,15 @@ def to_overrides(params: Dict[str, Any]) -> List[str]:
     return [f"{key}={format_value(value)}" for key, value in params.items()]
 
 
+def as_overrides(value: Any, source: str) -> List[str]:
+    """Validate a YAML ``overrides`` entry: a list of ``key=value`` strings (None -> [])."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(f"'overrides' in {source} must be a list of key=value strings, got {value!r}.")
+    return list(value)
+
+
 def overrides_dict(overrides: Sequence[str]) -> Dict[str, str]:
     """Dotlist -> ordered dict of key -> value text; a later override of a key wins."""
     out: Dict[str, str] = {}

@@ -74,7 +74,7 @@ def load_study_spec(path: str | Path) -> StudySpec:
     known = {k: raw[k] for k in ("storage", "direction", "metric", "n_trials", "heartbeat_interval",
                                  "grace_period", "max_retry", "experiment") if raw.get(k) is not None}
     return StudySpec(name=str(raw["study_name"]), base_config=sp.resolve_path(raw["base_config"], path.parent),
-                     overrides=list(raw.get("overrides") or []), space=sp.parse_space(raw["search_space"], str(path)),
+                     overrides=sp.as_overrides(raw.get("overrides"), str(path)), space=sp.parse_space(raw["search_space"], str(path)),
                      sampler=sampler, pruner=pruner, **known)
 
 

@@ -74,6 +74,8 @@ def test_variant_axes_replace_grid_axes(tmp_path):
     ({"variants": {"bad": ["validator.mod=none"]}}, "validator.mod"),
     ({"seed_keys": ["data.seed"]}, "data.seed"),
     ({"axes": {"augment.ratio": []}}, "non-empty"),
+    ({"overrides": "seed=1"}, "list of key=value"),
+    ({"seeds": [0, "one"]}, "integers"),
 ])
 def test_bad_grid_files_fail_before_running(tmp_path, change, needle):
     from sweeps.grid import grid_cells
