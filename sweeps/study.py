@@ -36,6 +36,7 @@ STUDY_KEYS = {"study_name", "description", "base_config", "overrides", "storage"
               "max_retry", "experiment"}
 DEFAULT_STORAGE = "sqlite:///outputs/optuna.db"
 _TRIAL: contextvars.ContextVar = contextvars.ContextVar("meddiffaug_optuna_trial", default=None)
+_MONITOR: contextvars.ContextVar = contextvars.ContextVar("meddiffaug_prune_monitor", default="val/dice")
 
 
 @dataclass
@@ -140,18 +141,22 @@ def current_trial() -> Any:
     return _TRIAL.get()
 
 
-def pruning_callbacks(monitor: str = "val/dice") -> List[Any]:
+def pruning_callbacks(monitor: Optional[str] = None) -> List[Any]:
     """Lightning callbacks that report ``monitor`` to the current trial and prune it.
 
     The segment stage adds these to its Trainer; outside a study the list is empty, so the stage
     needs no knowledge of Optuna. Under DDP call ``cb.check_pruned()`` after ``trainer.fit``.
+
+    Args:
+        monitor: logged metric to report each validation epoch; default: the study's metric
+            when it is a ``val/`` metric, else ``val/dice``.
     """
     trial = current_trial()
     if trial is None:
         return []
     from optuna_integration import PyTorchLightningPruningCallback
 
-    return [PyTorchLightningPruningCallback(trial, monitor=monitor)]
+    return [PyTorchLightningPruningCallback(trial, monitor=monitor or _MONITOR.get())]
 
 
 class Objective:
@@ -187,6 +192,7 @@ class Objective:
         if self.parent_id:  # explicit, so trials in worker threads (no active parent there) nest too
             tags["mlflow.parentRunId"] = self.parent_id
         token = _TRIAL.set(trial)
+        monitor = _MONITOR.set(spec.metric if spec.metric.startswith("val/") else "val/dice")
         try:
             result = pipeline.run_pipeline(cfg, nested=True, run_name=f"trial-{trial.number}", tags=tags,
                                            datamodule=datamodule)
@@ -195,6 +201,7 @@ class Objective:
             raise
         finally:
             _TRIAL.reset(token)
+            _MONITOR.reset(monitor)
         if spec.metric not in result.metrics:
             raise ConfigError(f"metric '{spec.metric}' not produced; available: {sorted(result.metrics)}")
         trial.set_user_attr("mlflow_run_id", result.run_id)
