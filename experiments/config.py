@@ -51,6 +51,7 @@ class TrainerConfig:
     max_steps: int = -1
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1
+    val_check_interval: Optional[int] = None  # validate every N steps (across epochs) instead
     deterministic: bool = False
 
 
@@ -61,6 +62,8 @@ class SegmenterConfig:
     arch: str = "Unet"
     encoder: str = "resnet18"
     encoder_weights: Optional[str] = None  # None, or a local weights file; never a download
+    encoder_depth: int = 5  # smp default; the tiny CPU presets use 4
+    decoder_channels: Optional[List[int]] = None  # None: smp default (Unet-style archs only)
     lr: float = 1e-3
     weight_decay: float = 1e-4
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio

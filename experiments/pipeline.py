@@ -8,6 +8,7 @@ stable name, so checkpoints there let a killed run resume) and is renamed into p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -16,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -111,6 +112,8 @@ def _finish(partial: Path, final: Path, metrics: Dict[str, float]) -> None:
     tmp = partial / "DONE.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     os.replace(tmp, partial / "DONE")
+    for checkpoint in partial.rglob("*.ckpt"):  # resume state only; results live in DONE and named files
+        checkpoint.unlink()
     if final.exists():  # a forced recompute replaces the old result
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -161,27 +164,48 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
         ups = upstream_of(cfg, stage)
         sig = signature(cfg, stage, {s: result.sigs[s] for s in ups})
         final, partial = root / stage / sig, root / stage / f"{sig}.partial"
-        metrics = None if stage in force else read_done(final)
-        result.cached[stage] = metrics is not None
-        if metrics is None:
-            partial.mkdir(parents=True, exist_ok=True)
-            start = time.time()
-            print(f"[meddiffaug] stage {stage} ({sig}) running in {partial}", flush=True)
-            logger = tracking.lightning_logger(run, cfg) if stage in ("finetune", "segment") else None
-            metrics = _stage_function(stage)(cfg, datamodule, partial,
-                                             {s: result.stage_dirs[s] for s in ups}, logger=logger)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            metrics[f"time/{stage}_s"] = round(time.time() - start, 2)
-            if tracking.is_rank_zero():
-                _finish(partial, final, metrics)
-        else:
-            print(f"[meddiffaug] stage {stage} ({sig}) cached at {final}", flush=True)
+        with _stage_lock(root / stage / f"{sig}.lock"):  # workers sharing artifacts/ compute a stage once
+            metrics = None if stage in force else read_done(final)
+            result.cached[stage] = metrics is not None
+            if metrics is None:
+                metrics = _compute(cfg, stage, datamodule, partial, final,
+                                   {s: result.stage_dirs[s] for s in ups}, run)
+            else:
+                print(f"[meddiffaug] stage {stage} ({sig}) cached at {final}", flush=True)
         result.sigs[stage], result.stage_dirs[stage] = sig, final
         result.metrics.update(metrics)
         if run is not None:
             tracking.log_metrics(metrics)
             tracking.log_stage_folder(final, stage)
     return result
+
+
+def _compute(cfg: DictConfig, stage: str, datamodule: Any, partial: Path, final: Path,
+             upstream: Dict[str, Path], run: Any) -> Dict[str, float]:
+    partial.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    print(f"[meddiffaug] stage {stage} ({final.name}) running in {partial}", flush=True)
+    logger = tracking.lightning_logger(run, cfg) if stage in ("finetune", "segment") else None
+    metrics = _stage_function(stage)(cfg, datamodule, partial, upstream, logger=logger)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics[f"time/{stage}_s"] = round(time.time() - start, 2)
+    if tracking.is_rank_zero():
+        _finish(partial, final, metrics)
+    return metrics
+
+
+@contextlib.contextmanager
+def _stage_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory file lock (released by the OS if the holder is killed)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_datamodule(cfg: DictConfig) -> Any:

@@ -24,7 +24,8 @@ def build_segmenter(cfg: DictConfig, datamodule: Any, total_steps: Optional[int]
     return SegmenterModule(arch=s.arch, encoder=s.encoder, encoder_weights=s.encoder_weights,
                            num_classes=datamodule.num_classes, lr=s.lr, weight_decay=s.weight_decay,
                            min_lr_ratio=s.min_lr_ratio, small_lesion_area=cfg.data.small_lesion_area,
-                           total_steps=total_steps, class_names=tuple(datamodule.classes))
+                           total_steps=total_steps, class_names=tuple(datamodule.classes),
+                           encoder_depth=s.encoder_depth, decoder_channels=s.decoder_channels)
 
 
 def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> Dict[str, float]:
@@ -58,14 +59,15 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
     workdir = Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     datamodule.setup()
-    if extra_train is not None:
-        datamodule.extra_train = extra_train
+    datamodule.extra_train = extra_train  # always assigned: a reused datamodule must not keep old synthetic pairs
     module = build_segmenter(cfg, datamodule, total_steps=cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/dice", mode="max",
                                  save_last=True, save_top_k=1, auto_insert_metric_name=False)
     trainer = build_trainer(cfg, workdir, logger=logger, callbacks=[checkpoint, *callbacks], **trainer_overrides)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    for callback in callbacks:  # Optuna's pruning signal does not cross spawned DDP processes
+        getattr(callback, "check_pruned", lambda: None)()
 
     best = checkpoint.best_model_path
     trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
@@ -76,7 +78,9 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
     metrics["seg/best_epoch"] = float(match.group(1)) if match else float("nan")
     dice = metrics.get("val/dice", float("nan"))
     metrics["seg/collapsed"] = float(math.isnan(dice) or dice < cfg.segmenter.collapse_dice)
-    if trainer.is_global_zero:  # module now holds the best weights (loaded by trainer.test)
+    if trainer.is_global_zero:
+        if best:  # under ddp_spawn, test ran in child processes: load the best weights here too
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
         save_prediction_figure(module, datamodule.dataset("test"), workdir / "predictions.png")
     return metrics
 
@@ -93,7 +97,16 @@ def run_segment(cfg: DictConfig, datamodule: Any, workdir: str | Path, upstream:
         from datamodules.augmented import synthetic_dataset  # the real+synthetic mixing policy lives there
 
         extra = synthetic_dataset(cfg, datamodule, Path(upstream["validate"]))
-    return fit_segmenter(cfg, datamodule, workdir, logger=logger, extra_train=extra)
+    from sweeps.study import pruning_callbacks  # [] outside an Optuna trial
+
+    # "none" is the real-only row without standard augmentation; the datamodule may be shared by a sweep.
+    preset = datamodule.transforms
+    datamodule.transforms = "none" if cfg.augment.method == "none" else cfg.data.transforms
+    try:
+        return fit_segmenter(cfg, datamodule, workdir, logger=logger, extra_train=extra,
+                             callbacks=pruning_callbacks())
+    finally:
+        datamodule.transforms = preset
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

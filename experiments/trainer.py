@@ -29,12 +29,27 @@ def build_trainer(cfg: DictConfig, workdir: str | Path, logger: Any = None, call
     if OmegaConf.is_config(devices):  # a list of device ids from YAML
         devices = OmegaConf.to_container(devices)
     kwargs = dict(
-        accelerator=t.accelerator, devices=devices, strategy=t.strategy, precision=t.precision,
+        accelerator=t.accelerator, devices=devices, strategy=_strategy(t.strategy), precision=t.precision,
         max_epochs=t.max_epochs, max_steps=t.max_steps if max_steps is None else max_steps,
         log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
         deterministic=t.deterministic, enable_progress_bar=True, enable_model_summary=False,
         default_root_dir=str(workdir), logger=logger if logger is not None else False,
         callbacks=list(callbacks),
     )
+    if t.val_check_interval:  # step-based validation: same schedule whatever the epoch length
+        kwargs.update(val_check_interval=t.val_check_interval, check_val_every_n_epoch=None)
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+def _strategy(name: str) -> str:
+    """Map ``ddp`` to ``ddp_spawn`` unless a launcher (torchrun, SLURM) already started the ranks.
+
+    Lightning's plain ``ddp`` re-executes the whole command once per device, which would rerun the
+    pipeline's non-training stages in every process; spawning inside ``fit`` keeps the pipeline
+    single-process, so only the training step is distributed and only rank 0 writes artifacts.
+    """
+    import os
+
+    launched = "LOCAL_RANK" in os.environ or "SLURM_PROCID" in os.environ
+    return "ddp_spawn" if name == "ddp" and not launched else name
