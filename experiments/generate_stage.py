@@ -5,12 +5,21 @@ image, mask (every mask-generator choice) and label are planned identically for
 ``augment.method = diffusion`` and ``copy_paste``, so the two methods differ only in the pixels
 inside the new mask. Outputs (under ``workdir``): ``images/<id>.png``, ``masks/<id>.png`` (label =
 existing lesions ∪ new lesion), ``new_masks/<id>.png`` (new lesion only), ``manifest.jsonl``
-(one line per sample: every seed and parameter), ``grid.png``. Each batch is written
+(one line per sample: every seed and parameter), ``grid.png``, and for diffusion
+``latents/<first id>.pt`` (final clean latents + inpainting condition of each finished sample, so
+the validate stage gates in latent space without the VAE). Each batch is written
 PNGs-first, manifest-last, all atomically, so a killed run resumes after the last finished
 batch: ids already in the manifest are skipped.
+
+Early rejection (DiffAug): with ``validator.mode = single_step`` and ``validator.early_reject_t``
+set, the latent validator is trained here on the real ``train_few`` pairs (saved as
+``validator.pt``; the validate stage reuses it) and judges each sample's ẑ0 at the first sampler
+step with ``t <= early_reject_t``. A failing sample is stopped there: no further UNet calls, no
+image; its manifest row has ``early_rejected: true``, ``early_reject_iou`` and ``image: null``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -19,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_modules.components import pairs_io
+from lightning_modules.components import latent_store, pairs_io
 from lightning_modules.components.copy_paste import copy_paste, donor_mask, lesion_components
 from lightning_modules.components.fidelity import fid_kid
 from lightning_modules.components.masks import MaskGenerationError, MaskGenerator
@@ -47,6 +56,40 @@ def load_model(cfg, upstream: dict):
     from experiments.finetune_stage import load_finetuned  # lazy: heavy, and written concurrently
 
     return load_finetuned(cfg, Path(upstream["finetune"]))
+
+
+def early_reject_enabled(cfg) -> bool:
+    """Early rejection runs for diffusion generation under the single-step gate with ``early_reject_t`` set."""
+    v = cfg.validator
+    return str(cfg.augment.method) == "diffusion" and v.early_reject_t is not None and str(v.mode) == "single_step"
+
+
+def load_validator(cfg, model, datamodule, workdir: Path, prompt: str):
+    """The latent validator for early rejection: ``workdir/validator.pt`` if trained with these
+    settings, else trained on the real ``train_few`` pairs (resumable) and saved (tests monkeypatch this)."""
+    from experiments.gate_training import load_validator as load, save_validator, train_latent_validator
+    from experiments.gate_training import validator_settings
+
+    ncls = _num_classes(datamodule)
+    settings = validator_settings(cfg, prompt, ncls)
+    validator = load(workdir / "validator.pt", settings)
+    if validator is None:
+        few = list(datamodule.split_indices["train_few"])
+        images = torch.from_numpy(np.ascontiguousarray(datamodule.images[few])).permute(0, 3, 1, 2).float() / 255.0
+        masks = torch.from_numpy(datamodule.masks[few].astype(np.int64))
+        validator = train_latent_validator(cfg, model, images.to(_model_device(model)), masks, prompt, ncls,
+                                           workdir / "validator_train")
+        save_validator(workdir / "validator.pt", validator, settings)
+    return validator.to(_model_device(model)).eval()
+
+
+def _num_classes(datamodule) -> int:
+    return int(getattr(datamodule, "num_classes", None) or len(datamodule.classes))
+
+
+def _accepts(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 class Planner:
@@ -136,7 +179,10 @@ def _model_device(model) -> torch.device:
     return torch.device(dev or "cpu")
 
 
-def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str) -> tuple[list, list]:
+def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str, validator=None,
+                     num_classes: int = 2) -> tuple[list, list, dict]:
+    """Inpaint one batch. Returns (images uint8 (S,S,3) or None if stopped early, manifest extras,
+    info with ``latents``/``mask_latents``/``masked_latents`` (B,...) when the model returns them)."""
     g = cfg.generation
     src = torch.stack([torch.from_numpy(p["source"].image).permute(2, 0, 1).float() / 255.0 for p in plans])
     msk = torch.stack([torch.from_numpy((p["new_mask"] > 0).astype(np.float32))[None] for p in plans])
@@ -145,17 +191,35 @@ def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str) -> tup
     # resumed run regenerates an unfinished batch exactly.
     batch_seed = plans[0]["sample_seed"]
     gen = torch.Generator().manual_seed(batch_seed)
+    kw, callback = {}, None
+    if validator is not None:  # the gate targets the full label (existing ∪ new lesion), as in validate
+        from lightning_modules.components.latent_gate import make_early_reject_callback
+
+        labels = torch.stack([torch.from_numpy(p["label"].astype(np.int64)) for p in plans])
+        callback = make_early_reject_callback(validator, labels, float(cfg.validator.iou_threshold),
+                                              int(cfg.validator.early_reject_t), model.alphas_cumprod, num_classes)
+        kw["step_callback"] = callback
+    if _accepts(model.inpaint, "return_info"):
+        kw["return_info"] = True
     with torch.no_grad():
         out = model.inpaint(src.to(dev), msk.to(dev), [prompt] * len(plans), [negative] * len(plans),
                             guidance_scale=float(g.guidance_scale), steps=int(g.steps),
                             scheduler=str(g.scheduler), guiding_mask=bool(g.guiding_mask),
-                            guide_dilate_px=int(g.guide_dilate_px), generator=gen)
+                            guide_dilate_px=int(g.guide_dilate_px), generator=gen, **kw)
+    out, info = out if kw.get("return_info") else (out, {})
     imgs = (out.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+    stopped = info.get("stopped", callback.stopped if callback is not None and callback.stopped is not None
+                       else torch.zeros(len(plans), dtype=torch.bool))
     extra = [{"guidance_scale": float(g.guidance_scale), "steps": int(g.steps), "scheduler": str(g.scheduler),
               "guiding_mask": bool(g.guiding_mask), "guide_dilate_px": int(g.guide_dilate_px),
               "prompt": prompt, "negative_prompt": negative, "batch_seed": batch_seed,
               "batch_position": k} for k in range(len(plans))]
-    return list(imgs), extra
+    if callback is not None:
+        for k, ex in enumerate(extra):
+            fired = callback.ious is not None
+            ex.update({"early_rejected": bool(stopped[k]), "early_reject_t": callback.t,
+                       "early_reject_iou": round(float(callback.ious[k]), 4) if fired else None})
+    return [None if stopped[k] else imgs[k] for k in range(len(plans))], extra, info
 
 
 def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) -> dict[str, float]:
@@ -191,6 +255,10 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
     model = load_model(cfg, upstream) if method == "diffusion" and pending else None
     donors = lesion_components(masks, planner.train) if method == "copy_paste" and pending else None
     prompt, negative = _prompts(cfg, model, datamodule)
+    validator, t_val = None, time.perf_counter()
+    if model is not None and early_reject_enabled(cfg):
+        validator = load_validator(cfg, model, datamodule, workdir, prompt)
+    t_val = time.perf_counter() - t_val
     skipped, bs = [], max(1, int(cfg.generation.batch_size))
     for b in range(0, len(pending), bs):
         t0 = time.perf_counter()
@@ -199,17 +267,26 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
         plans = [p for p in plans if "skip_reason" not in p]
         if not plans:
             continue
+        info = {}
         if method == "diffusion":
-            outs, extra = _diffusion_batch(cfg, model, plans, prompt, negative)
+            outs, extra, info = _diffusion_batch(cfg, model, plans, prompt, negative, validator, _num_classes(datamodule))
         else:
             outs, extra = _copy_paste_batch(plans, images, masks, donors)
         records = []
         for p, img, ex in zip(plans, outs, extra):
-            rel_img, rel_mask = pairs_io.write_pair(workdir, p["id"], img, p["label"])
+            rel_mask = pairs_io.write_png(workdir / "masks" / f"{p['id']}.png", p["label"]).relative_to(workdir)
+            rel_img = pairs_io.write_png(workdir / "images" / f"{p['id']}.png", img).relative_to(workdir) \
+                if img is not None else None  # stopped early: never finished, no image
             rel_new = f"new_masks/{p['id']}.png"
             pairs_io.write_png(workdir / rel_new, p["new_mask"])
-            records.append({**_base_record(cfg, p, method), **ex, "image": rel_img, "mask": rel_mask,
-                            "new_mask": rel_new})
+            records.append({**_base_record(cfg, p, method), **ex, "image": rel_img and rel_img.as_posix(),
+                            "mask": rel_mask.as_posix(), "new_mask": rel_new})
+        done_k = [k for k, img in enumerate(outs) if img is not None]
+        if "latents" in info and done_k:  # shard first, manifest last: the manifest line commits both
+            rel_lat = latent_store.save_shard(workdir, [plans[k]["id"] for k in done_k],
+                                              *(info[key][done_k] for key in ("latents", "mask_latents", "masked_latents")))
+            for k in done_k:
+                records[k]["latents"] = rel_lat
         pairs_io.append_manifest(manifest, records)  # commit point of the batch
         progress["seconds"] += time.perf_counter() - t0
         pairs_io.atomic_write(progress_path, lambda f: f.write(json.dumps(progress)), mode="w")
@@ -217,15 +294,21 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
             logger.log_metrics({"gen/n_done": float(len(done) + b + len(plans))}, step=b // bs)
 
     records = pairs_io.read_manifest(manifest)
+    finished = [r for r in records if not r.get("early_rejected")]
     if skipped:
         pairs_io.write_manifest(workdir / "skipped.jsonl",
                                 [{"id": p["id"], "reason": p["skip_reason"]} for p in skipped])
-    fake = np.stack([pairs_io.read_image(workdir / r["image"]) for r in records]) if records else np.zeros((0,))
+    fake = np.stack([pairs_io.read_image(workdir / r["image"]) for r in finished]) if finished else np.zeros((0,))
     real = images[list(datamodule.split_indices["train"])]
+    n_early = len(records) - len(finished)
     metrics = {"gen/n_samples": float(len(records)), "gen/n_skipped": float(len(skipped)),
+               "gen/n_early_rejected": float(n_early), "gen/early_reject_rate": n_early / max(len(records), 1),
                "gen/seconds": float(progress["seconds"]),
                "gen/samples_per_s": float(len(records) / progress["seconds"]) if progress["seconds"] > 0 else 0.0}
+    if validator is not None:
+        metrics["gen/early_reject_validator_seconds"] = float(t_val)
     metrics.update(fid_kid(real, fake, seed=int(cfg.generation.seed)))
+    records = finished
     if records:
         save_grid(workdir / "grid.png", records[:8], workdir, images)
     return metrics

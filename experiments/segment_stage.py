@@ -25,7 +25,8 @@ def build_segmenter(cfg: DictConfig, datamodule: Any, total_steps: Optional[int]
                            num_classes=datamodule.num_classes, lr=s.lr, weight_decay=s.weight_decay,
                            min_lr_ratio=s.min_lr_ratio, small_lesion_area=cfg.data.small_lesion_area,
                            total_steps=total_steps, class_names=tuple(datamodule.classes),
-                           encoder_depth=s.encoder_depth, decoder_channels=s.decoder_channels)
+                           encoder_depth=s.encoder_depth,
+                           decoder_channels=[int(c) for c in s.decoder_channels] if s.decoder_channels else None)
 
 
 def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> Dict[str, float]:

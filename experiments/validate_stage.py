@@ -14,15 +14,16 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler
 
-from lightning_modules.validator import (LatentValidator, diffusion_condition, estimate_z0, add_noise, full_denoise,
-                                         mask_iou, single_step_estimate)
+from experiments.gate_training import (build_latent_bank, load_validator, save_validator,  # noqa: F401 (API)
+                                       train_latent_validator, train_pixel_segmenter, validator_settings)
+from lightning_modules.components import latent_store
+from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
+                                                      single_step_z0)
 
 FULL_STEPS = 50  # DDIM steps of the "full" gate (DiffAug's baseline)
 
@@ -71,165 +72,138 @@ def erode(mask: np.ndarray, px: int) -> np.ndarray:
     return (result.cpu().numpy() if torch.is_tensor(result) else np.asarray(result)).astype(np.uint8)
 
 
-def build_latent_bank(diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str, t_focus: list,
-                      per_image: int = 9, batch_size: int = 16, seed: int = 0) -> dict:
-    """Validator training items from real pairs: clean latents and single-step ẑ0 estimates.
+LATENT_BATCH = 64  # samples per ε̂ call in the latent gates (all share the prompt embedding)
 
-    The inpainting condition makes ε̂ worse inside the conditioning mask, and every real image holds a
-    lesion; a validator trained only on (image, own mask) learns "blurry region = lesion" and passes
-    samples whose lesion is missing. So the estimates cycle through three conditions:
 
-    * the pair itself, conditioned on its own mask (what a good sample looks like);
-    * conditioned on another pair's mask (a clean lesion outside the mask: a *misplaced* lesion);
-    * "erased": the lesion region (dilated) replaced by another image's pixels at the same place,
-      target mixed accordingly, conditioned on the original mask (a *missing* lesion).
+def make_latent_gate(mode: str, cfg, num_classes: int, device: torch.device, diffusion, validator,
+                     text: torch.Tensor, full_steps: int = FULL_STEPS) -> Callable:
+    """``gate(cond, masks (B,H,W)) -> (iou (B,), pred (B,H,W))`` on precomputed latents.
 
-    Timesteps alternate between the gate's ``t_focus`` and draws in ``[1, 1.5·max(t_focus)]``.
-
-    Args:
-        images: (N,3,H,W) in [0,1] on the diffusion's device.
-        masks: (N,H,W) int64 class indices.
-
-    Returns:
-        dict of CPU tensors ``x (M,C,h,w)``, ``t (M,)``, ``z0 (M,C,h,w)``, ``mask (M,H,W)``.
+    ``cond`` is a dict ``z0 (B,C,h,w), mask_lat (B,1,h,w), masked_lat (B,C,h,w)``; ``text`` (1,L,D)
+    is the prompt embedding, encoded once. No VAE, no text encoder inside: ``single_step`` costs one
+    ε̂ call + the validator, ``full`` costs ``full_steps`` ε̂ calls + the validator. Noise comes from
+    one generator per gate seeded from the config, so both modes noise a sample identically.
     """
-    gen = torch.Generator().manual_seed(seed)
-    T = int(diffusion.num_train_timesteps)
-    t_hi = max(2, min(T - 1, int(1.5 * max(t_focus))))
-    out = {"x": [], "t": [], "z0": [], "mask": []}
+    if mode not in ("single_step", "full"):
+        raise ValueError(f"validator.mode '{mode}' has no latent gate")
+    gen = torch.Generator().manual_seed(int(cfg.generation.seed) + 1)
+    t_eval, text = int(cfg.validator.t_eval), text.to(device)
 
-    def add(x, t, z0, m):
-        out["x"].append(x.cpu()), out["t"].append(t.cpu()), out["z0"].append(z0.cpu()), out["mask"].append(m.cpu())
+    @torch.no_grad()
+    def gate(cond: dict, masks: torch.Tensor):
+        z0, m_lat, mi_lat = (cond[k].to(device) for k in ("z0", "mask_lat", "masked_lat"))
+        if mode == "single_step":
+            x, t_seg = single_step_z0(diffusion, z0, m_lat, mi_lat, text, t_eval, gen), t_eval
+        else:
+            x, t_seg = full_denoise_z0(diffusion, z0, m_lat, mi_lat, text, t_eval, full_steps, gen), 0
+        pred = validator.predict_masks(x, t_seg, masks.shape[-2:]).cpu().long()
+        return mask_iou(pred, masks.cpu().long(), num_classes), pred
 
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            img, m = images[i:i + batch_size], masks[i:i + batch_size].to(images.device)
-            roll = (lambda x: x.roll(1, 0)) if len(m) > 1 else (lambda x: x.flip(-1).flip(-2))
-            pad = max(1, img.shape[-1] // 16)
-            region = F.max_pool2d((m > 0).float()[:, None], 2 * pad + 1, 1, pad)[:, 0].bool()
-            img_mix = torch.where(region[:, None], roll(img), img)
-            m_mix = torch.where(region, roll(m), m)
-            z0, *cond_true = diffusion_condition(diffusion, img, m, prompt)
-            cond_other = diffusion_condition(diffusion, img, roll(m), prompt)[1:]
-            z0_mix, *cond_mix = diffusion_condition(diffusion, img_mix, m, prompt)
-            variants = [(z0, cond_true, m), (z0, cond_other, m), (z0_mix, cond_mix, m_mix)]
-            ac = diffusion.alphas_cumprod.to(z0.device)
-            zeros = torch.zeros(len(img), dtype=torch.long)
-            add(z0, zeros, z0, m), add(z0_mix, zeros, z0_mix, m_mix)
-            for j in range(per_image):
-                t = t_focus[j % len(t_focus)] if j % 2 == 0 else int(torch.randint(1, t_hi, (), generator=gen))
-                tt = torch.full((len(img),), int(t), dtype=torch.long, device=z0.device)
-                zc, cond, target = variants[j % 3]
-                eps = torch.randn(zc.shape, generator=gen).to(zc.device, zc.dtype)
-                z_t = add_noise(zc, eps, ac, tt)
-                add(estimate_z0(z_t, diffusion.predict_eps(z_t, tt, *cond), ac, tt), tt, zc, target)
+    return gate
+
+
+def run_latent_gate(gate: Callable, cond: dict, masks: torch.Tensor, batch_size: int = LATENT_BATCH):
+    """Apply a latent gate in batches; returns (iou (N,), pred (N,H,W))."""
+    ious, preds = [], []
+    for i in range(0, len(masks), batch_size):
+        iou, pred = gate({k: v[i:i + batch_size] for k, v in cond.items()}, masks[i:i + batch_size])
+        ious.append(iou), preds.append(pred)
+    if not ious:
+        return torch.zeros(0), torch.zeros((0, *masks.shape[1:]), dtype=torch.long)
+    return torch.cat(ious), torch.cat(preds)
+
+
+@torch.no_grad()
+def encode_latents(diffusion, images: torch.Tensor, cond_masks: torch.Tensor, device: torch.device,
+                   batch_size: int = 16) -> dict:
+    """VAE latents + condition of (N,3,H,W) images under (N,H,W) condition masks, once per sample."""
+    out = {"z0": [], "mask_lat": [], "masked_lat": []}
+    for i in range(0, len(images), batch_size):
+        parts = encode_condition(diffusion, images[i:i + batch_size].to(device), cond_masks[i:i + batch_size].to(device))
+        for k, v in zip(out, parts):
+            out[k].append(v)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-class _DictDataset(torch.utils.data.Dataset):
-    def __init__(self, bank: dict):
-        self.bank = bank
+def gate_latents(mode: str, cfg, diffusion, validator, gen_dir: Path, rows: list, images: torch.Tensor,
+                 masks: torch.Tensor, cond_masks: torch.Tensor, prompt: str, num_classes: int,
+                 device: torch.device, full_steps: int = FULL_STEPS, batch_size: int = LATENT_BATCH):
+    """What the validate stage runs for a latent gate (timed as a whole by it and by the benchmark).
 
-    def __len__(self) -> int:
-        return len(self.bank["x"])
-
-    def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.bank.items()}
-
-
-def _fit(module: L.LightningModule, loader: DataLoader, cfg, steps: int, ckpt_dir: Path, logger=None) -> None:
-    """Train ``steps`` steps with checkpoint/resume from ``ckpt_dir/last.ckpt``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=max(1, steps // 4))
-    # one device: these gate models are small, and DDP would only add start-up cost
-    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=cfg.trainer.accelerator, devices=1,
-                        precision=cfg.trainer.precision, logger=logger if logger is not None else False,
-                        callbacks=[ckpt], enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10)
-    last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
-
-
-def train_latent_validator(cfg, diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str,
-                           num_classes: int, workdir: Path, logger=None) -> LatentValidator:
-    """Train the :class:`LatentValidator` on real pairs (clean, ẑ0 estimates, noised) and return it (eval)."""
-    v = cfg.validator
-    t_focus = [int(v.t_eval)] + ([int(v.early_reject_t)] if v.early_reject_t is not None else [])
-    bank = build_latent_bank(diffusion, images, masks, prompt, t_focus, seed=int(cfg.generation.seed))
-    L.seed_everything(int(cfg.generation.seed), workers=True, verbose=False)
-    model = LatentValidator(in_channels=bank["x"].shape[1], num_classes=num_classes, lr=v.lr,
-                            train_steps=v.train_steps, num_train_timesteps=int(diffusion.num_train_timesteps),
-                            alphas_cumprod=diffusion.alphas_cumprod.detach().cpu(), noisy_t_max=max(t_focus) * 3 // 2 + 1)
-    sampler = RandomSampler(_DictDataset(bank), replacement=True, num_samples=v.train_steps * 16,
-                            generator=torch.Generator().manual_seed(int(cfg.generation.seed)))
-    loader = DataLoader(_DictDataset(bank), batch_size=16, sampler=sampler, num_workers=0)
-    _fit(model, loader, cfg, v.train_steps, workdir / "checkpoints" / "validator", logger)
-    return model.eval()
-
-
-def train_pixel_segmenter(cfg, datamodule, workdir: Path, logger=None):
-    """A quick ``SegmenterModule`` on the real ``train_few`` pairs (the pixel-space gate)."""
-    from lightning_modules.segmenter import SegmenterModule
-
-    s, steps = cfg.segmenter, int(cfg.validator.train_steps)
-    L.seed_everything(int(cfg.generation.seed), workers=True, verbose=False)
-    model = SegmenterModule(arch=s.arch, encoder=s.encoder, encoder_weights=s.encoder_weights,
-                            num_classes=datamodule.num_classes, lr=s.lr, weight_decay=s.weight_decay,
-                            min_lr_ratio=s.min_lr_ratio, small_lesion_area=cfg.data.small_lesion_area, total_steps=steps)
-    ds = datamodule.dataset("train_few", train_transforms=True)
-    loader = DataLoader(ds, batch_size=min(int(cfg.data.batch_size), len(ds)), shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(int(cfg.generation.seed)))
-    _fit(model, loader, cfg, steps, workdir / "checkpoints" / "pixel_segmenter", logger)
-    return model.eval()
+    Latents come from the generate stage's ``latents/`` shards when every row has one (no VAE at
+    all: DiffAug's latent-space validation); otherwise the VAE encodes each image once. The prompt is
+    encoded once. Returns ``(iou (N,), pred (N,H,W), source)`` with ``source`` in {"generate", "vae"}.
+    """
+    cond = latent_store.load_latents(gen_dir, rows)
+    source = "generate"
+    if cond is None or cond["z0"].shape[0] != len(rows):
+        cond, source = encode_latents(diffusion, images, cond_masks, device), "vae"
+    with torch.no_grad():
+        text = encode_prompt(diffusion, prompt)
+    gate = make_latent_gate(mode, cfg, num_classes, device, diffusion, validator, text, full_steps)
+    ious, preds = run_latent_gate(gate, cond, masks, batch_size)
+    return ious, preds, source
 
 
 def make_gate(mode: str, cfg, prompt: str, num_classes: int, device: torch.device, diffusion=None,
               validator=None, segmenter=None, full_steps: int = FULL_STEPS) -> Callable:
-    """``gate(images (B,3,H,W) [0,1], masks (B,H,W)) -> (iou (B,), pred (B,H,W))`` for one mode.
+    """Image-space gate ``gate(images (B,3,H,W) [0,1], masks (B,H,W)) -> (iou (B,), pred (B,H,W))``.
 
-    Noise is drawn from one generator per gate, seeded from the config (deterministic runs).
+    ``pixel`` segments the images; the latent modes encode them (VAE) under their own masks and call
+    :func:`make_latent_gate` (prompt encoded once, here). Used for real pairs and image-only inputs.
     """
-    gen = torch.Generator().manual_seed(int(cfg.generation.seed) + 1)
-    t_eval = int(cfg.validator.t_eval)
+    if mode == "pixel":
+        @torch.no_grad()
+        def pixel_gate(images: torch.Tensor, masks: torch.Tensor):
+            pred = segmenter.predict_masks(images.to(device)).cpu().long()
+            return mask_iou(pred, masks.cpu().long(), num_classes), pred
+        return pixel_gate
+    with torch.no_grad():
+        latent = make_latent_gate(mode, cfg, num_classes, device, diffusion, validator,
+                                  encode_prompt(diffusion, prompt), full_steps)
 
-    @torch.no_grad()
     def gate(images: torch.Tensor, masks: torch.Tensor):
-        images, masks = images.to(device), masks.to(device).long()
-        size = masks.shape[-2:]
-        if mode == "single_step":
-            pred = validator.predict_masks(single_step_estimate(diffusion, images, masks, prompt, t_eval, gen), t_eval, size)
-        elif mode == "full":
-            pred = validator.predict_masks(full_denoise(diffusion, images, masks, prompt, t_eval, full_steps, gen), 0, size)
-        elif mode == "pixel":
-            pred = segmenter.predict_masks(images)
-        else:
-            raise ValueError(f"validator.mode '{mode}' has no gate")
-        pred = pred.to(device).long()
-        return mask_iou(pred, masks, num_classes).cpu(), pred.cpu()
+        return latent(encode_latents(diffusion, images, masks, device, batch_size=len(images)), masks)
 
     return gate
 
 
 def run_gate(gate: Callable, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 16):
-    """Apply ``gate`` in batches; returns (iou (N,), pred (N,H,W))."""
+    """Apply an image-space ``gate`` in batches; returns (iou (N,), pred (N,H,W))."""
     ious, preds = [], []
     for i in range(0, len(images), batch_size):
         iou, pred = gate(images[i:i + batch_size], masks[i:i + batch_size])
         ious.append(iou), preds.append(pred)
+    if not ious:
+        return torch.zeros(0), torch.zeros((0, *masks.shape[1:]), dtype=torch.long)
     return torch.cat(ious), torch.cat(preds)
 
 
 def load_generated(gen_dir: Path, size: Optional[int] = None):
-    """Manifest rows and the generated images (N,3,S,S) [0,1] / masks (N,S,S) int64, resized to ``size``."""
-    rows = [json.loads(line) for line in (gen_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    """The generate folder's finished samples, resized to ``size``, and its early-rejected rows.
+
+    Returns:
+        ``(rows, images (N,3,S,S) [0,1], masks (N,S,S) int64 labels, raw label arrays, cond_masks
+        (N,S,S) int64, early_rows)``. ``cond_masks`` is the region generation inpainted (``new_mask``;
+        the label for folders without one): the gate conditions on it as generation did, and outside
+        it a generated image equals its source, so its masked-image latent is generation's own.
+    """
+    all_rows = [json.loads(line) for line in (gen_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in all_rows if not r.get("early_rejected")]
+    early = [r for r in all_rows if r.get("early_rejected")]
+    if not rows:
+        return rows, torch.zeros(0, 3, size or 1, size or 1), torch.zeros(0, size or 1, size or 1, dtype=torch.long), \
+            [], torch.zeros(0, size or 1, size or 1, dtype=torch.long), early
     imgs = [np.asarray(Image.open(gen_dir / r["image"]).convert("RGB")) for r in rows]
     msks = [np.asarray(Image.open(gen_dir / r["mask"])) for r in rows]
+    cond = [np.asarray(Image.open(gen_dir / r["new_mask"])) if r.get("new_mask") else m for r, m in zip(rows, msks)]
     images, masks = to_tensor(np.stack(imgs)), torch.from_numpy(np.stack(msks).astype(np.int64))
+    cond_masks = torch.from_numpy(np.stack(cond).astype(np.int64))
     if size is not None and images.shape[-1] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-    return rows, images, masks, msks
+        cond_masks = F.interpolate(cond_masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+    return rows, images, masks, msks, cond_masks, early
 
 
 def save_accept_reject(path: Path, images: torch.Tensor, masks: torch.Tensor, preds: Optional[torch.Tensor],
@@ -276,7 +250,7 @@ def _load_diffusion(cfg, upstream: dict):
 
 
 def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, diffusion=None,
-                 segmenter=None, feature_fn=None, full_steps: int = FULL_STEPS) -> dict:
+                 segmenter=None, feature_fn=None, full_steps: int = FULL_STEPS, validator=None) -> dict:
     """Gate, filter and erode the generated pairs of ``upstream["generate"]``.
 
     Args:
@@ -287,12 +261,15 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         logger: Lightning logger for the gate's training, or None.
         diffusion: a ready diffusion object (tests, benchmarks); default loaded from upstream.
         segmenter: a ready pixel segmenter (``predict_masks``) for ``mode == "pixel"``; default trained.
+        validator: a ready latent validator for the latent modes; default: the one the generate stage
+            trained for early rejection (``validator.pt``, when its settings match), else trained here.
         feature_fn: feature extractor of the quality filter; default ``components.fidelity.image_features``.
         full_steps: DDIM steps of the ``full`` gate.
 
     Returns:
         ``gen/*`` metrics: accept_rate, n_accepted, n_samples, mean_iou, iou_pass_rate, quality_reject_rate,
-        near_copy_rate, real_pass_rate, gate_flagged, real_quality_pass_rate, validate_sps.
+        near_copy_rate, real_pass_rate, gate_flagged, real_quality_pass_rate, validate_sps, n_early_rejected.
+        Samples the generate stage rejected early (``early_rejected`` rows) count as rejected.
     """
     from lightning_modules.components.quality import FeatureQualityFilter
 
@@ -303,32 +280,42 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     idx = datamodule.split_indices
     real_img, real_msk = to_tensor(datamodule.images), torch.from_numpy(datamodule.masks.astype(np.int64))
     few, val = idx["train_few"], idx["val"]
-    size = real_img.shape[-1]
     gen_dir = Path(upstream["generate"])
-    rows, images, masks, raw_masks = load_generated(gen_dir, size)
+    rows, images, masks, raw_masks, cond_masks, early = load_generated(gen_dir, real_img.shape[-1])
     n, ncls, device = len(rows), int(datamodule.num_classes), _device(cfg)
-    prompt = cfg.diffusion.prompt or datamodule.prompt  # as the generate stage conditions
-    metrics: dict = {"gen/n_samples": float(n)}
+    # the prompt generation conditioned on (recorded per row), else the config's / dataset's
+    prompt = next((r["prompt"] for r in rows + early if r.get("prompt")), None) or cfg.diffusion.prompt or datamodule.prompt
+    metrics: dict = {"gen/n_samples": float(n + len(early)), "gen/n_early_rejected": float(len(early))}
 
     ious, preds, gate_model = torch.full((n,), float("nan")), None, "none"
-    start = time.time()
     if mode != "none":
-        validator = None
         if mode in ("single_step", "full"):
             if diffusion is None:
                 diffusion, gate_model = _load_diffusion(cfg, upstream)
             else:
                 gate_model = "given"
             diffusion = diffusion.to(device).eval() if hasattr(diffusion, "to") else diffusion
-            validator = train_latent_validator(cfg, diffusion, real_img[few].to(device), real_msk[few],
-                                               prompt, ncls, workdir, logger).to(device)
-            gate_model = f"{mode}@t{int(v.t_eval)} on {gate_model} diffusion"
+            if validator is None:
+                validator = load_validator(gen_dir / "validator.pt", validator_settings(cfg, prompt, ncls))
+                gate_model += ", validator from generate" if validator is not None else ""
+            if validator is None:
+                validator = train_latent_validator(cfg, diffusion, real_img[few].to(device), real_msk[few],
+                                                   prompt, ncls, workdir, logger)
+            validator = validator.to(device) if hasattr(validator, "to") else validator
+            start = time.time()  # the whole gate: latents (loaded or encoded) + prompt + ε̂ + validator
+            ious, preds, lat_src = gate_latents(mode, cfg, diffusion, validator, gen_dir, rows, images, masks,
+                                                cond_masks, prompt, ncls, device, full_steps)
+            metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
+            gate_model = f"{mode}@t{int(v.t_eval)} on {gate_model} diffusion, latents from {lat_src}"
         elif segmenter is None:
             segmenter, gate_model = train_pixel_segmenter(cfg, datamodule, workdir, logger).to(device), "pixel segmenter"
+        else:
+            gate_model = "pixel segmenter (given)"
         gate = make_gate(mode, cfg, prompt, ncls, device, diffusion, validator, segmenter, full_steps)
-        start = time.time()
-        ious, preds = run_gate(gate, images, masks)
-        metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
+        if mode == "pixel":
+            start = time.time()
+            ious, preds = run_gate(gate, images, masks)
+            metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
         real_ious, _ = run_gate(gate, real_img[val], real_msk[val])
         real_pass = float((real_ious >= v.iou_threshold).float().mean()) if len(val) else float("nan")
         metrics["gen/mean_iou"] = float(ious.mean()) if n else 0.0
@@ -344,14 +331,13 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
 
     score = torch.full((n,), float("nan"))
     outlier = near = torch.zeros(n, dtype=torch.bool)
-    if v.quality_filter:
+    if v.quality_filter and n:
         qf = FeatureQualityFilter(feature_fn, quality_quantile=v.quality_quantile,
                                   near_copy_quantile=v.near_copy_quantile).fit(real_img[few])
         pos = {sid: i for i, sid in enumerate(datamodule.ids)}
         src_idx = [pos.get(r.get("source_id"), -1) for r in rows]
         has_src = torch.tensor([i >= 0 for i in src_idx], dtype=torch.bool)
-        sources = real_img[[max(i, 0) for i in src_idx]] if n else None
-        rep = qf.assess(images, sources, masks, has_src)
+        rep = qf.assess(images, real_img[[max(i, 0) for i in src_idx]], masks, has_src)
         score, outlier, near = rep.score, rep.outlier, rep.near_copy
         metrics["gen/real_quality_pass_rate"] = float(qf.assess(real_img[val]).accepted.float().mean()) if len(val) else float("nan")
     accepted = iou_ok & ~outlier & ~near
@@ -369,13 +355,18 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
             _write_png(mask_path, erode(raw_masks[i].astype(np.uint8), int(v.erode_px)))
             acc_rows.append({**row, "image": str((gen_dir / row["image"]).resolve()), "mask": str(mask_path.resolve()),
                              "iou": iou, "quality_score": q})
+    for row in early:  # stopped mid-sampling by the generate stage's gate: never finished, rejected
+        decisions.append({"id": row["id"], "accepted": False, "iou": row.get("early_reject_iou"), "quality_score": None,
+                          "reasons": [f"early_reject@t{row.get('early_reject_t')}"], "gate": "early reject (generate)"})
     _write_jsonl(workdir / "decisions.jsonl", decisions)
     _write_jsonl(workdir / "accepted.jsonl", acc_rows)
     if n:
         save_accept_reject(workdir / "accept_reject.png", images, masks, preds, ious, accepted)
+    total = n + len(early)
     metrics.update({
-        "gen/n_accepted": float(accepted.sum()), "gen/accept_rate": float(accepted.float().mean()) if n else 0.0,
-        "gen/iou_pass_rate": float(iou_ok.float().mean()) if n else 0.0,
+        "gen/n_accepted": float(accepted.sum()), "gen/accept_rate": float(accepted.sum()) / total if total else 0.0,
+        "gen/early_reject_rate": len(early) / total if total else 0.0,
+        "gen/iou_pass_rate": float(iou_ok.sum()) / total if total else 0.0,
         "gen/quality_reject_rate": float(outlier.float().mean()) if n else 0.0,
         "gen/near_copy_rate": float(near.float().mean()) if n else 0.0,
     })

@@ -92,7 +92,10 @@ def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[s
             True = stop that sample (early rejection): it gets no further UNet calls and is
             returned as ``source``. Tensors cover the whole batch; stopped rows hold stale values.
         feather_px: inward feathering of the pixel composite (outside the mask stays exactly source).
-        return_info: also return ``{"stopped": (B,) bool, "stopped_at": (B,) int (-1 = ran to the end)}``.
+        return_info: also return ``{"stopped": (B,) bool, "stopped_at": (B,) int (-1 = ran to the end),
+            "latents": (B,C,h,w) final clean latents (what was decoded; zeros for stopped rows),
+            "mask_latents": (B,1,h,w), "masked_latents": (B,C,h,w)}`` (the inpainting condition), so a
+            latent-space gate can reuse them without the VAE.
 
     Returns:
         (B,3,H,W) in [0,1], equal to ``source`` outside ``mask`` (and the info dict if asked).
@@ -154,9 +157,11 @@ def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[s
                         break
         z = sched.step(eps, t, z).prev_sample
     out = source.clone()
+    z_final = torch.zeros_like(z_src)
     if len(active):
         if guides is not None:  # final blend at t = 0 with the exact (latent) target mask
             z = mask_lat[active] * z + (1 - mask_lat[active]) * z_src[active]
+        z_final[active] = z
         gen = model.decode_latents(z).float()
         mm = m[active]
         if feather_px > 0:  # soften only inside the mask, so outside stays bit-exact source
@@ -164,5 +169,6 @@ def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[s
             mm = mm * F.avg_pool2d(mm, k, stride=1, padding=feather_px, count_include_pad=False)
         out[active] = mm * gen + (1 - mm) * source[active]
     if return_info:
-        return out, {"stopped": stopped_at >= 0, "stopped_at": stopped_at}
+        return out, {"stopped": stopped_at >= 0, "stopped_at": stopped_at, "latents": z_final,
+                     "mask_latents": mask_lat, "masked_latents": masked_lat}
     return out

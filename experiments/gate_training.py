@@ -1,0 +1,162 @@
+"""Training (and persisting) the gate models: the latent validator and the pixel segmenter.
+
+Used by the validate stage and, for early rejection, by the generate stage; a validator trained in
+generate is saved as ``validator.pt`` with its settings so validate reuses it instead of retraining.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+
+from lightning_modules.components.latent_gate import add_noise, encode_condition, encode_prompt, estimate_z0
+from lightning_modules.validator import LatentValidator
+
+
+def build_latent_bank(diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str, t_focus: list,
+                      per_image: int = 9, batch_size: int = 16, seed: int = 0) -> dict:
+    """Validator training items from real pairs: clean latents and single-step ẑ0 estimates.
+
+    The inpainting condition makes ε̂ worse inside the conditioning mask, and every real image holds a
+    lesion; a validator trained only on (image, own mask) learns "blurry region = lesion" and passes
+    samples whose lesion is missing. So the estimates cycle through three conditions:
+
+    * the pair itself, conditioned on its own mask (what a good sample looks like);
+    * conditioned on another pair's mask (a clean lesion outside the mask: a *misplaced* lesion);
+    * "erased": the lesion region (dilated) replaced by another image's pixels at the same place,
+      target mixed accordingly, conditioned on the original mask (a *missing* lesion).
+
+    Timesteps alternate between the gate's ``t_focus`` and draws in ``[1, 1.5·max(t_focus)]``.
+
+    Args:
+        images: (N,3,H,W) in [0,1] on the diffusion's device.
+        masks: (N,H,W) int64 class indices.
+
+    Returns:
+        dict of CPU tensors ``x (M,C,h,w)``, ``t (M,)``, ``z0 (M,C,h,w)``, ``mask (M,H,W)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    T = int(diffusion.num_train_timesteps)
+    t_hi = max(2, min(T - 1, int(1.5 * max(t_focus))))
+    out = {"x": [], "t": [], "z0": [], "mask": []}
+
+    def add(x, t, z0, m):
+        out["x"].append(x.cpu()), out["t"].append(t.cpu()), out["z0"].append(z0.cpu()), out["mask"].append(m.cpu())
+
+    with torch.no_grad():
+        text_1 = encode_prompt(diffusion, prompt)  # (1,L,D): one prompt for every pair
+        for i in range(0, len(images), batch_size):
+            img, m = images[i:i + batch_size], masks[i:i + batch_size].to(images.device)
+            roll = (lambda x: x.roll(1, 0)) if len(m) > 1 else (lambda x: x.flip(-1).flip(-2))
+            pad = max(1, img.shape[-1] // 16)
+            region = F.max_pool2d((m > 0).float()[:, None], 2 * pad + 1, 1, pad)[:, 0].bool()
+            img_mix = torch.where(region[:, None], roll(img), img)
+            m_mix = torch.where(region, roll(m), m)
+            text = text_1.expand(len(img), -1, -1)
+            z0, *cond_true = encode_condition(diffusion, img, m)
+            cond_other = encode_condition(diffusion, img, roll(m))[1:]
+            z0_mix, *cond_mix = encode_condition(diffusion, img_mix, m)
+            cond_true, cond_other, cond_mix = ([*c, text] for c in (cond_true, cond_other, cond_mix))
+            variants = [(z0, cond_true, m), (z0, cond_other, m), (z0_mix, cond_mix, m_mix)]
+            ac = diffusion.alphas_cumprod.to(z0.device)
+            zeros = torch.zeros(len(img), dtype=torch.long)
+            add(z0, zeros, z0, m), add(z0_mix, zeros, z0_mix, m_mix)
+            for j in range(per_image):
+                t = t_focus[j % len(t_focus)] if j % 2 == 0 else int(torch.randint(1, t_hi, (), generator=gen))
+                tt = torch.full((len(img),), int(t), dtype=torch.long, device=z0.device)
+                zc, cond, target = variants[j % 3]
+                eps = torch.randn(zc.shape, generator=gen).to(zc.device, zc.dtype)
+                z_t = add_noise(zc, eps, ac, tt)
+                add(estimate_z0(z_t, diffusion.predict_eps(z_t, tt, *cond), ac, tt), tt, zc, target)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+class _DictDataset(torch.utils.data.Dataset):
+    def __init__(self, bank: dict):
+        self.bank = bank
+
+    def __len__(self) -> int:
+        return len(self.bank["x"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.bank.items()}
+
+
+def _fit(module: L.LightningModule, loader: DataLoader, cfg, steps: int, ckpt_dir: Path, logger=None) -> None:
+    """Train ``steps`` steps with checkpoint/resume from ``ckpt_dir/last.ckpt``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=max(1, steps // 4))
+    # one device: these gate models are small, and DDP would only add start-up cost
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=cfg.trainer.accelerator, devices=1,
+                        precision=cfg.trainer.precision, logger=logger if logger is not None else False,
+                        callbacks=[ckpt], enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10)
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
+
+
+def train_latent_validator(cfg, diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str,
+                           num_classes: int, workdir: Path, logger=None) -> LatentValidator:
+    """Train the :class:`LatentValidator` on real pairs (clean, ẑ0 estimates, noised) and return it (eval)."""
+    v = cfg.validator
+    t_focus = [int(v.t_eval)] + ([int(v.early_reject_t)] if v.early_reject_t is not None else [])
+    bank = build_latent_bank(diffusion, images, masks, prompt, t_focus, seed=int(cfg.generation.seed))
+    L.seed_everything(int(cfg.generation.seed), workers=True, verbose=False)
+    model = LatentValidator(in_channels=bank["x"].shape[1], num_classes=num_classes, lr=v.lr,
+                            train_steps=v.train_steps, num_train_timesteps=int(diffusion.num_train_timesteps),
+                            alphas_cumprod=diffusion.alphas_cumprod.detach().cpu(), noisy_t_max=max(t_focus) * 3 // 2 + 1)
+    sampler = RandomSampler(_DictDataset(bank), replacement=True, num_samples=v.train_steps * 16,
+                            generator=torch.Generator().manual_seed(int(cfg.generation.seed)))
+    loader = DataLoader(_DictDataset(bank), batch_size=16, sampler=sampler, num_workers=0)
+    _fit(model, loader, cfg, v.train_steps, workdir / "checkpoints" / "validator", logger)
+    return model.eval()
+
+
+def train_pixel_segmenter(cfg, datamodule, workdir: Path, logger=None):
+    """A quick ``SegmenterModule`` on the real ``train_few`` pairs (the pixel-space gate)."""
+    from lightning_modules.segmenter import SegmenterModule
+
+    s, steps = cfg.segmenter, int(cfg.validator.train_steps)
+    L.seed_everything(int(cfg.generation.seed), workers=True, verbose=False)
+    model = SegmenterModule(arch=s.arch, encoder=s.encoder, encoder_weights=s.encoder_weights,
+                            num_classes=datamodule.num_classes, lr=s.lr, weight_decay=s.weight_decay,
+                            min_lr_ratio=s.min_lr_ratio, small_lesion_area=cfg.data.small_lesion_area, total_steps=steps)
+    ds = datamodule.dataset("train_few", train_transforms=True)
+    loader = DataLoader(ds, batch_size=min(int(cfg.data.batch_size), len(ds)), shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(int(cfg.generation.seed)))
+    _fit(model, loader, cfg, steps, workdir / "checkpoints" / "pixel_segmenter", logger)
+    return model.eval()
+
+
+def validator_settings(cfg, prompt: str, num_classes: int) -> dict:
+    """Everything a trained latent validator depends on besides the diffusion model and the real pairs."""
+    v = cfg.validator
+    return {"t_eval": int(v.t_eval), "early_reject_t": None if v.early_reject_t is None else int(v.early_reject_t),
+            "train_steps": int(v.train_steps), "lr": float(v.lr), "seed": int(cfg.generation.seed),
+            "prompt": str(prompt), "num_classes": int(num_classes)}
+
+
+def save_validator(path: Path, model: LatentValidator, settings: dict) -> Path:
+    """``torch.save`` of hparams + weights + settings (plain types; loads with ``weights_only=True``)."""
+    from lightning_modules.components import pairs_io
+
+    blob = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), "settings": settings}
+    return pairs_io.atomic_write(path, lambda f: torch.save(blob, f))
+
+
+def load_validator(path: Path, settings: dict) -> Optional[LatentValidator]:
+    """The validator saved at ``path`` if it was trained with exactly ``settings``, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if blob.get("settings") != settings:
+        return None
+    model = LatentValidator(**blob["hyper_parameters"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
