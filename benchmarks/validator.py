@@ -3,9 +3,19 @@
 ``python -m benchmarks.validator [--n 64] [--threshold 0.7] [--train-steps 150]``
 
 On one set of generated samples (the tiny base inpainting lesions into procedural polyp images),
-times the three gates side by side and measures how often their accept/reject decisions agree.
-Prints ONE JSON line: single_step_sps, full_sps, pixel_sps, speedup_vs_full, agreement_vs_full,
-agreement_vs_pixel, n, threshold (plus real pass rates and what base was used).
+times the gates side by side, each exactly as the validate stage runs it, and measures how often
+their accept/reject decisions agree:
+
+* ``single_step`` / ``full``: :func:`experiments.validate_stage.gate_latents` on the latents the
+  generation persisted (``latents/*.pt``, loaded from disk inside the timing; prompt encoded once
+  per run); single-step = one ε̂ call at ``t_eval`` + validator, full = the same noising followed by
+  ``--full-steps`` DDIM steps under the same condition + validator on the final latent;
+* ``single_step_vae``: the same single-step gate when no latents were persisted (copy-paste runs,
+  older folders): each image and masked image is VAE-encoded once;
+* ``pixel``: the pixel segmenter on the generated images (what ``mode=pixel`` runs).
+
+The IoU target is the sample's full label (the source's own lesions ∪ the new one); the gate
+conditions on the inpainted region, as generation did. Prints ONE JSON line.
 """
 from __future__ import annotations
 
@@ -48,9 +58,9 @@ def main(argv=None) -> dict:
     try:
         from datamodules import create_datamodule
         from experiments.config import load_config
-        from experiments.validate_stage import (make_gate, run_gate, to_tensor, train_latent_validator,
-                                                train_pixel_segmenter)
-        from lightning_modules.validator import mask_iou
+        from experiments.validate_stage import (LATENT_BATCH, gate_latents, make_gate, run_gate, to_tensor,
+                                                train_latent_validator, train_pixel_segmenter)
+        from lightning_modules.components import latent_store
     except ImportError as err:
         print(json.dumps({"error": f"benchmark needs the diffusion, datamodule and segmenter modules: {err}"}))
         return {}
@@ -67,51 +77,62 @@ def main(argv=None) -> dict:
     imgs, msks = to_tensor(dm.images), torch.from_numpy(dm.masks.astype("int64"))
     few, val = dm.split_indices["train_few"], dm.split_indices["val"]
 
-    # generated samples: lesions inpainted under masks borrowed from other images
+    # generated samples: lesions inpainted under masks borrowed from other images; the latents the
+    # generate stage persists (final clean latents + condition) are written as it writes them
     pool = dm.split_indices["train"] + dm.split_indices["test"]
     src = torch.tensor([pool[i % len(pool)] for i in range(args.n)])
     intended = msks[src.roll(1)]
-    gen = torch.Generator().manual_seed(0)
-    outs = []
+    labels = torch.maximum(msks[src], intended)  # existing lesions ∪ new lesion (binary polyp)
+    gen, outs, rows = torch.Generator().manual_seed(0), [], []
+    gen_dir = tmp / "generate"
     for i in range(0, args.n, 16):
         with torch.no_grad():
-            outs.append(diffusion.inpaint(imgs[src[i:i + 16]].to(device), intended[i:i + 16].to(device),
+            out, info = diffusion.inpaint(imgs[src[i:i + 16]].to(device), intended[i:i + 16].to(device),
                                           [prompt] * len(src[i:i + 16]), guidance_scale=cfg.generation.guidance_scale,
-                                          steps=cfg.generation.steps, generator=gen, progress=False).cpu())
+                                          steps=cfg.generation.steps, generator=gen, progress=False, return_info=True)
+        ids = [f"syn_{k:05d}" for k in range(i, i + len(out))]
+        rel = latent_store.save_shard(gen_dir, ids, info["latents"], info["mask_latents"], info["masked_latents"])
+        rows += [{"id": k, "latents": rel} for k in ids]
+        outs.append(out.cpu())
     generated = torch.cat(outs)
 
     validator = train_latent_validator(cfg, diffusion, imgs[few].to(device), msks[few], prompt, dm.num_classes,
                                        tmp / "val").to(device)
     segmenter = train_pixel_segmenter(cfg, dm, tmp / "pix").to(device)
     kw = dict(cfg=cfg, prompt=prompt, num_classes=dm.num_classes, device=device, diffusion=diffusion,
-              validator=validator, segmenter=segmenter, full_steps=args.full_steps)
-    single, full = make_gate("single_step", **kw), make_gate("full", **kw)
-    with torch.no_grad():
-        latents = torch.cat([diffusion.encode_images(generated[i:i + 16].to(device)) for i in range(0, args.n, 16)])
+              validator=validator, full_steps=args.full_steps)
+    no_latents = [{"id": r["id"]} for r in rows]
 
-    def pixel(z, m):  # decode + segment in pixel space
-        with torch.no_grad():
-            pred = segmenter.predict_masks(diffusion.decode_latents(z.to(device)))
-        return mask_iou(pred.cpu(), m.long(), dm.num_classes), pred.cpu()
+    def latent_gate(mode, rows_):  # exactly the validate stage's call
+        ious, _, source = gate_latents(mode, cfg, diffusion, validator, gen_dir, rows_, generated, labels, intended,
+                                       prompt, dm.num_classes, device, args.full_steps)
+        return ious, source
 
-    run_gate(single, generated[:2], intended[:2]), pixel(latents[:2], intended[:2])  # warm-up
+    pixel = make_gate("pixel", segmenter=segmenter, **{k: v for k, v in kw.items() if k != "validator"})
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    (iou_s, _), t_s = _timed(lambda: (run_gate(single, generated, intended), sync())[0])
-    (iou_f, _), t_f = _timed(lambda: (run_gate(full, generated, intended), sync())[0])
-    (iou_p, _), t_p = _timed(lambda: (run_gate(pixel, latents, intended), sync())[0])
-    acc = {k: v >= args.threshold for k, v in (("s", iou_s), ("f", iou_f), ("p", iou_p))}
-    real = {k: float((run_gate(g, imgs[val], msks[val])[0] >= args.threshold).float().mean())
-            for k, g in (("single_step", single), ("full", full))}
+    latent_gate("single_step", rows[:2]), latent_gate("single_step", no_latents[:2])  # warm-up
+    run_gate(pixel, generated[:2], labels[:2])
+    (iou_s, src_s), t_s = _timed(lambda: (latent_gate("single_step", rows), sync())[0])
+    (iou_v, src_v), t_v = _timed(lambda: (latent_gate("single_step", no_latents), sync())[0])
+    (iou_f, src_f), t_f = _timed(lambda: (latent_gate("full", rows), sync())[0])
+    (iou_p, _), t_p = _timed(lambda: (run_gate(pixel, generated, labels), sync())[0])
+    assert (src_s, src_v, src_f) == ("generate", "vae", "generate"), (src_s, src_v, src_f)
+    acc = {k: v >= args.threshold for k, v in (("s", iou_s), ("v", iou_v), ("f", iou_f), ("p", iou_p))}
+    real = {k: float((run_gate(make_gate(k, **kw), imgs[val], msks[val])[0] >= args.threshold).float().mean())
+            for k in ("single_step", "full")}
     result = {
         "single_step_sps": round(args.n / t_s, 3), "full_sps": round(args.n / t_f, 3), "pixel_sps": round(args.n / t_p, 3),
-        "speedup_vs_full": round(t_f / t_s, 2),
+        "single_step_vae_sps": round(args.n / t_v, 3),
+        "speedup_vs_full": round(t_f / t_s, 2), "speedup_vae_vs_full": round(t_f / t_v, 2),
         "agreement_vs_full": round(float((acc["s"] == acc["f"]).float().mean()), 3),
         "agreement_vs_pixel": round(float((acc["s"] == acc["p"]).float().mean()), 3),
+        "agreement_vae_vs_full": round(float((acc["v"] == acc["f"]).float().mean()), 3),
         "accept_rate_single_step": round(float(acc["s"].float().mean()), 3),
         "accept_rate_full": round(float(acc["f"].float().mean()), 3),
         "accept_rate_pixel": round(float(acc["p"].float().mean()), 3),
         "real_pass_rate_single_step": round(real["single_step"], 3), "real_pass_rate_full": round(real["full"], 3),
-        "n": args.n, "threshold": args.threshold, "full_steps": args.full_steps, "base": base, "device": device.type,
+        "n": args.n, "threshold": args.threshold, "full_steps": args.full_steps, "t_eval": int(cfg.validator.t_eval),
+        "latent_batch": LATENT_BATCH, "base": base, "device": device.type, "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))
     return result

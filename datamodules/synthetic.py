@@ -43,6 +43,8 @@ class SyntheticPairs(Dataset):
         base = self.manifest_path.parent
         self.items: list[tuple[str, Path, Path]] = []
         for n, r in enumerate(records, start=1):
+            if r.get("early_rejected"):  # stopped mid-sampling by the generate stage: no image
+                continue
             if "image" not in r or "mask" not in r:
                 raise DataError(f"{self.manifest_path}, record {n} has no 'image'/'mask' path; "
                                 f"regenerate the manifest")

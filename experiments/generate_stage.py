@@ -274,13 +274,15 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
             outs, extra = _copy_paste_batch(plans, images, masks, donors)
         records = []
         for p, img, ex in zip(plans, outs, extra):
-            rel_mask = pairs_io.write_png(workdir / "masks" / f"{p['id']}.png", p["label"]).relative_to(workdir)
-            rel_img = pairs_io.write_png(workdir / "images" / f"{p['id']}.png", img).relative_to(workdir) \
-                if img is not None else None  # stopped early: never finished, no image
+            if img is not None:
+                rel_img, rel_mask = pairs_io.write_pair(workdir, p["id"], img, p["label"])
+            else:  # stopped early: never finished, so no image
+                rel_img, rel_mask = None, f"masks/{p['id']}.png"
+                pairs_io.write_png(workdir / rel_mask, p["label"])
             rel_new = f"new_masks/{p['id']}.png"
             pairs_io.write_png(workdir / rel_new, p["new_mask"])
-            records.append({**_base_record(cfg, p, method), **ex, "image": rel_img and rel_img.as_posix(),
-                            "mask": rel_mask.as_posix(), "new_mask": rel_new})
+            records.append({**_base_record(cfg, p, method), **ex, "image": rel_img, "mask": rel_mask,
+                            "new_mask": rel_new})
         done_k = [k for k, img in enumerate(outs) if img is not None]
         if "latents" in info and done_k:  # shard first, manifest last: the manifest line commits both
             rel_lat = latent_store.save_shard(workdir, [plans[k]["id"] for k in done_k],

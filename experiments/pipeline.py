@@ -66,6 +66,10 @@ def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
         inputs = {"data": data, "generation": _subtree(cfg, "generation"), "method": cfg.augment.method}
         if cfg.augment.method == "diffusion":
             inputs["diffusion_prompt"] = cfg.diffusion.prompt
+            if cfg.validator.mode == "single_step" and cfg.validator.early_reject_t is not None:
+                # early rejection trains the latent validator in generate and stops samples at θ
+                inputs["early_reject"] = {k: cfg.validator[k] for k in
+                                          ("early_reject_t", "iou_threshold", "t_eval", "train_steps", "lr")}
         return inputs
     if stage == "validate":
         inputs = {"validator": _subtree(cfg, "validator"), "base_model": cfg.diffusion.base_model,

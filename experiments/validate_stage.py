@@ -134,6 +134,8 @@ def gate_latents(mode: str, cfg, diffusion, validator, gen_dir: Path, rows: list
     all: DiffAug's latent-space validation); otherwise the VAE encodes each image once. The prompt is
     encoded once. Returns ``(iou (N,), pred (N,H,W), source)`` with ``source`` in {"generate", "vae"}.
     """
+    if not rows:  # every sample was rejected early (or none generated)
+        return torch.zeros(0), torch.zeros((0, *masks.shape[1:]), dtype=torch.long), "none"
     cond = latent_store.load_latents(gen_dir, rows)
     source = "generate"
     if cond is None or cond["z0"].shape[0] != len(rows):

@@ -50,6 +50,9 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
     model.encoder.load_state_dict(matched, strict=False)
 
 
+_UNET_STYLE = {"unet", "unetplusplus", "manet"}
+
+
 class SegmenterModule(L.LightningModule):
     """smp segmenter with Dice+BCE (binary) or Dice+CE (multi-class) loss.
 
@@ -66,6 +69,7 @@ class SegmenterModule(L.LightningModule):
             estimated total.
         class_names: names for per-class metrics (index 0 = background); default ``"1"``, ``"2"``...
         encoder_depth: encoder stages (5 = smp default; 4 is about twice as fast at 64 px).
+            Applied to Unet-style archs only (Unet, UnetPlusPlus, MAnet); others keep smp's default.
         decoder_channels: decoder widths, one per stage (Unet-style archs); None = smp default.
     """
 
@@ -79,9 +83,11 @@ class SegmenterModule(L.LightningModule):
         self.binary = num_classes <= 2
         self.num_classes = max(num_classes, 2)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
-        shape = {"encoder_depth": encoder_depth} if encoder_depth != 5 else {}
-        if decoder_channels:  # Unet/Unet++ take a list per level; other archs keep their defaults
-            shape["decoder_channels"] = list(decoder_channels)
+        shape = {}
+        if arch.lower() in _UNET_STYLE:  # other archs (FPN, DeepLabV3+) assume their own depth/widths
+            shape = {"encoder_depth": encoder_depth} if encoder_depth != 5 else {}
+            if decoder_channels:
+                shape["decoder_channels"] = list(decoder_channels)
         self.model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=3,
                                       classes=1 if self.binary else self.num_classes, **shape)
         if encoder_weights:

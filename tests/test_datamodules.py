@@ -195,7 +195,6 @@ def test_write_split_roundtrip(make_dataset, dm_kwargs, tmp_path):
 
 
 def test_procedural_datamodule(dm_kwargs):
-    pytest.importorskip("datamodules.procedural")
     dm = create_datamodule("procedural_fundus", n_procedural=10, procedural_seed=0, **dm_kwargs)
     dm.setup()
     assert dm.images.shape == (10, 16, 16, 3) and dm.num_classes == 3 and dm.modality

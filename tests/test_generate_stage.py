@@ -173,3 +173,87 @@ def test_synthetic_pairs_and_mixing(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl"):
         SyntheticPairs(tmp_path / "nope.jsonl", S)
     json.dumps(recs)  # manifest records are plain JSON
+
+
+def _lesion_map(x: torch.Tensor) -> torch.Tensor:
+    """The fake "VAE": a 1-channel latent at pixel resolution marking lesion-red pixels. (B,3,H,W) -> (B,1,H,W)."""
+    return ((x[:, 0] > 190 / 255) & (x[:, 1] < 70 / 255)).float()[:, None]
+
+
+class FakeLatentDiffusion:
+    """Diffusion API with a sampler loop: paints a lesion into the mask at even batch positions and
+    leaves odd ones empty (a "ghost"); ε̂ = 0, so ẑ0 at any step is the sample's final latent."""
+
+    num_train_timesteps, timesteps, device = 1000, (900, 500, 150, 50), torch.device("cpu")
+    alphas_cumprod = torch.cat([torch.ones(300), torch.linspace(0.99, 0.01, 700)])  # noise-free below t=300
+
+    def __init__(self):
+        self.unet_calls = []  # per sample id position in call order: number of ε̂ calls
+
+    def encode_images(self, x):
+        return _lesion_map(x)
+
+    def encode_prompts(self, prompts):
+        return torch.zeros(len(prompts), 2, 4)
+
+    def predict_eps(self, z_t, t, mask_lat, masked_image_lat, text_emb):
+        return torch.zeros_like(z_t)
+
+    def inpaint(self, source, mask, prompts, negative_prompts, guidance_scale, steps, scheduler,
+                guiding_mask, guide_dilate_px, generator, step_callback=None, **kwargs):
+        b, m = source.shape[0], mask.float()
+        good = (torch.arange(b) % 2 == 0).float().view(b, 1, 1, 1)
+        red = torch.tensor([210, 60, 60]).view(1, 3, 1, 1) / 255
+        final = source * (1 - m * good) + red * m * good
+        z0, calls, active = _lesion_map(final), torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.bool)
+        for i, t in enumerate(self.timesteps):
+            calls[active] += 1
+            a = self.alphas_cumprod[t]
+            stop = step_callback(i, t, a.sqrt() * z0, torch.zeros_like(z0)) if step_callback else None
+            if stop is not None:
+                active &= ~stop.bool()
+        self.unet_calls += calls.tolist()
+        out = torch.where(active.view(b, 1, 1, 1), final, source)
+        info = {"stopped": ~active, "latents": z0 * active.view(b, 1, 1, 1),
+                "mask_latents": m, "masked_latents": _lesion_map(source * (1 - m))}
+        return (out, info) if kwargs.get("return_info") else out
+
+
+class FakeLatentValidator:
+    """Segments a latent by thresholding it (the fake VAE's latent is the lesion map)."""
+
+    def predict_masks(self, x, t, out_size):
+        return torch.nn.functional.interpolate((x[:, :1] > 0.5).float(), size=tuple(out_size))[:, 0].long()
+
+
+def test_early_rejection_stops_records_and_counts(tmp_path, monkeypatch):
+    from experiments.validate_stage import run_validate
+
+    dm, model = FakeDataModule(), FakeLatentDiffusion()
+    dm.num_classes = 2
+    monkeypatch.setattr(generate_stage, "load_model", lambda cfg, upstream: model)
+    monkeypatch.setattr(generate_stage, "load_validator", lambda *a, **k: FakeLatentValidator())
+    cfg = load_config(None, ["augment.method=diffusion", "generation.n_samples=6", "generation.batch_size=4",
+                             "validator.mode=single_step", "validator.early_reject_t=200", "validator.t_eval=100",
+                             "validator.iou_threshold=0.9", "validator.quality_filter=false", "validator.erode_px=0"])
+    gen = tmp_path / "gen"
+    metrics = generate_stage.run_generate(cfg, dm, gen, {"finetune": tmp_path})
+    rows = pairs_io.read_manifest(gen / "manifest.jsonl")
+    early = [r for r in rows if r["early_rejected"]]
+    assert [r["batch_position"] % 2 for r in early] == [1] * 3 and len(rows) == 6
+    # stopped at the first step with t <= 200 (the 3rd of 4): never finished, no image
+    assert model.unet_calls == [4 if k % 2 == 0 else 3 for k in (0, 1, 2, 3, 0, 1)]
+    for r in rows:
+        assert r["early_reject_t"] == 150 and (r["early_reject_iou"] < 0.9) == r["early_rejected"]
+        assert (r["image"] is None) == r["early_rejected"] and ("latents" in r) != r["early_rejected"]
+    assert not (gen / "images" / f"{early[0]['id']}.png").exists()
+    assert metrics["gen/n_early_rejected"] == 3 and metrics["gen/n_samples"] == 6
+    assert len(SyntheticPairs(gen / "manifest.jsonl", image_size=S)) == 3  # readers skip unfinished rows
+
+    work = tmp_path / "val"
+    val = run_validate(cfg, dm, work, {"generate": gen}, diffusion=model, validator=FakeLatentValidator())
+    decisions = {d["id"]: d for d in map(json.loads, (work / "decisions.jsonl").read_text().splitlines())}
+    assert len(decisions) == 6 and all(not decisions[r["id"]]["accepted"] for r in early)
+    assert decisions[early[0]["id"]]["reasons"] == ["early_reject@t150"]
+    assert val["gen/n_accepted"] == 3 and val["gen/accept_rate"] == 0.5 and val["gen/early_reject_rate"] == 0.5
+    assert "latents from generate" in decisions[rows[0]["id"]]["gate"]
