@@ -104,8 +104,9 @@ def main(argv=None) -> dict:
     no_latents = [{"id": r["id"]} for r in rows]
 
     def latent_gate(mode, rows_):  # exactly the validate stage's call
-        ious, _, source = gate_latents(mode, cfg, diffusion, validator, gen_dir, rows_, generated, labels, intended,
-                                       prompt, dm.num_classes, device, args.full_steps)
+        k = len(rows_)
+        ious, _, source = gate_latents(mode, cfg, diffusion, validator, gen_dir, rows_, generated[:k], labels[:k],
+                                       intended[:k], prompt, dm.num_classes, device, args.full_steps)
         return ious, source
 
     pixel = make_gate("pixel", segmenter=segmenter, **{k: v for k, v in kw.items() if k != "validator"})

@@ -90,6 +90,9 @@ class SegmenterModule(L.LightningModule):
                 shape["decoder_channels"] = list(decoder_channels)
         self.model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=3,
                                       classes=1 if self.binary else self.num_classes, **shape)
+        for stage in range(shape.get("encoder_depth", 5), 5):  # ResNet stages a shallower encoder never runs: drop them,
+            if hasattr(self.model.encoder, f"layer{stage}"):  # or DDP stops on unused parameters
+                delattr(self.model.encoder, f"layer{stage}")
         if encoder_weights:
             load_encoder_weights(self.model, encoder_weights)
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
