@@ -43,7 +43,7 @@ def run_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_epochs=5")
     parser.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--force", action="append", default=[], help="recompute this stage even if cached")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --stages
     from experiments.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
