@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,9 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
     validator, t_val = None, time.perf_counter()
     if model is not None and early_reject_enabled(cfg):
         validator = load_validator(cfg, model, datamodule, workdir, prompt)
+    elif cfg.validator.early_reject_t is not None and method == "diffusion":
+        warnings.warn(f"validator.early_reject_t is set but validator.mode is '{cfg.validator.mode}': early "
+                      f"rejection needs the single-step latent gate (mode=single_step); generating without it.")
     t_val = time.perf_counter() - t_val
     skipped, bs = [], max(1, int(cfg.generation.batch_size))
     for b in range(0, len(pending), bs):

@@ -297,10 +297,11 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
             else:
                 gate_model = "given"
             diffusion = diffusion.to(device).eval() if hasattr(diffusion, "to") else diffusion
+            val_src = "given" if validator is not None else "from generate"
             if validator is None:
                 validator = load_validator(gen_dir / "validator.pt", validator_settings(cfg, prompt, ncls))
-                gate_model += ", validator from generate" if validator is not None else ""
             if validator is None:
+                val_src = "trained here"
                 validator = train_latent_validator(cfg, diffusion, real_img[few].to(device), real_msk[few],
                                                    prompt, ncls, workdir, logger)
             validator = validator.to(device) if hasattr(validator, "to") else validator
@@ -308,7 +309,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
             ious, preds, lat_src = gate_latents(mode, cfg, diffusion, validator, gen_dir, rows, images, masks,
                                                 cond_masks, prompt, ncls, device, full_steps)
             metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
-            gate_model = f"{mode}@t{int(v.t_eval)} on {gate_model} diffusion, latents from {lat_src}"
+            gate_model = f"{mode}@t{int(v.t_eval)} on {gate_model} diffusion; validator {val_src}; latents from {lat_src}"
         elif segmenter is None:
             segmenter, gate_model = train_pixel_segmenter(cfg, datamodule, workdir, logger).to(device), "pixel segmenter"
         else:

@@ -130,7 +130,6 @@ def _datamodule():
                                  modality="polyp", split_indices={"train_few": [0, 1, 2, 3]})
 
 
-@pytest.mark.slow
 def test_finetune_stage_resumes_from_last_ckpt(base_dir, tmp_path, monkeypatch):
     over = [f"diffusion.base_model={base_dir}", "diffusion.batch_size=2", "diffusion.checkpoint_every=2",
             "diffusion.lora_rank=2", "trainer.log_every_n_steps=1"]
