@@ -22,12 +22,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--grid", default=GRID)
     parser.add_argument("--table", default=TABLE)
     parser.add_argument("--out", default="outputs/demo", help="where results.md/json of the demo go")
+    parser.add_argument("--workers", type=int, default=2, help="grid processes (one per core is fastest)")
     args = parser.parse_args(argv)
     from experiments import table
     from sweeps import grid
 
     start = time.time()
-    status = grid.main([args.grid])
+    status = grid.main([args.grid, "--workers", str(args.workers)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.main([args.table, "--write", str(out / "results.md"), "--json", str(out / "results.json"), "--no-log"])

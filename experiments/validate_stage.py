@@ -356,7 +356,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         if accepted[i]:
             mask_path = workdir / "masks" / f"{row['id']}.png"
             _write_png(mask_path, erode(raw_masks[i].astype(np.uint8), int(v.erode_px)))
-            acc_rows.append({**row, "image": str((gen_dir / row["image"]).resolve()), "mask": str(mask_path.resolve()),
+            acc_rows.append({**row, "image": str((gen_dir / row["image"]).resolve()), "mask": str(mask_path.relative_to(workdir)),  # workdir is renamed when done
                              "iou": iou, "quality_score": q})
     for row in early:  # stopped mid-sampling by the generate stage's gate: never finished, rejected
         decisions.append({"id": row["id"], "accepted": False, "iou": row.get("early_reject_iou"), "quality_score": None,

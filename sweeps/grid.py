@@ -221,6 +221,27 @@ def run_cells(cells: Sequence[Cell]) -> Dict[str, List[str]]:
     return report
 
 
+def run_workers(argv: List[str], workers: int) -> int:
+    """Run the grid in ``workers`` processes, one shard each, with the cores split between them.
+
+    Shards share upstream stages through the stage cache's file locks, so a fine-tune that two
+    shards need is computed once; each process gets ``cores // workers`` intra-op threads
+    because small CPU models scale better across processes than across threads.
+    """
+    import os
+    import subprocess
+
+    base = [a for a in argv if not a.startswith("--workers")]
+    if "--workers" in argv:  # drop "--workers N" given as two tokens
+        i = argv.index("--workers")
+        base = argv[:i] + argv[i + 2:]
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.cli", "grid", *base, "--shard", f"{i}/{workers}"],
+                              env=env) for i in range(workers)]
+    return max(p.wait() for p in procs)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``meddiffaug grid GRID.yaml [--dry-run] [--only KEY=VALUE ...]``."""
     parser = argparse.ArgumentParser(prog="meddiffaug grid", description=main.__doc__)
@@ -228,8 +249,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list cells and their status; run nothing")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                         help="restrict to cells with this variant/seed/axis value (repeatable)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="run the cells in N processes on this machine (each takes every N-th cell)")
+    parser.add_argument("--shard", default=None, metavar="I/N", help="run only cells i, i+N, ... (used by --workers)")
     args = parser.parse_args(argv)
     cells = select(grid_cells(args.grid), args.only)
+    if args.shard:
+        index, count = (int(x) for x in args.shard.split("/"))
+        cells = list(cells)[index::count]
+    elif args.workers > 1 and not args.dry_run:
+        if cells:  # create the MLflow store once: concurrent first use races on its schema migration
+            tracking.set_experiment(cells[0].config(), cells[0].grid)
+        return run_workers(list(sys.argv[1:] if argv is None else argv), args.workers)
     if args.dry_run:
         print_cells(cells, finished_cells(cells))
         return 0
