@@ -150,12 +150,13 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
         A :class:`PipelineResult` with every stage's metrics and signatures.
     """
     needed = required_stages(cfg)
+    explicit = targets is not None
     targets = list(targets or cfg.stages)
     unknown = [s for s in list(targets) + list(force) if s not in STAGES]
     if unknown:
         raise ConfigError(f"Unknown stage(s) {unknown}; choose from {', '.join(STAGES)}.")
     skipped = [s for s in targets if s not in needed]
-    if skipped:
+    if skipped and explicit:  # a config's default stage list may name stages a method does not use
         print(f"[meddiffaug] stage(s) {skipped} not used by augment.method={cfg.augment.method}; skipped.")
     last = max((needed.index(s) for s in targets if s in needed), default=-1)
     todo = needed[: last + 1]
