@@ -5,9 +5,12 @@ feature space. Two failure modes are rejected:
 
 * **outliers**: score above the ``quality_quantile`` of the real images' own leave-one-out scores
   (the threshold is calibrated on real data, so it means "less typical than 95 % of real images");
-* **near-copies of their source**: feature distance to the source image below the
-  ``near_copy_quantile`` of real–real nearest-neighbour distances, or (almost) no pixel change
-  inside the mask — the model returned its input instead of painting a lesion.
+* **near-copies of their source**: (almost) no pixel change inside the intended mask — the model
+  returned its input instead of painting a lesion. Only when no mask is given, a feature distance
+  to the source below the ``near_copy_quantile`` of real–real nearest-neighbour distances. (A
+  global feature distance cannot judge a local inpainting: any image with one lesion changed is
+  far closer to its source than two distinct real images are to each other; in the first grid it
+  flagged 80–100 % of diffusion and copy-paste samples as copies.)
 
 Scores: ``knn`` = mean distance to the k nearest reals in standardised feature space;
 ``mahalanobis`` = distance to the real mean under a Ledoit–Wolf shrinkage covariance (D ≫ N in the
@@ -175,8 +178,10 @@ class FeatureQualityFilter:
         if sources is not None:
             ok = torch.ones(n, dtype=torch.bool) if has_source is None else has_source.bool()
             src_d = torch.where(ok, (feats - self.features(sources)).norm(dim=1), src_d)
-            near |= ok & (src_d < self.near_copy_threshold_)
-            if masks is not None:
+            if masks is None:  # no region known: judge by global feature distance to the source
+                near |= ok & (src_d < self.near_copy_threshold_)
+            else:  # a local inpainting is always far closer to its source than two distinct reals
+                # are to each other, so only the change inside the painted region can tell a copy
                 fg = (masks > 0).float()[:, None]
                 diff = ((images.float() - sources.float()).abs() * fg).sum((1, 2, 3))
                 change = torch.where(ok & (fg.sum((1, 2, 3)) > 0), diff / (3 * fg.sum((1, 2, 3))).clamp(min=1), change)
