@@ -17,7 +17,7 @@ def test_segment_stage_under_ddp_two_cpu_processes(tmp_path):
                f"artifacts_dir={tmp_path}/artifacts", f"output_dir={tmp_path}/outputs",
                f"data.cache_dir={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                f"tracking.artifact_root={tmp_path}/mlruns"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout[done.stdout.rindex("\n{") + 1:])
     assert "test/dice" in out["metrics"]
