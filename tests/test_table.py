@@ -11,9 +11,9 @@ from experiments.table import canon, collect_runs, load_table, main
 
 TABLES = Path(__file__).resolve().parents[1] / "experiments" / "tables"
 
-# variant -> seed -> metrics. synthetic_gated seed 4 has no real_only partner.
+# variant -> seed -> metrics. synthetic_filtered seed 4 has no real_only partner.
 DICE = {"real_only": [0.50, 0.55, 0.45, 0.60],
-        "synthetic_gated": [0.58, 0.60, 0.50, 0.66, 0.70],
+        "synthetic_filtered": [0.58, 0.60, 0.50, 0.66, 0.70],
         "copy_paste": [0.52, 0.56, 0.10, 0.61],
         "synthetic_unfiltered": [0.40, 0.42, 0.38, 0.44]}
 
@@ -51,15 +51,20 @@ def store(tmp_path_factory):
     mlflow.end_run(status="FAILED")  # must not count
     mlflow.create_experiment("ablation_main", artifact_location=(root / "art2").as_uri())
     mlflow.set_experiment("ablation_main")
-    for theta, accept in ((0.5, 0.9), (0.7, 0.6), (0.9, 0.2)):
-        for ratio in (1, 3):  # sweeps/grid.py tags json.dumps(value): "3", "0.7"
-            for seed in range(3):
-                _log_run(mlflow, "ablation_main",
-                         {"axis.validator.iou_threshold": str(theta), "axis.augment.ratio": str(ratio),
-                          "seed": str(seed), "variant": "synthetic_gated",
-                          "cell": f"{theta}-{ratio}-{seed}"},
-                         {"gen/accept_rate": accept, "test/dice": 0.5 + theta / 10 + seed / 100 + ratio / 50,
-                          "gen/real_pass_rate": 0.9})
+    for theta, accept in ((0.5, 0.9), (0.7, 0.6), (0.9, 0.2)):  # the θ slice, at ratio 3
+        for seed in range(3):
+            _log_run(mlflow, "ablation_main",
+                     {"axis.validator.iou_threshold": str(theta), "seed": str(seed), "variant": "theta",
+                      "cell": f"theta-{theta}-{seed}"},
+                     {"gen/accept_rate": accept, "test/dice": 0.5 + theta / 10 + seed / 100 + 3 / 50,
+                      "gen/real_pass_rate": 0.9})
+    for ratio in (1, 3):  # the ratio slice, at θ = 0.7; sweeps/grid.py tags json.dumps(value): "3"
+        for seed in range(3):
+            _log_run(mlflow, "ablation_main",
+                     {"axis.augment.ratio": str(ratio), "seed": str(seed), "variant": "ratio",
+                      "cell": f"ratio-{ratio}-{seed}"},
+                     {"gen/accept_rate": 0.6, "test/dice": 0.57 + seed / 100 + ratio / 50,
+                      "gen/real_pass_rate": 0.9})
     mlflow.create_experiment("meddiff_ft", artifact_location=(root / "art3").as_uri())
     mlflow.set_experiment("meddiff_ft")
     for arch, base in (("Unet", 0.5), ("FPN", 0.3)):
@@ -116,16 +121,16 @@ def test_means_and_ci_from_finished_runs_only(outputs):
 
 def test_paired_difference_by_seed(outputs):
     text, result, _ = outputs
-    gated = _rows(result, "diffaug_main")["synthetic_gated"]
+    gated = _rows(result, "diffaug_main")["synthetic_filtered"]
     vs_real = gated["vs"][0]
-    assert vs_real["baseline"] == "Real only"
+    assert vs_real["baseline"] == "Real only (standard augmentation)"
     diff = vs_real["diff"]["test/dice"]
     diffs = [0.08, 0.05, 0.05, 0.06]  # seed 4 has no real-only partner
     half = st.t.ppf(0.975, 3) * st.tstd(diffs) / 2
     assert diff["n"] == 4 and diff["mean"] == pytest.approx(0.06)
     assert diff["ci95_low"] == pytest.approx(0.06 - half)
     assert diff["ci95_high"] == pytest.approx(0.06 + half)
-    row = _md_row(text, "Diffusion + latent IoU gate")
+    row = _md_row(text, "Diffusion + quality filter")
     assert f"**+0.060** ▲ [+{0.06 - half:.3f}, +{0.06 + half:.3f}] (n=4)" in row
     assert "reference" in _md_row(text, "Real only")
 
@@ -167,8 +172,8 @@ def test_headline(outputs):
                       "dice_copy_paste", "gain_vs_copy_paste", "gain_vs_copy_paste_ci95"}
     assert h["dataset"] == "procedural_polyp" and str(h["n_real"]) == "16" and h["seeds"] == 4
     assert h["gain"] == pytest.approx(0.06) and h["gain_ci95"][0] < 0.06 < h["gain_ci95"][1]
-    assert h["dice_augmented"] == pytest.approx(sum(DICE["synthetic_gated"]) / 5)
-    cp_diffs = [a - b for a, b in zip(DICE["synthetic_gated"], DICE["copy_paste"])]
+    assert h["dice_augmented"] == pytest.approx(sum(DICE["synthetic_filtered"]) / 5)
+    cp_diffs = [a - b for a, b in zip(DICE["synthetic_filtered"], DICE["copy_paste"])]
     assert h["gain_vs_copy_paste"] == pytest.approx(sum(cp_diffs) / 4)
 
 
@@ -176,7 +181,7 @@ def test_ablation_filter_rows_and_plots(outputs):
     text, result, out = outputs
     theta = _rows(result, "diffaug_ablation_theta")
     assert list(theta) == ["0.5", "0.7", "0.9"] and all(r["n"] == 3 for r in theta.values())
-    # filter axis.augment.ratio: 3.0 matches tags "3.0": dice = 0.5 + θ/10 + 0.06 + seed/100
+    # filter variant: theta (ratio 3): dice = 0.5 + θ/10 + 0.06 + seed/100
     assert theta["0.7"]["metrics"]["test/dice"]["mean"] == pytest.approx(0.64)
     assert _md_row(text, "0.7 (DiffAug)")
     ratio = _rows(result, "diffaug_ablation_ratio")
@@ -193,7 +198,7 @@ def test_missing_grid_says_how_to_fill_it(outputs):
 
 
 def test_collect_runs_filters_and_handles_missing_experiment(store):
-    df = collect_runs("ablation_main", store, {"axis.validator.iou_threshold": 0.7, "seed": "1"})
+    df = collect_runs("ablation_main", store, {"variant": "ratio", "seed": "1"})
     assert len(df) == 2 and set(df["tags.axis.augment.ratio"]) == {"1", "3"}
     assert collect_runs("no_such_grid", store).empty
 
