@@ -159,19 +159,11 @@ def build_model(cfg) -> InpaintingDiffusion:
 
 
 def _trainer(cfg, workdir: Path, logger, callbacks: Sequence, max_steps: int):
-    try:
-        from experiments.trainer import build_trainer
-    except ImportError:
-        build_trainer = None
-    if build_trainer is not None:
-        return build_trainer(cfg, workdir, logger=logger, callbacks=callbacks, max_steps=max_steps)
-    import lightning as L
+    from experiments.trainer import build_trainer
 
-    t = cfg.trainer
-    return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
-                     max_steps=max_steps, max_epochs=-1, log_every_n_steps=t.log_every_n_steps, logger=logger or False,
-                     callbacks=list(callbacks), default_root_dir=str(workdir), enable_model_summary=False,
-                     num_sanity_val_steps=0, limit_val_batches=0)
+    # steps, not epochs, bound a fine-tune; there is no validation loader
+    return build_trainer(cfg, workdir, logger=logger, callbacks=callbacks, max_steps=max_steps,
+                         max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0)
 
 
 def finetune_diffusion(cfg, datamodule, workdir, logger=None):

@@ -144,3 +144,14 @@ def dm_kwargs(tmp_path):
     """Datamodule keyword arguments for tiny, fast runs with a private cache folder."""
     return dict(image_size=16, n_real=None, split_seed=0, val_fraction=0.2, test_fraction=0.2,
                 batch_size=4, num_workers=0, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    """Fake pipeline stages installed (tests/fake_stages.py); invocation counters in ``tmp_path/calls``."""
+    import fake_stages
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FAKE_STAGE_CALLS", str(tmp_path / "calls"))
+    fake_stages.install(monkeypatch)
+    return tmp_path / "calls"

@@ -27,14 +27,6 @@ def write_grid(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.fixture
-def fakes(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FAKE_STAGE_CALLS", str(tmp_path / "calls"))
-    fake_stages.install(monkeypatch)
-    return tmp_path / "calls"
-
-
 def grid_runs(tmp_path: Path):
     import mlflow
 

@@ -34,15 +34,6 @@ def write_study(tmp_path: Path, name: str = "t_study", **changes) -> Path:
     return path
 
 
-@pytest.fixture
-def fakes(tmp_path, monkeypatch):
-    """Fake stages installed; invocation counters in ``tmp_path/calls``."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("FAKE_STAGE_CALLS", str(tmp_path / "calls"))
-    fake_stages.install(monkeypatch)
-    return tmp_path / "calls"
-
-
 def mlflow_runs(tmp_path: Path, experiment: str = "t_study"):
     import mlflow
 
