@@ -115,6 +115,8 @@ class ValidatorConfig:
     mode: str = "single_step"  # single_step | full | pixel | none
     iou_threshold: float = 0.7
     t_eval: int = 200  # timestep for the single-step clean-latent estimate
+    prompted: bool = True  # the latent validator also sees the intended mask (verification, not segmentation)
+    augment_copies: int = 8  # the real pairs plus transformed copies the latent validator trains on
     early_reject_t: Optional[int] = None
     train_steps: int = 300
     lr: float = 1e-3

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from experiments.gate_training import (build_latent_bank, load_validator, save_validator,  # noqa: F401 (API)
+from experiments.gate_training import (build_latent_bank, erase_lesions, load_validator, save_validator,  # noqa: F401 (API)
                                        train_latent_validator, train_pixel_segmenter, validator_settings)
 from lightning_modules.components import latent_store
 from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
@@ -96,7 +96,7 @@ def make_latent_gate(mode: str, cfg, num_classes: int, device: torch.device, dif
             x, t_seg = single_step_z0(diffusion, z0, m_lat, mi_lat, text, t_eval, gen), t_eval
         else:
             x, t_seg = full_denoise_z0(diffusion, z0, m_lat, mi_lat, text, t_eval, full_steps, gen), 0
-        pred = validator.predict_masks(x, t_seg, masks.shape[-2:]).cpu().long()
+        pred = validator.predict_masks(x, t_seg, masks.shape[-2:], prompt=masks).cpu().long()
         return mask_iou(pred, masks.cpu().long(), num_classes), pred
 
     return gate
@@ -179,6 +179,23 @@ def run_gate(gate: Callable, images: torch.Tensor, masks: torch.Tensor, batch_si
     if not ious:
         return torch.zeros(0), torch.zeros((0, *masks.shape[1:]), dtype=torch.long)
     return torch.cat(ious), torch.cat(preds)
+
+
+def real_negative_rejection(gate: Callable, images: torch.Tensor, masks: torch.Tensor, threshold: float) -> dict:
+    """The other half of the gate sanity check: real pairs made wrong must be rejected.
+
+    * misplaced: each real image claims its own mask moved by half the image size (the lesion is elsewhere);
+    * missing: each real image has its lesion erased (:func:`erase_lesions`) but claims its mask.
+
+    Returns ``gen/real_misplaced_reject_rate`` and ``gen/real_missing_reject_rate`` (nan without pairs).
+    """
+    if len(images) < 2:
+        return {"gen/real_misplaced_reject_rate": float("nan"), "gen/real_missing_reject_rate": float("nan")}
+    h, w = masks.shape[-2:]
+    misplaced, _ = run_gate(gate, images, masks.roll((h // 2, w // 2), (-2, -1)))
+    missing, _ = run_gate(gate, erase_lesions(images, masks)[0], masks)
+    return {"gen/real_misplaced_reject_rate": float((misplaced < threshold).float().mean()),
+            "gen/real_missing_reject_rate": float((missing < threshold).float().mean())}
 
 
 def load_generated(gen_dir: Path, size: Optional[int] = None):
@@ -270,7 +287,8 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
 
     Returns:
         ``gen/*`` metrics: accept_rate, n_accepted, n_samples, mean_iou, iou_pass_rate, quality_reject_rate,
-        near_copy_rate, real_pass_rate, gate_flagged, real_quality_pass_rate, validate_sps, n_early_rejected.
+        near_copy_rate, real_pass_rate, real_misplaced_reject_rate, real_missing_reject_rate, gate_flagged,
+        real_quality_pass_rate, validate_sps, n_early_rejected.
         Samples the generate stage rejected early (``early_rejected`` rows) count as rejected.
     """
     from lightning_modules.components.quality import FeatureQualityFilter
@@ -321,6 +339,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
             metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
         real_ious, _ = run_gate(gate, real_img[val], real_msk[val])
         real_pass = float((real_ious >= v.iou_threshold).float().mean()) if len(val) else float("nan")
+        metrics.update(real_negative_rejection(gate, real_img[val], real_msk[val], float(v.iou_threshold)))
         metrics["gen/mean_iou"] = float(ious.mean()) if n else 0.0
         metrics["gen/real_mean_iou"] = float(real_ious.mean()) if len(val) else float("nan")
     else:

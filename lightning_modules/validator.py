@@ -68,23 +68,30 @@ class LatentSegNet(nn.Module):
         width: channels of the first level (the second has 2x).
     """
 
-    def __init__(self, in_channels: int = 4, out_channels: int = 1, width: int = 32):
+    def __init__(self, in_channels: int = 4, out_channels: int = 1, width: int = 32, prompt_channels: int = 0):
         super().__init__()
         emb = 4 * width
         self.width = width
+        self.prompt_channels = prompt_channels
         # kind 0 = clean latent or clean-latent estimate, 1 = raw noisy latent z_t
         self.kind_emb = nn.Embedding(2, emb)
         self.t_mlp = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.inp = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.inp = nn.Conv2d(in_channels + prompt_channels, width, 3, padding=1)
         self.enc1 = _FiLMBlock(width, width, emb)
         self.enc2 = _FiLMBlock(width, 2 * width, emb)
         self.mid = _FiLMBlock(2 * width, 2 * width, emb)
         self.dec1 = _FiLMBlock(3 * width, width, emb)
         self.out = nn.Conv2d(width, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-        """Logits at latent resolution (B,out,h,w) for latents (B,C,h,w), t (B,), kind (B,)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, kind: torch.Tensor,
+                prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits at latent resolution (B,out,h,w) for latents (B,C,h,w), t (B,), kind (B,).
+
+        ``prompt`` (B,prompt_channels,h,w) is the intended mask at latent size (prompted validators).
+        """
         emb = self.t_mlp(timestep_embedding(t, self.width)) + self.kind_emb(kind.long())
+        if self.prompt_channels:
+            x = torch.cat([x, prompt], 1)
         h1 = self.enc1(self.inp(x), emb)
         # ceil-mode pooling and a size-matched upsample keep odd latent sizes working
         h2 = self.mid(self.enc2(F.max_pool2d(h1, 2, ceil_mode=True), emb), emb)
@@ -108,33 +115,54 @@ class LatentValidator(L.LightningModule):
         alphas_cumprod: ᾱ (T,) for the on-the-fly noised inputs; stored in the checkpoint.
         noisy_fraction: share of each batch replaced by raw noisy latents z_t.
         noisy_t_max: largest t for those (defaults to T // 2: larger t carries no lesion shape).
-        flip: random horizontal/vertical flips of latent and mask together.
+        flip: random horizontal/vertical flips (and 90° turns of square latents) of latent and mask together.
+        prompted: the network also sees the intended mask (at latent size) and answers where the lesion
+            really is. Trained on real pairs with the true mask, another pair's mask (misplaced lesion) and
+            an erased lesion (missing lesion), so copying the prompt is penalised; with 16 labelled pairs this
+            verification task generalises far better than segmenting from scratch (see README, "Quality gate").
     """
 
     def __init__(self, in_channels: int = 4, num_classes: int = 2, width: int = 32, lr: float = 1e-3,
                  train_steps: int = 300, num_train_timesteps: int = 1000, alphas_cumprod: Optional[torch.Tensor] = None,
-                 noisy_fraction: float = 0.25, noisy_t_max: Optional[int] = None, flip: bool = True):
+                 noisy_fraction: float = 0.25, noisy_t_max: Optional[int] = None, flip: bool = True,
+                 prompted: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["alphas_cumprod"])
         self.binary = num_classes <= 2
-        self.net = LatentSegNet(in_channels, 1 if self.binary else num_classes, width)
+        self.prompted = prompted
+        self.net = LatentSegNet(in_channels, 1 if self.binary else num_classes, width, 1 if prompted else 0)
         ac = alphas_cumprod if alphas_cumprod is not None else torch.ones(num_train_timesteps)
         self.register_buffer("alphas_cumprod", ac.detach().float().clone())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, out_size: Optional[Sequence[int]] = None,
-                kind: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mask logits (B,K,H,W) at ``out_size`` (default: latent size) for latents x (B,C,h,w)."""
+                kind: Optional[torch.Tensor] = None, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mask logits (B,K,H,W) at ``out_size`` (default: latent size) for latents x (B,C,h,w).
+
+        ``prompt`` (B,H,W) class-index intended masks at image size; required when ``prompted``.
+        """
         t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(x.shape[0])
         kind = torch.zeros_like(t) if kind is None else kind
-        logits = self.net(x, t, kind)
+        prompt_lat = None
+        if self.prompted:
+            if prompt is None:
+                raise ValueError("this latent validator is prompted (validator.prompted=true): pass the "
+                                 "intended masks as prompt=(B,H,W)")
+            # area pooling keeps thin and small lesions as fractional coverage instead of dropping them
+            fg = (prompt.to(x.device) > 0).float()[:, None]
+            prompt_lat = F.adaptive_avg_pool2d(fg, x.shape[-2:])
+        logits = self.net(x, t, kind, prompt_lat)
         if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
         return logits
 
     @torch.no_grad()
-    def predict_masks(self, x: torch.Tensor, t, out_size: Sequence[int]) -> torch.Tensor:
-        """Class-index masks (B,H,W) int64 for clean latents / estimates x (B,C,h,w) at timestep t."""
-        logits = self(x.to(self.device, torch.float32), t, out_size)
+    def predict_masks(self, x: torch.Tensor, t, out_size: Sequence[int],
+                      prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class-index masks (B,H,W) int64 for clean latents / estimates x (B,C,h,w) at timestep t.
+
+        ``prompt``: the intended masks (B,H,W); used by prompted validators, ignored otherwise.
+        """
+        logits = self(x.to(self.device, torch.float32), t, out_size, prompt=prompt)
         if self.binary:
             return (logits[:, 0] > 0).long()
         return logits.argmax(1)
@@ -166,13 +194,11 @@ class LatentValidator(L.LightningModule):
             x = torch.cat([zt, x[n_noisy:]])
             t = torch.cat([tn, t[n_noisy:]])
             kind = torch.cat([torch.ones_like(tn), kind[n_noisy:]])
+        prompt = batch.get("prompt")
         if self.hparams.flip:
-            # latents of a conv VAE flip with the image, so flips are label-preserving augmentation
-            if torch.rand(()) < 0.5:
-                x, mask = x.flip(-1), mask.flip(-1)
-            if torch.rand(()) < 0.5:
-                x, mask = x.flip(-2), mask.flip(-2)
-        loss = self._loss(self(x, t, mask.shape[-2:], kind), mask)
+            # latents of a conv VAE flip and turn with the image, so these are label-preserving augmentations
+            x, mask, prompt = _random_flips(x, mask, prompt)
+        loss = self._loss(self(x, t, mask.shape[-2:], kind, prompt), mask)
         self.log("validator/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 
@@ -182,3 +208,18 @@ class LatentValidator(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _random_flips(x: torch.Tensor, mask: torch.Tensor, prompt: Optional[torch.Tensor]):
+    """The same random flips (and 90° turn, when square) of latents (B,C,h,w) and masks (B,H,W)."""
+    ops = []
+    if torch.rand(()) < 0.5:
+        ops.append(lambda a: a.flip(-1))
+    if torch.rand(()) < 0.5:
+        ops.append(lambda a: a.flip(-2))
+    if x.shape[-1] == x.shape[-2] and mask.shape[-1] == mask.shape[-2] and torch.rand(()) < 0.5:
+        ops.append(lambda a: a.transpose(-1, -2))
+    for op in ops:
+        x, mask = op(x), op(mask)
+        prompt = None if prompt is None else op(prompt)
+    return x, mask, prompt

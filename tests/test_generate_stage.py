@@ -222,7 +222,7 @@ class FakeLatentDiffusion:
 class FakeLatentValidator:
     """Segments a latent by thresholding it (the fake VAE's latent is the lesion map)."""
 
-    def predict_masks(self, x, t, out_size):
+    def predict_masks(self, x, t, out_size, prompt=None):
         return torch.nn.functional.interpolate((x[:, :1] > 0.5).float(), size=tuple(out_size))[:, 0].long()
 
 

@@ -85,7 +85,7 @@ class OracleLatentValidator:
     def __init__(self, diffusion):
         self.diffusion = diffusion
 
-    def predict_masks(self, x, t, out_size):
+    def predict_masks(self, x, t, out_size, prompt=None):
         img = self.diffusion.decode_latents(x)
         return F.interpolate(OracleSegmenter().predict_masks(img)[:, None].float(), size=tuple(out_size))[:, 0].long()
 
@@ -144,11 +144,17 @@ def trained():  # ~20 s on one core: the tests using it are marked slow
 @pytest.mark.slow
 def test_latent_validator_beats_chance_on_heldout_clean_latents(trained):
     _, diff, validator = trained
+    assert validator.prompted  # the default gate is prompted with the intended mask
     images, masks = render(12, seed=100)
-    pred = validator.predict_masks(diff.encode_images(images), 0, (S, S))
+    latents = diff.encode_images(images)
+    pred = validator.predict_masks(latents, 0, (S, S), prompt=masks)
     iou = mask_iou(pred, masks).mean()
     chance = mask_iou(torch.ones_like(masks), masks).mean()  # "everything is lesion"
     assert iou > 0.6 and iou > chance + 0.4, (float(iou), float(chance))
+    # prompted with another image's mask, it must still segment the lesion that is there
+    wrong = masks.roll(1, 0)
+    pred_wrong = validator.predict_masks(latents, 0, (S, S), prompt=wrong)
+    assert mask_iou(pred_wrong, masks).mean() > 0.5 > mask_iou(pred_wrong, wrong).mean()
 
 
 @pytest.mark.slow
@@ -239,3 +245,28 @@ def test_latent_path_matches_image_path_and_store_roundtrip(tmp_path):
     z_lat = single_step_z0(diff, cond["z0"], cond["mask_lat"], cond["masked_lat"], encode_prompt(diff, "a polyp"),
                            150, torch.Generator().manual_seed(1))
     assert torch.allclose(z_lat, z_img)  # same noise, same condition: the lean path measures the same thing
+
+
+def test_prompted_validator_needs_the_intended_mask(tmp_path):
+    ac = FakeDiffusion().alphas_cumprod
+    v = LatentValidator(alphas_cumprod=ac, width=8, prompted=True)
+    x, prompt = torch.randn(2, 4, 8, 8), torch.zeros(2, 32, 32, dtype=torch.long)
+    assert v.predict_masks(x, 5, (32, 32), prompt=prompt).shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="prompt"):
+        v.predict_masks(x, 5, (32, 32))
+    torch.save({"state_dict": v.state_dict(), "hyper_parameters": dict(v.hparams)}, tmp_path / "v.pt")
+    blob = torch.load(tmp_path / "v.pt", weights_only=True)
+    w = LatentValidator(**blob["hyper_parameters"])
+    w.load_state_dict(blob["state_dict"])
+    assert w.prompted and torch.equal(w.predict_masks(x, 5, (32, 32), prompt=prompt), v.predict_masks(x, 5, (32, 32), prompt=prompt))
+
+
+def test_real_negative_rejection_with_oracle_gate():
+    from experiments.validate_stage import erase_lesions, make_gate, real_negative_rejection
+
+    images, masks = render(8, seed=3)
+    erased = erase_lesions(images, masks)
+    assert not OracleSegmenter().predict_masks(erased[0])[masks.bool()].any() and not erased[1].any()  # the lesion is gone
+    gate = make_gate("pixel", None, "a polyp", 2, torch.device("cpu"), segmenter=OracleSegmenter())
+    rates = real_negative_rejection(gate, images, masks, 0.5)
+    assert rates == {"gen/real_misplaced_reject_rate": 1.0, "gen/real_missing_reject_rate": 1.0}

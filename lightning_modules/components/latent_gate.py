@@ -193,7 +193,7 @@ def make_early_reject_callback(validator, masks: torch.Tensor, threshold: float,
     (the timestep it judged at) for the manifest.
 
     Args:
-        validator: trained ``LatentValidator`` (or any object with ``predict_masks(x, t, out_size)``).
+        validator: trained ``LatentValidator`` (or any object with ``predict_masks(x, t, out_size, prompt)``).
         masks: intended masks (B,H,W) of the batch being generated.
         threshold: IoU gate θ.
         t_reject: timestep at (or first below) which to judge.
@@ -207,7 +207,7 @@ def make_early_reject_callback(validator, masks: torch.Tensor, threshold: float,
             return None
         callback.fired, callback.t = True, t_int
         z0_hat = estimate_z0(z_t, eps_hat, alphas_cumprod.to(z_t.device), t_int)
-        pred = validator.predict_masks(z0_hat, t_int, masks.shape[-2:]).cpu()
+        pred = validator.predict_masks(z0_hat, t_int, masks.shape[-2:], prompt=masks).cpu()
         callback.ious = mask_iou(pred, masks.cpu().long(), num_classes)
         callback.stopped = callback.ious < threshold
         return callback.stopped.to(z_t.device)
