@@ -21,6 +21,7 @@ from PIL import Image
 
 from experiments.gate_training import (build_latent_bank, erase_lesions, load_validator, save_validator,  # noqa: F401 (API)
                                        train_latent_validator, train_pixel_segmenter, validator_settings)
+from experiments.tracking import is_rank_zero as tracking_is_rank_zero
 from lightning_modules.components import latent_store
 from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
                                                       single_step_z0)
@@ -145,6 +146,33 @@ def gate_latents(mode: str, cfg, diffusion, validator, gen_dir: Path, rows: list
     gate = make_latent_gate(mode, cfg, num_classes, device, diffusion, validator, text, full_steps)
     ious, preds = run_latent_gate(gate, cond, masks, batch_size)
     return ious, preds, source
+
+
+def validator_cache_path(cfg, gen_dir: Path, settings: dict) -> Path:
+    """Where the validate stage keeps a latent validator trained for ``gen_dir`` with ``settings``.
+
+    ``artifacts/gate_models/<generate signature>-<settings hash>.pt``: the generate signature already
+    covers the data, the real subset and the fine-tuned diffusion model the validator depends on.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.artifacts_dir) / "gate_models" / f"{Path(gen_dir).name}-{digest}.pt"
+
+
+def _reuse_validator(cfg, gen_dir: Path, settings: dict, given=None):
+    """``(validator, where from)``: the given one, generate's early-reject one, a cached one, or None.
+
+    θ, erosion and the quality filter do not change the validator, so a sweep over them trains it once.
+    """
+    if given is not None:
+        return given, "given"
+    for path, source in ((gen_dir / "validator.pt", "from generate"),
+                         (validator_cache_path(cfg, gen_dir, settings), "cached (same generate + settings)")):
+        validator = load_validator(path, settings)
+        if validator is not None:
+            return validator, source
+    return None, "none"
 
 
 def make_gate(mode: str, cfg, prompt: str, num_classes: int, device: torch.device, diffusion=None,
@@ -315,13 +343,14 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
             else:
                 gate_model = "given"
             diffusion = diffusion.to(device).eval() if hasattr(diffusion, "to") else diffusion
-            val_src = "given" if validator is not None else "from generate"
-            if validator is None:
-                validator = load_validator(gen_dir / "validator.pt", validator_settings(cfg, prompt, ncls))
+            settings = validator_settings(cfg, prompt, ncls)
+            validator, val_src = _reuse_validator(cfg, gen_dir, settings, validator)
             if validator is None:
                 val_src = "trained here"
                 validator = train_latent_validator(cfg, diffusion, real_img[few].to(device), real_msk[few],
                                                    prompt, ncls, workdir, logger)
+                if tracking_is_rank_zero():
+                    save_validator(validator_cache_path(cfg, gen_dir, settings), validator, settings)
             validator = validator.to(device) if hasattr(validator, "to") else validator
             start = time.time()  # the whole gate: latents (loaded or encoded) + prompt + ε̂ + validator
             ious, preds, lat_src = gate_latents(mode, cfg, diffusion, validator, gen_dir, rows, images, masks,

@@ -117,11 +117,13 @@ def test_erode_shrinks_each_class():
 
 
 @pytest.mark.slow
-def test_single_step_mode_end_to_end(generated, tmp_path):
+def test_single_step_mode_end_to_end(generated, tmp_path, monkeypatch):
     dm, gen, kinds = generated
+    from experiments import validate_stage
     from lightning_modules.components.quality import pixel_stat_features
-    cfg = load_config(None, ["validator.mode=single_step", "validator.train_steps=100", "validator.lr=4e-3",
-                             "validator.t_eval=100", "validator.iou_threshold=0.5"])
+    overrides = ["validator.mode=single_step", "validator.train_steps=100", "validator.lr=4e-3",
+                 "validator.t_eval=100", f"artifacts_dir={tmp_path}/artifacts"]
+    cfg = load_config(None, overrides + ["validator.iou_threshold=0.5"])
     work = tmp_path / "validate"
     metrics = run_validate(cfg, dm, work, {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
     dec, _ = _check_outputs(work, metrics)
@@ -132,3 +134,11 @@ def test_single_step_mode_end_to_end(generated, tmp_path):
     # resume: a rerun restores the finished validator instead of retraining and decides the same
     again = run_validate(cfg, dm, work, {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
     assert again["gen/n_accepted"] == metrics["gen/n_accepted"]
+    # another θ re-filters with the cached validator: no retraining
+    assert len(list((tmp_path / "artifacts" / "gate_models").glob("generate-*.pt"))) == 1
+    monkeypatch.setattr(validate_stage, "train_latent_validator", lambda *a, **k: pytest.fail("retrained"))
+    strict = run_validate(load_config(None, overrides + ["validator.iou_threshold=0.9"]), dm, tmp_path / "validate_09",
+                          {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
+    assert strict["gen/real_pass_rate"] <= metrics["gen/real_pass_rate"]
+    assert strict["gen/n_accepted"] <= metrics["gen/n_accepted"]
+    assert strict["gen/real_missing_reject_rate"] >= metrics["gen/real_missing_reject_rate"]
