@@ -209,9 +209,25 @@ def run_finetune(cfg, datamodule, workdir, upstream=None, logger=None) -> dict:
     return finetune_diffusion(cfg, datamodule, workdir, logger=logger)[1]
 
 
+_LAST_LOADED: dict = {}  # {key: model}: at most one fine-tuned model kept per process
+
+
 def load_finetuned(cfg, workdir) -> InpaintingDiffusion:
-    """Rebuild the base of ``cfg.diffusion`` and load ``workdir/trained.safetensors`` (prompts included)."""
+    """Rebuild the base of ``cfg.diffusion`` and load ``workdir/trained.safetensors`` (prompts included).
+
+    The last model loaded is kept: the trials of a sweep share one fine-tune, and their generate and
+    validate stages would otherwise rebuild it every time. Callers only run it (eval, no training).
+    """
+    import json
+
+    from omegaconf import OmegaConf
+
     path = Path(workdir) / "trained.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist; run the finetune stage first.")
-    return build_model(cfg).load_trained(path).eval()
+    key = (str(path.resolve()), path.stat().st_mtime_ns,
+           json.dumps(OmegaConf.to_container(cfg.diffusion, resolve=True), sort_keys=True, default=str))
+    if key not in _LAST_LOADED:
+        _LAST_LOADED.clear()
+        _LAST_LOADED[key] = build_model(cfg).load_trained(path).eval()
+    return _LAST_LOADED[key]

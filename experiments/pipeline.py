@@ -194,6 +194,7 @@ def _compute(cfg: DictConfig, stage: str, datamodule: Any, partial: Path, final:
     metrics = _stage_function(stage)(cfg, datamodule, partial, upstream, logger=logger)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics[f"time/{stage}_s"] = round(time.time() - start, 2)
+    print(f"[meddiffaug] stage {stage} ({final.name}) done in {metrics[f'time/{stage}_s']:.1f} s", flush=True)
     if tracking.is_rank_zero():
         _finish(partial, final, metrics)
     return metrics

@@ -147,6 +147,7 @@ def test_finetune_stage_resumes_from_last_ckpt(base_dir, tmp_path, monkeypatch):
     assert torch.load(last, weights_only=False)["global_step"] == 6
     loaded = load_finetuned(cfg, tmp_path)
     assert loaded.lesion_prompt == "a polyp" and loaded.background_prompt == "colonoscopy image of normal colon mucosa"
+    assert load_finetuned(cfg, tmp_path) is loaded  # sweeps reuse the loaded model across trials
 
 
 @pytest.mark.skipif(not (TINY_DIR / "unet").is_dir(), reason="shipped tiny base not built yet (meddiffaug pretrain)")
