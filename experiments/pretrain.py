@@ -133,6 +133,10 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", default="default", choices=["default", "large"],
+                   help="component widths: the shipped base, or a 4x wider UNet (MSDM's larger model)")
+    p.add_argument("--vae-from", default=None,
+                   help="diffusers folder (or 'tiny') whose VAE is reused frozen: skips the VAE phase")
     p.add_argument("--resume", action="store_true", help="continue from WORK/state.pt")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,8 +149,18 @@ def main(argv=None) -> int:
 
     images, masks, kinds, prompt_pairs = load_pool(args.pool_size, args.image_size, args.seed)
     _log(log, f"pool: {len(images)} images, kinds {len(prompt_pairs)}, lesion pixels {(masks > 0).mean():.3f}")
-    comps = build_tiny_components(work / "tokenizer", image_size=args.image_size, seed=args.seed)
+    comps = build_tiny_components(work / "tokenizer", width=args.width, image_size=args.image_size, seed=args.seed)
     state = torch.load(state_path, weights_only=False) if args.resume and state_path.is_file() else {}
+    if args.vae_from and not state.get("vae_done"):
+        from diffusers import AutoencoderKL
+
+        source = TINY_DIR if args.vae_from == "tiny" else Path(args.vae_from)
+        if not (source / "vae").is_dir():
+            raise SystemExit(f"--vae-from {args.vae_from}: '{source / 'vae'}' is not a diffusers VAE folder")
+        comps["vae"] = AutoencoderKL.from_pretrained(source / "vae")
+        state.update(vae=comps["vae"].state_dict(), vae_done=True, vae_psnr=float("nan"), vae_step=0,
+                     vae_scale=float(comps["vae"].config.scaling_factor), vae_seconds=0.0)
+        _log(log, f"vae reused from {source} (frozen; VAE phase skipped)")
     if "vae" in state:
         comps["vae"].load_state_dict(state["vae"])
 

@@ -21,6 +21,8 @@ _WIDTHS: Dict[str, dict] = {
     # (32, 64, 64) is about right on CPU (prototype lesson): spend budget on steps, not width.
     "default": dict(vae=(32, 64, 64), unet=(32, 64, 64), text_hidden=64, groups=8, head_dim=8),
     "test": dict(vae=(8, 16, 16), unet=(8, 16, 16), text_hidden=16, groups=4, head_dim=4),
+    # MSDM's comparison: the same VAE (so `pretrain --vae-from tiny` can reuse it), a 4x wider UNet
+    "large": dict(vae=(32, 64, 64), unet=(64, 128, 128), text_hidden=64, groups=8, head_dim=8),
 }
 
 
@@ -30,6 +32,8 @@ def tiny_configs(width: str = "default", image_size: int = 64) -> dict:
     The VAE downsamples 4x (64 px -> 16x16x4 latents); the UNet takes 9 channels
     ``[noisy latents 4, mask 1, masked-image latents 4]`` and predicts ε (4 channels).
     """
+    if width not in _WIDTHS:
+        raise ValueError(f"unknown tiny width {width!r}: choose from {', '.join(_WIDTHS)}")
     w = _WIDTHS[width]
     nv = len(w["vae"])
     vae = dict(
@@ -60,7 +64,7 @@ def build_tiny_components(tokenizer_dir: str | Path, width: str = "default", ima
 
     Args:
         tokenizer_dir: folder the generated vocabulary is written to (kept by the tokenizer).
-        width: ``"default"`` (shipped base) or ``"test"`` (unit tests).
+        width: ``"default"`` (shipped base), ``"large"`` (wider UNet, MSDM's comparison) or ``"test"``.
         image_size: square pixel size S the VAE is built for.
         seed: initialisation seed.
 

@@ -1,0 +1,34 @@
+"""`meddiffaug pretrain` for MSDM's larger base: a wider UNet on the shipped tiny VAE."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_modules.components.tiny_base import TINY_DIR
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TINY_DIR / "vae").is_dir(), reason="shipped tiny base missing")
+def test_pretrain_large_width_reuses_the_shipped_vae(tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from experiments.pretrain import main
+
+    out = tmp_path / "tiny_large"
+    assert main(["--width", "large", "--vae-from", "tiny", "--unet-steps", "2", "--pool-size", "2",
+                 "--batch-size", "2", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    shipped = UNet2DConditionModel.from_pretrained(TINY_DIR / "unet")
+    assert tuple(unet.config.block_out_channels) == (64, 128, 128)
+    assert sum(p.numel() for p in unet.parameters()) > 3 * sum(p.numel() for p in shipped.parameters())
+    vae, shipped_vae = AutoencoderKL.from_pretrained(out / "vae"), AutoencoderKL.from_pretrained(TINY_DIR / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), shipped_vae.state_dict().values()))
+    assert "--width large" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_pretrain_rejects_a_folder_without_vae(tmp_path):
+    from experiments.pretrain import main
+
+    with pytest.raises(SystemExit, match="not a diffusers VAE folder"):
+        main(["--vae-from", str(tmp_path), "--unet-steps", "1", "--pool-size", "2", "--out", str(tmp_path / "o"),
+              "--work", str(tmp_path / "w")])
