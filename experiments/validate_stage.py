@@ -22,7 +22,7 @@ from PIL import Image
 from experiments.gate_training import (build_latent_bank, erase_lesions, load_validator, save_validator,  # noqa: F401 (API)
                                        train_latent_validator, train_pixel_segmenter, validator_settings)
 from experiments.tracking import is_rank_zero as tracking_is_rank_zero
-from lightning_modules.components import latent_store
+from lightning_modules.components import latent_store, pairs_io
 from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
                                                       single_step_z0)
 
@@ -148,27 +148,36 @@ def gate_latents(mode: str, cfg, diffusion, validator, gen_dir: Path, rows: list
     return ious, preds, source
 
 
-def validator_cache_path(cfg, gen_dir: Path, settings: dict) -> Path:
-    """Where the validate stage keeps a latent validator trained for ``gen_dir`` with ``settings``.
+def validator_cache_path(cfg, upstream: dict, settings: dict) -> Path:
+    """Where the validate stage keeps a latent validator trained with ``settings``.
 
-    ``artifacts/gate_models/<generate signature>-<settings hash>.pt``: the generate signature already
-    covers the data, the real subset and the fine-tuned diffusion model the validator depends on.
+    ``artifacts/gate_models/<finetune signature>-<hash>.pt``: the validator learns from the real pairs
+    and the fine-tuned model's ε̂ only, not from the generated samples, so every generate run of one
+    fine-tune (a guidance-scale sweep) shares it. The hash covers the settings, the data config and
+    the base model (what a run without fine-tune uses for ε̂).
     """
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.artifacts_dir) / "gate_models" / f"{Path(gen_dir).name}-{digest}.pt"
+    from omegaconf import OmegaConf
+
+    source = Path(upstream["finetune"]).name if "finetune" in upstream else "base"
+    key = {"settings": settings, "data": OmegaConf.to_container(cfg.data, resolve=True),
+           "base_model": str(cfg.diffusion.base_model)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg.artifacts_dir) / "gate_models" / f"{source}-{digest}.pt"
 
 
-def _reuse_validator(cfg, gen_dir: Path, settings: dict, given=None):
+def _reuse_validator(cfg, upstream: dict, settings: dict, given=None, use_cache: bool = True):
     """``(validator, where from)``: the given one, generate's early-reject one, a cached one, or None.
 
     θ, erosion and the quality filter do not change the validator, so a sweep over them trains it once.
     """
     if given is not None:
         return given, "given"
-    for path, source in ((gen_dir / "validator.pt", "from generate"),
-                         (validator_cache_path(cfg, gen_dir, settings), "cached (same generate + settings)")):
+    places = [(Path(upstream["generate"]) / "validator.pt", "from generate")]
+    if use_cache:
+        places.append((validator_cache_path(cfg, upstream, settings), "cached (same fine-tune + settings)"))
+    for path, source in places:
         validator = load_validator(path, settings)
         if validator is not None:
             return validator, source
@@ -209,21 +218,40 @@ def run_gate(gate: Callable, images: torch.Tensor, masks: torch.Tensor, batch_si
     return torch.cat(ious), torch.cat(preds)
 
 
-def real_negative_rejection(gate: Callable, images: torch.Tensor, masks: torch.Tensor, threshold: float) -> dict:
-    """The other half of the gate sanity check: real pairs made wrong must be rejected.
+def real_gate_ious(gate: Callable, images: torch.Tensor, masks: torch.Tensor) -> dict:
+    """The gate's IoUs on real validation pairs as they are and made wrong (for the sanity check).
 
-    * misplaced: each real image claims its own mask moved by half the image size (the lesion is elsewhere);
-    * missing: each real image has its lesion erased (:func:`erase_lesions`) but claims its mask.
+    * ``real``: each image with its own mask (a good gate passes these);
+    * ``misplaced``: each image claims its own mask moved by half the image size (the lesion is elsewhere);
+    * ``missing``: each image has its lesion erased (:func:`erase_lesions`) but claims its mask.
 
-    Returns ``gen/real_misplaced_reject_rate`` and ``gen/real_missing_reject_rate`` (nan without pairs).
+    Returns:
+        ``{"real", "misplaced", "missing"}`` -> IoU (N,) CPU tensors (empty without pairs).
     """
+    if len(images) == 0:
+        return {k: torch.zeros(0) for k in ("real", "misplaced", "missing")}
+    h, w = masks.shape[-2:]
+    return {"real": run_gate(gate, images, masks)[0],
+            "misplaced": run_gate(gate, images, masks.roll((h // 2, w // 2), (-2, -1)))[0],
+            "missing": run_gate(gate, erase_lesions(images, masks)[0], masks)[0]}
+
+
+def gate_sanity(ious: dict, threshold: float) -> dict:
+    """``gen/real_pass_rate``, ``gen/real_mean_iou`` and the rejection rates of misplaced / missing real pairs."""
+    def rate(x: torch.Tensor) -> float:
+        return float(x.float().mean()) if len(x) else float("nan")
+
+    return {"gen/real_pass_rate": rate(ious["real"] >= threshold), "gen/real_mean_iou": rate(ious["real"]),
+            "gen/real_misplaced_reject_rate": rate(ious["misplaced"] < threshold),
+            "gen/real_missing_reject_rate": rate(ious["missing"] < threshold)}
+
+
+def real_negative_rejection(gate: Callable, images: torch.Tensor, masks: torch.Tensor, threshold: float) -> dict:
+    """Only the rejection rates of :func:`gate_sanity` (nan with fewer than 2 pairs)."""
     if len(images) < 2:
         return {"gen/real_misplaced_reject_rate": float("nan"), "gen/real_missing_reject_rate": float("nan")}
-    h, w = masks.shape[-2:]
-    misplaced, _ = run_gate(gate, images, masks.roll((h // 2, w // 2), (-2, -1)))
-    missing, _ = run_gate(gate, erase_lesions(images, masks)[0], masks)
-    return {"gen/real_misplaced_reject_rate": float((misplaced < threshold).float().mean()),
-            "gen/real_missing_reject_rate": float((missing < threshold).float().mean())}
+    rates = gate_sanity(real_gate_ious(gate, images, masks), threshold)
+    return {k: rates[k] for k in ("gen/real_misplaced_reject_rate", "gen/real_missing_reject_rate")}
 
 
 def load_generated(gen_dir: Path, size: Optional[int] = None):
@@ -336,6 +364,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     metrics: dict = {"gen/n_samples": float(n + len(early)), "gen/n_early_rejected": float(len(early))}
 
     ious, preds, gate_model = torch.full((n,), float("nan")), None, "none"
+    models_given = diffusion is not None or validator is not None  # tests/benchmarks: nothing to cache by key
     if mode != "none":
         if mode in ("single_step", "full"):
             if diffusion is None:
@@ -344,13 +373,13 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
                 gate_model = "given"
             diffusion = diffusion.to(device).eval() if hasattr(diffusion, "to") else diffusion
             settings = validator_settings(cfg, prompt, ncls)
-            validator, val_src = _reuse_validator(cfg, gen_dir, settings, validator)
+            validator, val_src = _reuse_validator(cfg, upstream, settings, validator, use_cache=not models_given)
             if validator is None:
                 val_src = "trained here"
                 validator = train_latent_validator(cfg, diffusion, real_img[few].to(device), real_msk[few],
                                                    prompt, ncls, workdir, logger)
-                if tracking_is_rank_zero():
-                    save_validator(validator_cache_path(cfg, gen_dir, settings), validator, settings)
+                if tracking_is_rank_zero() and not models_given:
+                    save_validator(validator_cache_path(cfg, upstream, settings), validator, settings)
             validator = validator.to(device) if hasattr(validator, "to") else validator
             start = time.time()  # the whole gate: latents (loaded or encoded) + prompt + ε̂ + validator
             ious, preds, lat_src = gate_latents(mode, cfg, diffusion, validator, gen_dir, rows, images, masks,
@@ -366,11 +395,18 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
             start = time.time()
             ious, preds = run_gate(gate, images, masks)
             metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
-        real_ious, _ = run_gate(gate, real_img[val], real_msk[val])
-        real_pass = float((real_ious >= v.iou_threshold).float().mean()) if len(val) else float("nan")
-        metrics.update(real_negative_rejection(gate, real_img[val], real_msk[val], float(v.iou_threshold)))
+        # the real pairs' IoUs depend on the gate, not on θ: a θ sweep computes them once
+        sanity_cache = None
+        if mode != "pixel" and not models_given:
+            sanity_cache = validator_cache_path(cfg, upstream, settings).with_suffix(f".{mode}{full_steps}.real_ious.pt")
+        real_ious = torch.load(sanity_cache, weights_only=True) if sanity_cache and sanity_cache.is_file() else None
+        if real_ious is None:
+            real_ious = real_gate_ious(gate, real_img[val], real_msk[val])
+            if sanity_cache is not None and tracking_is_rank_zero():
+                pairs_io.atomic_write(sanity_cache, lambda f: torch.save(real_ious, f))
+        metrics.update(gate_sanity(real_ious, float(v.iou_threshold)))
+        real_pass = metrics["gen/real_pass_rate"]
         metrics["gen/mean_iou"] = float(ious.mean()) if n else 0.0
-        metrics["gen/real_mean_iou"] = float(real_ious.mean()) if len(val) else float("nan")
     else:
         real_pass = 1.0  # no gate: nothing real can fail it
     iou_ok = torch.ones(n, dtype=torch.bool) if mode == "none" else ious >= v.iou_threshold

@@ -124,21 +124,24 @@ def test_single_step_mode_end_to_end(generated, tmp_path, monkeypatch):
     overrides = ["validator.mode=single_step", "validator.train_steps=100", "validator.lr=4e-3",
                  "validator.t_eval=100", f"artifacts_dir={tmp_path}/artifacts"]
     cfg = load_config(None, overrides + ["validator.iou_threshold=0.5"])
+    # loaded like the base model of a run without fine-tune, so the stage caches what it trains
+    monkeypatch.setattr(validate_stage, "_load_diffusion", lambda cfg, upstream: (FakeDiffusion(), "fake base"))
     work = tmp_path / "validate"
-    metrics = run_validate(cfg, dm, work, {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
+    metrics = run_validate(cfg, dm, work, {"generate": gen}, feature_fn=pixel_stat_features)
     dec, _ = _check_outputs(work, metrics)
     assert metrics["gen/real_pass_rate"] >= 0.75 and metrics["gen/gate_flagged"] == 0.0
     assert sum(dec[f"g{i}"]["accepted"] for i in range(4)) >= 3
     assert not any(dec[f"g{i}"]["accepted"] for i in range(4, 8))
     assert (work / "checkpoints" / "validator" / "last.ckpt").is_file()
-    # resume: a rerun restores the finished validator instead of retraining and decides the same
-    again = run_validate(cfg, dm, work, {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
+    # a rerun reuses the cached validator (no retraining) and decides the same
+    again = run_validate(cfg, dm, work, {"generate": gen}, feature_fn=pixel_stat_features)
     assert again["gen/n_accepted"] == metrics["gen/n_accepted"]
     # another θ re-filters with the cached validator: no retraining
-    assert len(list((tmp_path / "artifacts" / "gate_models").glob("generate-*.pt"))) == 1
+    cached = sorted(p.name for p in (tmp_path / "artifacts" / "gate_models").iterdir())
+    assert len(cached) == 2 and cached[0].startswith("base-") and cached[1].endswith(".real_ious.pt"), cached
     monkeypatch.setattr(validate_stage, "train_latent_validator", lambda *a, **k: pytest.fail("retrained"))
     strict = run_validate(load_config(None, overrides + ["validator.iou_threshold=0.9"]), dm, tmp_path / "validate_09",
-                          {"generate": gen}, diffusion=FakeDiffusion(), feature_fn=pixel_stat_features)
+                          {"generate": gen}, feature_fn=pixel_stat_features)
     assert strict["gen/real_pass_rate"] <= metrics["gen/real_pass_rate"]
     assert strict["gen/n_accepted"] <= metrics["gen/n_accepted"]
     assert strict["gen/real_missing_reject_rate"] >= metrics["gen/real_missing_reject_rate"]
