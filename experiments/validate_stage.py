@@ -289,7 +289,7 @@ def save_accept_reject(path: Path, images: torch.Tensor, masks: torch.Tensor, pr
     import matplotlib.pyplot as plt
 
     groups = [("accepted", accepted.nonzero().flatten()[:per_row]), ("rejected", (~accepted).nonzero().flatten()[:per_row])]
-    fig, axes = plt.subplots(2, per_row, figsize=(2 * per_row, 4.4), squeeze=False)
+    fig, axes = plt.subplots(2, per_row, figsize=(2 * per_row, 4.8), squeeze=False)
     for row, (name, idx) in enumerate(groups):
         for col in range(per_row):
             ax = axes[row, col]
@@ -305,7 +305,7 @@ def save_accept_reject(path: Path, images: torch.Tensor, masks: torch.Tensor, pr
             iou = "–" if torch.isnan(ious[i]) else f"{float(ious[i]):.2f}"
             ax.set_title(f"{name} IoU {iou}", fontsize=8, color="green" if name == "accepted" else "red")
     fig.suptitle("green: intended mask, yellow: validator prediction", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95), h_pad=1.2)  # room for the title and both rows' captions
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".accept_reject.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=80)
