@@ -270,3 +270,17 @@ def test_real_negative_rejection_with_oracle_gate():
     gate = make_gate("pixel", None, "a polyp", 2, torch.device("cpu"), segmenter=OracleSegmenter())
     rates = real_negative_rejection(gate, images, masks, 0.5)
     assert rates == {"gen/real_misplaced_reject_rate": 1.0, "gen/real_missing_reject_rate": 1.0}
+
+
+def test_augmented_copies_are_seeded_and_keep_masks_aligned():
+    from experiments.gate_training import augmented_copies
+
+    images, masks = render(4, seed=5)
+    a_img, a_msk = augmented_copies(images, masks, copies=3, seed=1)
+    b_img, _ = augmented_copies(images, masks, copies=3, seed=1)
+    assert a_img.shape == (12, 3, S, S) and a_msk.shape == (12, S, S) and torch.equal(a_img, b_img)
+    assert torch.equal(a_msk[:4], masks)  # originals first
+    # every transformed mask still covers the red lesion of its transformed image
+    red = (a_img[:, 0] - a_img[:, 1]) > 0.5
+    assert mask_iou(red.long(), a_msk).min() > 0.6
+    assert augmented_copies(images, masks, copies=1)[0] is images
