@@ -83,9 +83,17 @@ def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
     raise ConfigError(f"Unknown stage '{stage}'; choose from {', '.join(STAGES)}.")
 
 
+# Bump a stage's number when its code changes what it produces for the same config: its cached
+# results (and, through the upstream signatures, everything downstream) are then recomputed.
+# Version 0 adds nothing to the hash, so results cached before versions existed stay valid.
+STAGE_VERSIONS: Dict[str, int] = {"finetune": 0, "generate": 0, "validate": 0, "segment": 0}
+
+
 def signature(cfg: DictConfig, stage: str, upstream_sigs: Dict[str, str]) -> str:
-    """A short stable hash of a stage's inputs and its upstream signatures."""
+    """A short stable hash of a stage's inputs, its code version and its upstream signatures."""
     payload = {"stage": stage, "inputs": stage_inputs(cfg, stage), "upstream": upstream_sigs}
+    if STAGE_VERSIONS.get(stage):
+        payload["version"] = STAGE_VERSIONS[stage]
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

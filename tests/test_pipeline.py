@@ -54,6 +54,16 @@ def test_signatures_change_only_downstream(tmp_path):
     assert theta["segment"] != base["segment"]
 
 
+def test_stage_version_bump_invalidates_that_stage_and_downstream(tmp_path, monkeypatch):
+    base = pipeline.signatures(_cfg(tmp_path))
+    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "validate", 0)
+    assert pipeline.signatures(_cfg(tmp_path)) == base  # version 0 leaves old caches valid
+    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "validate", 1)
+    bumped = pipeline.signatures(_cfg(tmp_path))
+    assert bumped["generate"] == base["generate"]
+    assert bumped["validate"] != base["validate"] and bumped["segment"] != base["segment"]
+
+
 def test_cache_reuses_finished_stages(tmp_path, calls):
     dm = FakeDataModule()
     first = pipeline.run_stages(_cfg(tmp_path), datamodule=dm)
