@@ -28,7 +28,7 @@ from experiments.table_render import (COLLAPSE_METRIC, GATE_METRIC, render_markd
 
 SPEC_KEYS = {"title", "grid", "command", "rows", "columns", "baseline", "compare", "filter",
              "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes",
-             "gate_min_real_pass"}
+             "gate_min_real_pass", "samples"}
 
 
 def canon(value: Any) -> str:
@@ -268,6 +268,31 @@ def _log_to_mlflow(paths: List[Path], uri: str) -> None:
             mlflow.log_artifact(str(path))
 
 
+def copy_sample_grid(spec: Dict[str, Any], runs: pd.DataFrame, dest: Path) -> Optional[Path]:
+    """Copy the generate stage's ``grid.png`` (source | mask | generated | overlay) of one run next to
+    ``results.md``: the lowest-seed finished run whose tags match ``spec["samples"]`` (e.g.
+    ``{variant: synthetic_filtered}``). Returns the copy, or None when no such run or picture exists.
+    """
+    import shutil
+
+    chosen = runs
+    for key, value in spec["samples"].items():
+        col = column_of(key)
+        chosen = chosen[chosen[col].map(canon) == canon(value)] if col in chosen else chosen.iloc[0:0]
+    if "tags.sig_generate" not in chosen or not len(chosen):
+        return None
+    chosen = chosen.assign(_seed=pd.to_numeric(chosen.get("tags.seed"), errors="coerce")).sort_values("_seed")
+    for _, run in chosen.iterrows():
+        root = run.get("params.artifacts_dir")
+        root = root if isinstance(root, str) and root else "artifacts"
+        picture = Path(root) / "generate" / str(run["tags.sig_generate"]) / "grid.png"
+        if picture.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(picture, dest)
+            return dest
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``meddiffaug table TABLE.yaml [...] [--write results.md] [--json results.json]``."""
     parser = argparse.ArgumentParser(prog="meddiffaug table", description=main.__doc__)
@@ -295,7 +320,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             labels[spec["rows"]["by"][0]] = spec["rows"]["header"]
             png = plot_from_spec(spec["plot"], cols, out_dir / f"{spec['id']}.png", spec["title"], labels)
             plot, written = (png.name, written + [png]) if png else (None, written)
-        sections.append(render_section(spec, table, plot))
+        samples = None
+        if spec.get("samples") and len(runs) and args.write:
+            png = copy_sample_grid(spec, runs, out_dir / f"{spec['id']}_samples.png")
+            samples, written = (png.name, written + [png]) if png else (None, written)
+        sections.append(render_section(spec, table, plot, samples))
         result["tables"][spec["id"]] = jsonable({k: v for k, v in table.items()})
         if spec.get("headline"):
             result["headline"] = headline(spec, table, runs)

@@ -57,13 +57,15 @@ def _diff_cell(diff: Optional[Dict[str, Any]], col: Dict[str, Any], is_base: boo
     return f"{text} [{fmt(low, spec, True)}, {fmt(high, spec, True)}] (n={diff['n']})"
 
 
-def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[str] = None) -> str:
+def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[str] = None,
+                   samples: Optional[str] = None) -> str:
     """One ``results.md`` section: title, command, table, seeds, footnotes (and a figure).
 
     Args:
         spec: the table spec (columns, baselines, compare metrics, gate threshold).
         table: the output of :func:`experiments.table.build_table`.
         plot: file name of the table's figure, relative to ``results.md``, if any.
+        samples: file name of a real-vs-generated sample grid, relative to ``results.md``, if any.
 
     Returns:
         Markdown text ending in a blank line.
@@ -123,4 +125,8 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
     out += [f"{i}. {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
     if plot:
         out += [f"![{table['title']}]({plot})", ""]
+    if samples:
+        out += [f"Real sources and generated pairs ({', '.join(f'{k}={v}' for k, v in spec['samples'].items())}, "
+                "lowest seed; columns: source | mask | generated | overlay):", "",
+                f"![real vs generated samples]({samples})", ""]
     return "\n".join(out)

@@ -241,15 +241,20 @@ def test_composite_rows_pair_within_the_same_architecture(outputs):
     assert _md_row(text, "FPN · − mask erosion")
 
 
-def test_sample_grid(tmp_path):
-    import numpy as np
+def test_copy_sample_grid_picks_the_lowest_seed_of_the_variant(tmp_path):
+    import pandas as pd
 
-    from experiments.plots import sample_grid
+    from experiments.table import copy_sample_grid
 
-    real = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
-    gen = np.random.default_rng(1).random((4, 3, 16, 16)).astype(np.float32)  # (B,C,H,W) floats
-    path = sample_grid(real, gen, tmp_path / "grid.png")
-    assert path.stat().st_size > 500
+    for sig in ("gen_a", "gen_b"):
+        (tmp_path / "art" / "generate" / sig).mkdir(parents=True)
+        (tmp_path / "art" / "generate" / sig / "grid.png").write_bytes(sig.encode())
+    runs = pd.DataFrame({"tags.variant": ["real_only", "synthetic", "synthetic"], "tags.seed": ["0", "3", "1"],
+                         "tags.sig_generate": [None, "gen_a", "gen_b"],
+                         "params.artifacts_dir": [str(tmp_path / "art")] * 3})
+    dest = copy_sample_grid({"samples": {"variant": "synthetic"}}, runs, tmp_path / "out" / "t_samples.png")
+    assert dest.read_bytes() == b"gen_b"  # seed 1 before seed 3
+    assert copy_sample_grid({"samples": {"variant": "copy_paste"}}, runs, tmp_path / "none.png") is None
 
 
 def test_diff_cell_never_fakes_a_ci():
