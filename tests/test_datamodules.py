@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import datamodules
-import datamodules.base as base
+import datamodules.pairs as pairs
 from datamodules import create_datamodule
 from datamodules.errors import DataError
 
@@ -134,7 +134,7 @@ def test_cache_hit_skips_decoding(make_dataset, dm_kwargs, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(base, "read_image", boom)
+    monkeypatch.setattr(pairs, "read_image", boom)
     second = _dm("isic2018", root, **dm_kwargs)
     assert np.array_equal(second.images, first.images) and second.ids == first.ids
     with pytest.raises(AssertionError):  # another size is another cache entry
