@@ -10,7 +10,9 @@ test pairs as the reference. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +49,8 @@ def main(argv=None) -> dict:
                                     "tracking.enabled=false"])
     datamodule = build_datamodule(cfg)
     start = time.time()
-    with tempfile.TemporaryDirectory() as workdir:
+    # training logs go to stderr so stdout holds only the JSON line
+    with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
         metrics = fit_segmenter(cfg, datamodule, workdir)
         judge = build_segmenter(cfg, datamodule)
         best = sorted(Path(workdir, "checkpoints").glob("best-*.ckpt"))[-1]
