@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.components import sampler as _sampler
-from lightning_modules.components.text import encode_text
+from lightning_modules.components.text import encode_text, encode_text_sdxl, unpack_sdxl
 from lightning_modules.components.tiny_base import load_components
 
 FINETUNE_MODES = ("lora", "full", "none")
@@ -31,6 +31,8 @@ class InpaintingDiffusion(L.LightningModule):
         vae: ``AutoencoderKL`` (frozen).
         text_encoder: ``CLIPTextModel`` (frozen unless ``train_text_encoder``).
         tokenizer: its ``CLIPTokenizer``.
+        text_encoder_2, tokenizer_2: SDXL's second encoder (``CLIPTextModelWithProjection``) and
+            tokenizer; given, the UNet also gets the pooled text embedding and the size ``time_ids``.
         scheduler: the base's noise scheduler (its config seeds DDPM/DDIM/DPM schedulers).
         finetune: ``lora`` (peft adapters), ``full`` (all UNet weights, MedDiff-FT) or ``none``.
         lora_rank, lora_alpha, lora_targets: peft ``LoraConfig`` of the UNet adapters.
@@ -44,13 +46,15 @@ class InpaintingDiffusion(L.LightningModule):
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, finetune: str = "lora", lora_rank: int = 8,
                  lora_alpha: int = 8, lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
                  train_text_encoder: bool = False, lr: float = 1e-4, cond_dropout: float = 0.1,
-                 lesion_loss_weight: float = 0.0, base_model: str = "tiny"):
+                 lesion_loss_weight: float = 0.0, base_model: str = "tiny", text_encoder_2=None, tokenizer_2=None):
         super().__init__()
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune='{finetune}'; choose one of {', '.join(FINETUNE_MODES)}.")
         from diffusers import DDPMScheduler
 
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.is_sdxl = text_encoder_2 is not None
         self.scheduler_config = dict(scheduler.config)
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.finetune, self.lr, self.cond_dropout = finetune, lr, cond_dropout
@@ -58,7 +62,8 @@ class InpaintingDiffusion(L.LightningModule):
         self.train_text_encoder = train_text_encoder and finetune != "none"
         self.lora_config = dict(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets))
         self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
+        for encoder in self._text_encoders():
+            encoder.requires_grad_(False)
         self.unet.requires_grad_(finetune == "full")
         if finetune == "lora":
             from peft import LoraConfig
@@ -66,9 +71,11 @@ class InpaintingDiffusion(L.LightningModule):
             # gaussian init: B != 0 would change the base at step 0; peft's default (B = 0) keeps it.
             self.unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config))
             if self.train_text_encoder:
-                self.text_encoder.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=TEXT_LORA_TARGETS))
+                for encoder in self._text_encoders():
+                    encoder.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=TEXT_LORA_TARGETS))
         elif finetune == "full" and self.train_text_encoder:
-            self.text_encoder.requires_grad_(True)
+            for encoder in self._text_encoders():
+                encoder.requires_grad_(True)
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.prompt_texts: List[str] = [""]  # index 0 is always the null prompt
         self._prompt_cache: Optional[torch.Tensor] = None
@@ -80,13 +87,20 @@ class InpaintingDiffusion(L.LightningModule):
         super().train(mode)
         self.vae.eval()
         if not self.train_text_encoder:
-            self.text_encoder.eval()
+            for encoder in self._text_encoders():
+                encoder.eval()
         return self
+
+    def _text_encoders(self) -> list:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+
+    def _text_encoder_names(self) -> List[str]:
+        return ["text_encoder"] + (["text_encoder_2"] if self.is_sdxl else [])
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def from_base(cls, base_model: str = "tiny", **finetune_kwargs) -> "InpaintingDiffusion":
-        """Load ``"tiny"`` (shipped folder) or a local SD-1.5/SD-2 inpainting diffusers folder."""
+        """Load ``"tiny"`` (shipped folder) or a local SD-1.5 / SD-2 / SDXL inpainting diffusers folder."""
         comps, path = load_components(base_model)
         return cls(**comps, base_model=str(base_model), **finetune_kwargs)
 
@@ -136,7 +150,10 @@ class InpaintingDiffusion(L.LightningModule):
         return F.adaptive_max_pool2d(mask.float(), tuple(size))
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """B prompts -> text embedding (B,L,D)."""
+        """B prompts -> text embedding (B,L,D); for SDXL the packed (B,L+1,D1+D2) of :func:`encode_text_sdxl`."""
+        if self.is_sdxl:
+            return encode_text_sdxl((self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2),
+                                    list(prompts))
         return encode_text(self.tokenizer, self.text_encoder, list(prompts))
 
     def _prompt_table(self) -> torch.Tensor:
@@ -170,7 +187,15 @@ class InpaintingDiffusion(L.LightningModule):
             t = torch.tensor(t, device=z_t.device)
         t = t.to(z_t.device).expand(z_t.shape[0])
         x = torch.cat([z_t, mask_lat.to(z_t.dtype), masked_image_lat.to(z_t.dtype)], dim=1)
-        return self.unet(x, t, encoder_hidden_states=text_emb.to(z_t.dtype)).sample
+        if not self.is_sdxl:
+            return self.unet(x, t, encoder_hidden_states=text_emb.to(z_t.dtype)).sample
+        states, pooled = unpack_sdxl(text_emb.to(z_t.dtype), self.text_encoder_2.config.projection_dim)
+        # SDXL's size conditioning: original size, crop corner (0, 0), target size, in pixels
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        h, w = z_t.shape[-2] * factor, z_t.shape[-1] * factor
+        time_ids = torch.tensor([h, w, 0, 0, h, w], device=z_t.device, dtype=z_t.dtype).expand(z_t.shape[0], 6)
+        return self.unet(x, t, encoder_hidden_states=states,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
     def _alpha(self, t, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=like.device).long().expand(like.shape[0])
@@ -222,11 +247,13 @@ class InpaintingDiffusion(L.LightningModule):
 
             out.update({f"unet.{k}": v for k, v in get_peft_model_state_dict(self.unet).items()})
             if self.train_text_encoder:
-                out.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(self.text_encoder).items()})
+                for name in self._text_encoder_names():
+                    out.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(getattr(self, name)).items()})
         elif self.finetune == "full":
             out.update({f"unet.{k}": v for k, v in self.unet.state_dict().items()})
             if self.train_text_encoder:
-                out.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+                for name in self._text_encoder_names():
+                    out.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def save_trained(self, path: str | Path) -> Path:
@@ -255,7 +282,7 @@ class InpaintingDiffusion(L.LightningModule):
         if "prompt_texts" in meta:  # the prompts it was trained under travel with the weights
             self.set_prompts(json.loads(meta["prompt_texts"])[1:])
         state = load_file(str(path))
-        for name in ("unet", "text_encoder"):
+        for name in ["unet"] + self._text_encoder_names():
             part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             if not part:
                 continue

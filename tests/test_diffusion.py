@@ -69,16 +69,57 @@ def test_from_base_loads_local_folder_and_generates(base_dir):
     assert model.encode_prompts(["a", ""]).dim() == 3 and model.alphas_cumprod.shape == (model.num_train_timesteps,)
 
 
-def test_missing_folder_and_subfolder_and_sdxl_errors(tmp_path, base_dir):
+def test_missing_folder_and_subfolder_errors(tmp_path, base_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         InpaintingDiffusion.from_base(str(tmp_path / "nope"))
     partial = tmp_path / "partial"
     (partial / "unet").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="vae"):
         InpaintingDiffusion.from_base(str(partial))
-    (partial / "text_encoder_2").mkdir()
-    with pytest.raises(NotImplementedError, match="SDXL"):
+    (partial / "text_encoder_2").mkdir()  # an SDXL folder needs its second tokenizer too
+    with pytest.raises(FileNotFoundError, match="tokenizer_2"):
         InpaintingDiffusion.from_base(str(partial))
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    """A tiny SDXL-inpainting-shaped folder: two text encoders, a UNet with text_time conditioning."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("sdxl")
+    comps = build_tiny_components(root / "tok", width="test", image_size=32)
+    tok, te1 = comps["tokenizer"], comps["text_encoder"]
+    cfg2 = CLIPTextConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, hidden_size=12, intermediate_size=24, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=32, projection_dim=12)
+    comps["text_encoder_2"], comps["tokenizer_2"] = CLIPTextModelWithProjection(cfg2), tok
+    dims = te1.config.hidden_size + 12
+    comps["unet"] = UNet2DConditionModel.from_config(dict(
+        comps["unet"].config, cross_attention_dim=dims, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=12 + 6 * 4))
+    return save_components(comps, root / "sdxl")
+
+
+def test_sdxl_folder_loads_generates_and_lora_roundtrips(sdxl_dir, tmp_path):
+    model = InpaintingDiffusion.from_base(str(sdxl_dir), finetune="lora", lora_rank=2, lr=1e-2, train_text_encoder=True)
+    assert model.is_sdxl
+    emb = model.encode_prompts(["a polyp", ""])
+    assert emb.shape == (2, model.tokenizer.model_max_length + 1, model.unet.config.cross_attention_dim)
+    _train(model, steps=2)
+    src, mask = torch.rand(2, 3, 32, 32), torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:20, 8:20] = 1
+    model.eval()
+    out = model.inpaint(src, mask, ["a polyp"] * 2, ["normal"] * 2, guidance_scale=3.0, steps=3, progress=False,
+                        generator=torch.Generator().manual_seed(0))
+    outside = (1 - mask).bool().expand_as(src)
+    assert out.shape == src.shape and torch.allclose(out[outside], src[outside], atol=1e-2)
+    path = model.save_trained(tmp_path / "trained.safetensors")
+    from safetensors.torch import load_file
+    assert any(k.startswith("text_encoder_2.") for k in load_file(str(path)))
+    again = InpaintingDiffusion.from_base(str(sdxl_dir), finetune="lora", lora_rank=2, train_text_encoder=True)
+    again.load_trained(path).eval()
+    assert torch.allclose(again.encode_prompts(["a polyp", ""]), model.encode_prompts(["a polyp", ""]))
 
 
 def test_lora_trains_adapters_only(base_dir):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, List, Sequence
 
 import torch
+import torch.nn.functional as F
 
 # Words of the prompts the project uses (procedural kinds, the published datasets' clinical
 # text). Words outside this list still tokenize, byte by byte.
@@ -124,3 +125,35 @@ def encode_text(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor
     """
     ids = tokenize(tokenizer, prompts).to(text_encoder.device)
     return text_encoder(ids)[0]
+
+
+def encode_text_sdxl(tokenizers: Sequence, text_encoders: Sequence, prompts: Sequence[str]) -> torch.Tensor:
+    """SDXL conditioning packed into one tensor, so the rest of the code handles it like SD's.
+
+    SDXL's UNet cross-attends to the penultimate hidden states of both encoders, concatenated
+    (B,L,D1+D2), and also takes the second encoder's pooled projection (B,P). The pooled vector rides
+    along as one extra, zero-padded "token" at the end: classifier-free guidance, prompt tables and
+    caches then work on one (B,L+1,D1+D2) tensor; :func:`unpack_sdxl` splits it again.
+
+    Args:
+        tokenizers: (CLIP tokenizer, second CLIP tokenizer).
+        text_encoders: (``CLIPTextModel``, ``CLIPTextModelWithProjection``).
+        prompts: B strings ("" is the null prompt).
+
+    Returns:
+        float (B, L+1, D1+D2) on the first encoder's device; requires P <= D1+D2.
+    """
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenize(tokenizer, prompts).to(encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0][:, 0]
+    states = torch.cat(hidden, dim=-1)
+    row = F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]
+    return torch.cat([states, row.to(states.dtype)], dim=1)
+
+
+def unpack_sdxl(text_emb: torch.Tensor, pooled_dim: int):
+    """Split :func:`encode_text_sdxl`'s tensor (B,L+1,D) into hidden states (B,L,D) and pooled (B,pooled_dim)."""
+    return text_emb[:, :-1], text_emb[:, -1, :pooled_dim]

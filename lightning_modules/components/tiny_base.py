@@ -15,6 +15,7 @@ import torch
 from lightning_modules.components.text import build_tiny_tokenizer
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 TINY_DIR = Path(__file__).resolve().parents[1] / "bases" / "tiny"
 
 _WIDTHS: Dict[str, dict] = {
@@ -91,11 +92,13 @@ def build_tiny_components(tokenizer_dir: str | Path, width: str = "default", ima
 
 
 def save_components(components: dict, out_dir: str | Path) -> Path:
-    """Write components as a diffusers-format folder (safetensors weights)."""
+    """Write components as a diffusers-format folder (safetensors weights); SDXL's second encoder too."""
     out = Path(out_dir)
-    for name in SUBFOLDERS:
-        obj = components[name]
-        if name in ("unet", "vae", "text_encoder"):
+    for name in SUBFOLDERS + SDXL_SUBFOLDERS:
+        obj = components.get(name)
+        if obj is None:
+            continue
+        if name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             obj.save_pretrained(out / name, safe_serialization=True)
         else:
             obj.save_pretrained(out / name)
@@ -107,31 +110,30 @@ def resolve_base(base_model: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: the folder or one of its subfolders is missing (named in the message).
-        NotImplementedError: an SDXL folder (two text encoders), not supported yet.
     """
     path = TINY_DIR if str(base_model) == "tiny" else Path(base_model).expanduser()
     if not path.is_dir():
         hint = " Run `meddiffaug pretrain` to rebuild the shipped tiny base." if str(base_model) == "tiny" else ""
         raise FileNotFoundError(f"Diffusion base folder '{path}' does not exist; pass 'tiny' or a local diffusers-format inpainting folder.{hint}")
-    if (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir():
-        raise NotImplementedError(
-            f"'{path}' looks like an SDXL checkpoint (text_encoder_2/). SDXL inpainting is not supported yet; "
-            "use an SD-1.5/SD-2 inpainting folder or 'tiny'.")
-    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+    needed = list(SUBFOLDERS)
+    if (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir():  # SDXL: both or neither
+        needed += list(SDXL_SUBFOLDERS)
+    missing = [s for s in needed if not (path / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"Diffusion base folder '{path}' lacks subfolder(s) {', '.join(missing)}; "
-                                f"a diffusers-format inpainting folder needs {', '.join(SUBFOLDERS)}.")
+                                f"a diffusers-format inpainting folder needs {', '.join(needed)}.")
     return path
 
 
 def load_components(base_model: str | Path) -> Tuple[dict, Path]:
-    """Load ``unet, vae, text_encoder, tokenizer, scheduler`` from a local diffusers folder.
+    """Load ``unet, vae, text_encoder, tokenizer, scheduler`` (and SDXL's ``text_encoder_2,
+    tokenizer_2``) from a local diffusers folder.
 
     Returns:
         (components dict, resolved folder path).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = resolve_base(base_model)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
@@ -145,4 +147,7 @@ def load_components(base_model: str | Path) -> Tuple[dict, Path]:
         tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
         scheduler=DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True),
     )
+    if (path / "text_encoder_2").is_dir():
+        comps["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True)
+        comps["tokenizer_2"] = CLIPTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
     return comps, path
