@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
@@ -92,8 +93,6 @@ def augmented_copies(images: torch.Tensor, masks: torch.Tensor, copies: int, see
 
     if copies <= 1:
         return images, masks
-    import numpy as np
-
     transform = build_transforms("standard")
     rng = np.random.default_rng(seed)
     arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
@@ -129,8 +128,8 @@ def erase_lesions(images: torch.Tensor, masks: torch.Tensor):
         candidates = [(j, shift) for j in list(range(i + 1, len(images))) + list(range(i))
                       for shift in ((0, w // 2), (h // 2, 0), (h // 2, w // 2))]
         for j, shift in candidates or [(i, (h // 2, w // 2))]:
-            donor_lesion = F.max_pool2d(lesion[j:j + 1], 2 * pad + 1, 1, pad).roll(shift, (-2, -1)).bool()
-            if not (donor_lesion & region[i:i + 1]).any():
+            # the donor's own dilated lesion region, shifted, must not reach into this one
+            if not (region[j].roll(shift, (-2, -1)) & region[i]).any():
                 break
         out[i] = torch.where(region[i], images[j].roll(shift, (-2, -1)), images[i])
         truth[i] = torch.where(region[i, 0], masks[j].roll(shift, (-2, -1)), masks[i])
@@ -168,8 +167,9 @@ def train_latent_validator(cfg, diffusion, images: torch.Tensor, masks: torch.Te
     v = cfg.validator
     t_focus = [int(v.t_eval)] + ([int(v.early_reject_t)] if v.early_reject_t is not None else [])
     images, masks = augmented_copies(images, masks, int(v.augment_copies), seed=int(cfg.generation.seed))
-    # about as many ε̂ estimates in total whatever the number of copies (bank cost stays flat)
-    per_image = max(3, 9 // max(1, int(v.augment_copies)) * 3)
+    # about as many ε̂ estimates in total whatever the number of copies (bank cost stays flat):
+    # 9 per image without copies, a multiple of 3 (one per bank variant), at least 3
+    per_image = max(3, 9 // max(1, int(v.augment_copies)) // 3 * 3)
     bank = build_latent_bank(diffusion, images, masks, prompt, t_focus, per_image=per_image, seed=int(cfg.generation.seed))
     L.seed_everything(int(cfg.generation.seed), workers=True, verbose=False)
     model = LatentValidator(in_channels=bank["x"].shape[1], num_classes=num_classes, lr=v.lr,

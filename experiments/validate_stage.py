@@ -246,14 +246,6 @@ def gate_sanity(ious: dict, threshold: float) -> dict:
             "gen/real_missing_reject_rate": rate(ious["missing"] < threshold)}
 
 
-def real_negative_rejection(gate: Callable, images: torch.Tensor, masks: torch.Tensor, threshold: float) -> dict:
-    """Only the rejection rates of :func:`gate_sanity` (nan with fewer than 2 pairs)."""
-    if len(images) < 2:
-        return {"gen/real_misplaced_reject_rate": float("nan"), "gen/real_missing_reject_rate": float("nan")}
-    rates = gate_sanity(real_gate_ious(gate, images, masks), threshold)
-    return {k: rates[k] for k in ("gen/real_misplaced_reject_rate", "gen/real_missing_reject_rate")}
-
-
 def load_generated(gen_dir: Path, size: Optional[int] = None):
     """The generate folder's finished samples, resized to ``size``, and its early-rejected rows.
 

@@ -262,14 +262,15 @@ def test_prompted_validator_needs_the_intended_mask(tmp_path):
 
 
 def test_real_negative_rejection_with_oracle_gate():
-    from experiments.validate_stage import erase_lesions, make_gate, real_negative_rejection
+    from experiments.validate_stage import erase_lesions, gate_sanity, make_gate, real_gate_ious
 
     images, masks = render(8, seed=3)
     erased = erase_lesions(images, masks)
     assert not OracleSegmenter().predict_masks(erased[0])[masks.bool()].any() and not erased[1].any()  # the lesion is gone
     gate = make_gate("pixel", None, "a polyp", 2, torch.device("cpu"), segmenter=OracleSegmenter())
-    rates = real_negative_rejection(gate, images, masks, 0.5)
-    assert rates == {"gen/real_misplaced_reject_rate": 1.0, "gen/real_missing_reject_rate": 1.0}
+    rates = gate_sanity(real_gate_ious(gate, images, masks), 0.5)
+    assert rates["gen/real_pass_rate"] == 1.0
+    assert rates["gen/real_misplaced_reject_rate"] == 1.0 and rates["gen/real_missing_reject_rate"] == 1.0
 
 
 def test_augmented_copies_are_seeded_and_keep_masks_aligned():

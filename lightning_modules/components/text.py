@@ -143,12 +143,12 @@ def encode_text_sdxl(tokenizers: Sequence, text_encoders: Sequence, prompts: Seq
     Returns:
         float (B, L+1, D1+D2) on the first encoder's device; requires P <= D1+D2.
     """
-    hidden, pooled = [], None
+    hidden = []
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenize(tokenizer, prompts).to(encoder.device)
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
-        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0][:, 0]
+    pooled = out.text_embeds  # the last encoder's projection (CLIPTextModelWithProjection)
     states = torch.cat(hidden, dim=-1)
     row = F.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))[:, None]
     return torch.cat([states, row.to(states.dtype)], dim=1)
