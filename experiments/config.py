@@ -114,6 +114,9 @@ class ValidatorConfig:
 
     mode: str = "single_step"  # single_step | full | pixel | none
     iou_threshold: float = 0.7
+    # None: θ as given (DiffAug). A share q in (0, 1]: θ is lowered (never raised) to the IoU that q of
+    # held-out real pairs reach, for validators too weak to give real pairs θ (see README, "Quality gate")
+    calibrate_real_pass: Optional[float] = None
     t_eval: int = 200  # timestep for the single-step clean-latent estimate
     prompted: bool = True  # the latent validator also sees the intended mask (verification, not segmentation)
     augment_copies: int = 8  # the real pairs plus transformed copies the latent validator trains on
@@ -257,6 +260,12 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"Unknown stage(s) {unknown} in 'stages'; choose from {', '.join(STAGES)}.")
     if not 0.0 <= cfg.validator.iou_threshold <= 1.0:
         raise ConfigError("'validator.iou_threshold' must lie in [0, 1].")
+    q = cfg.validator.calibrate_real_pass
+    if q is not None and not 0.0 < q <= 1.0:
+        raise ConfigError("'validator.calibrate_real_pass' must lie in (0, 1] (a share of real pairs), or be null.")
+    if q is not None and cfg.validator.early_reject_t is not None:
+        raise ConfigError("'validator.calibrate_real_pass' and 'validator.early_reject_t' cannot be combined: early "
+                          "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")
     if cfg.augment.ratio < 0:
         raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
 

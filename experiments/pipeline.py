@@ -28,6 +28,10 @@ from experiments.config import STAGES, ConfigError
 _IGNORED = {"data": {"num_workers", "cache_dir"},
             "trainer": {"accelerator", "devices", "strategy", "log_every_n_steps"}}
 
+# Keys added after results were cached, at the value that reproduces the old behaviour: left out of
+# the signature at that value, so adding an option does not invalidate every cached stage.
+_NEUTRAL = {"validator": {"calibrate_real_pass": None}}
+
 STAGE_FUNCTIONS = {
     "finetune": "experiments.finetune_stage:run_finetune",
     "generate": "experiments.generate_stage:run_generate",
@@ -54,7 +58,9 @@ def upstream_of(cfg: DictConfig, stage: str) -> List[str]:
 
 def _subtree(cfg: DictConfig, section: str) -> Dict[str, Any]:
     node = OmegaConf.to_container(cfg[section], resolve=True)
-    return {k: v for k, v in node.items() if k not in _IGNORED.get(section, set())}
+    neutral = _NEUTRAL.get(section, {})
+    return {k: v for k, v in node.items()
+            if k not in _IGNORED.get(section, set()) and not (k in neutral and v == neutral[k])}
 
 
 def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:

@@ -37,10 +37,12 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
     ("augment.method=mixup", "augment.method"),
     ("validator.iou_threshold=1.5", "validator.iou_threshold"),
     ("stages=[segment,train]", "stages"),
+    ("validator.calibrate_real_pass=0", "validator.calibrate_real_pass"),
+    ("validator.calibrate_real_pass=0.8;validator.early_reject_t=100", "validator.early_reject_t"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override.split(";"))
     assert key in str(err.value)
 
 

@@ -54,6 +54,16 @@ def test_signatures_change_only_downstream(tmp_path):
     assert theta["segment"] != base["segment"]
 
 
+def test_new_option_at_its_neutral_value_keeps_old_signatures(tmp_path, monkeypatch):
+    base = pipeline.signatures(_cfg(tmp_path))
+    # what the signature was before the option existed: the same payload without the key
+    monkeypatch.setitem(pipeline._IGNORED, "validator", {"calibrate_real_pass"})
+    assert pipeline.signatures(_cfg(tmp_path)) == base
+    monkeypatch.undo()
+    calibrated = pipeline.signatures(_cfg(tmp_path, "validator.calibrate_real_pass=0.8"))
+    assert calibrated["generate"] == base["generate"] and calibrated["validate"] != base["validate"]
+
+
 def test_stage_version_bump_invalidates_that_stage_and_downstream(tmp_path, monkeypatch):
     base = pipeline.signatures(_cfg(tmp_path))
     monkeypatch.setitem(pipeline.STAGE_VERSIONS, "validate", 0)

@@ -97,6 +97,46 @@ def test_pixel_mode_with_oracle_segmenter(generated, tmp_path):
         assert 0 < eroded.sum() < original.sum() and not (eroded & ~original.astype(bool)).any()
 
 
+class CoreOnlySegmenter:
+    """A weak gate: finds the lesion but only its core, so even real pairs reach IoU well below 0.7."""
+
+    def predict_masks(self, images):
+        lesion = OracleSegmenter().predict_masks(images).float()[:, None]
+        return (1 - torch.nn.functional.max_pool2d(1 - lesion, 5, 1, 2))[:, 0].long()
+
+
+def test_calibrate_threshold_lowers_never_raises_and_checks_other_pairs():
+    from experiments.validate_stage import calibrate_threshold
+    real = torch.tensor([0.40, 0.90, 0.50, 0.90, 0.60, 0.90, 0.45, 0.90, 0.55, 0.10])
+    ious = {"real": real, "misplaced": torch.zeros(10), "missing": torch.arange(10.0)}
+    theta, check = calibrate_threshold(ious, 0.7, 0.8)
+    # calibrated on the even pairs (0.40 .. 0.60): 80 % of them reach θ
+    assert theta == pytest.approx(float(torch.quantile(real[0::2], 0.2)))
+    assert float((real[0::2] >= theta).float().mean()) == pytest.approx(0.8)
+    assert torch.equal(check["real"], real[1::2]) and torch.equal(check["missing"], torch.arange(1.0, 10.0, 2))
+    assert calibrate_threshold(ious, 0.3, 0.8)[0] == 0.3  # a θ real pairs already reach stays
+    assert calibrate_threshold(ious, 0.7, None) == (0.7, ious)
+
+
+def test_calibrated_gate_passes_real_pairs_a_weak_gate_fails(generated, tmp_path):
+    dm, gen, _ = generated
+    from lightning_modules.components.quality import pixel_stat_features
+    base = ["validator.mode=pixel", "validator.iou_threshold=0.7", "validator.erode_px=0"]
+    runs = {}
+    for name, extra in (("fixed", []), ("calibrated", ["validator.calibrate_real_pass=0.8"])):
+        work = tmp_path / name
+        runs[name] = run_validate(load_config(None, base + extra), dm, work, {"generate": gen},
+                                  segmenter=CoreOnlySegmenter(), feature_fn=pixel_stat_features)
+        runs[name + "_decisions"] = _check_outputs(work, runs[name])[0]
+    fixed, calibrated, dec = runs["fixed"], runs["calibrated"], runs["calibrated_decisions"]
+    assert fixed["gen/gate_flagged"] == 1.0 and fixed["gen/iou_threshold"] == 0.7
+    assert calibrated["gen/iou_threshold"] < 0.7 and calibrated["gen/gate_flagged"] == 0.0
+    assert calibrated["gen/n_accepted"] > fixed["gen/n_accepted"]
+    assert sum(dec[f"g{i}"]["accepted"] for i in range(4)) >= 3
+    assert not any(dec[f"g{i}"]["accepted"] for i in range(4, 8))  # erased and shifted lesions still fail
+    assert calibrated["gen/real_misplaced_reject_rate"] == 1.0
+
+
 def test_none_mode_accepts_all_but_quality_rejects(generated, tmp_path):
     dm, gen, _ = generated
     from lightning_modules.components.quality import pixel_stat_features
