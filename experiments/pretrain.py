@@ -158,8 +158,8 @@ def main(argv=None) -> int:
         if not (source / "vae").is_dir():
             raise SystemExit(f"--vae-from {args.vae_from}: '{source / 'vae'}' is not a diffusers VAE folder")
         comps["vae"] = AutoencoderKL.from_pretrained(source / "vae")
-        state.update(vae=comps["vae"].state_dict(), vae_done=True, vae_psnr=float("nan"), vae_step=0,
-                     vae_scale=float(comps["vae"].config.scaling_factor), vae_seconds=0.0)
+        state.update(vae=comps["vae"].state_dict(), vae_done=True, vae_psnr=None, vae_step=0,
+                     vae_scale=float(comps["vae"].config.scaling_factor), vae_seconds=0.0, vae_source=str(source))
         _log(log, f"vae reused from {source} (frozen; VAE phase skipped)")
     if "vae" in state:
         comps["vae"].load_state_dict(state["vae"])
@@ -241,7 +241,9 @@ def main(argv=None) -> int:
     size_mb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2 ** 20
     card = {
         "command": command, "data": f"procedural pool, {args.pool_size} images x {len(prompt_pairs)} kinds at {args.image_size}px (seeds {args.seed}+1000+k)",
-        "vae_steps": state.get("vae_step"), "vae_batch_size": args.vae_batch_size, "vae_crop": args.vae_crop, "vae_psnr_db": round(state["vae_psnr"], 2), "vae_psnr_by_kind": psnr_by_kind, "vae_scaling_factor": round(state["vae_scale"], 5),
+        "vae_steps": state.get("vae_step"), "vae_batch_size": args.vae_batch_size, "vae_crop": args.vae_crop, "vae_psnr_db": None if state["vae_psnr"] is None else round(state["vae_psnr"], 2),
+        "vae_source": state.get("vae_source"), "vae_widths": list(comps["vae"].config.block_out_channels),
+        "unet_widths": list(ema.config.block_out_channels), "out": str(out), "vae_psnr_by_kind": psnr_by_kind, "vae_scaling_factor": round(state["vae_scale"], 5),
         "unet_steps": step, "batch_size": args.batch_size, "final_unet_loss": round(final_loss, 5), "unet_params": n_unet,
         "wall_minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "weights_mb": round(size_mb, 2),
         "prompts": prompt_pairs,
@@ -260,18 +262,24 @@ def main(argv=None) -> int:
 
 def _card(c: dict) -> str:
     prompts = "\n".join(f"  * lesion: \"{a}\" / background (negative): \"{b}\"" for a, b in c["prompts"])
+    vae_widths = tuple(c.get("vae_widths") or (32, 64, 64))
+    if c.get("vae_source"):
+        vae_training = f"reused frozen from `{c['vae_source']}` (not trained here)"
+    else:
+        vae_training = (f"{c['vae_steps']} steps at batch {c['vae_batch_size']} (random {c['vae_crop']} px crops);\n"
+                        f"  held-out reconstruction PSNR **{c['vae_psnr_db']} dB**")
+    loads = "\"tiny\"" if c.get("out") in (None, str(TINY_DIR)) else f"\"{c['out']}\""
     return f"""# Tiny inpainting diffusion base (meddiffaug)
 
 Latent-diffusion inpainting model in diffusers format, pretrained from scratch on CPU by
-`meddiffaug pretrain`; loads offline with `InpaintingDiffusion.from_base("tiny")`.
+`meddiffaug pretrain`; loads offline with `InpaintingDiffusion.from_base({loads})`.
 
 * Command: `{c['command']}` ({c['threads']} thread(s))
 * Data: {c['data']}; no real images.
-* VAE: AutoencoderKL (32, 64, 64), 64 px -> 16x16x4 latents; {c['vae_steps']} steps at batch {c['vae_batch_size']}
-  (random {c['vae_crop']} px crops);
-  held-out reconstruction PSNR **{c['vae_psnr_db']} dB**; per kind on fresh images {c['vae_psnr_by_kind']}
+* VAE: AutoencoderKL {vae_widths}, 64 px -> 16x16x4 latents; {vae_training};
+  PSNR per kind on fresh images {c['vae_psnr_by_kind']}
   (ultrasound speckle is noise the 16x16x4 latent cannot keep); scaling_factor {c['vae_scaling_factor']}.
-* UNet: UNet2DConditionModel (32, 64, 64), in_channels 9 = [noisy latents 4, mask 1, masked-image latents 4],
+* UNet: UNet2DConditionModel {tuple(c.get("unet_widths") or (32, 64, 64))}, in_channels 9 = [noisy latents 4, mask 1, masked-image latents 4],
   {c['unet_params']:,} parameters; {c['unet_steps']} steps at batch {c['batch_size']} (EMA weights);
   final ε-MSE loss **{c['final_unet_loss']}**. Text encoder: CLIPTextModel (hidden 64, 2 layers), trained jointly.
 * Training regions: lesions under the lesion prompt (45 %), lesion-free blobs under the background

@@ -432,8 +432,9 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     metrics["gen/gate_flagged"] = float(real_pass < 0.8)
     if real_pass < 0.8:
         warnings.warn(f"[validate] the {mode} gate passes only {real_pass:.0%} of REAL validation pairs at "
-                      f"IoU >= {theta:.3g}: it judges its own weakness, not the samples (gen/gate_flagged=1). "
-                      "validator.calibrate_real_pass=0.8 lowers θ to what real pairs reach.")
+                      f"IoU >= {theta:.3g}: it judges its own weakness, not the samples (gen/gate_flagged=1)."
+                      + ("" if v.calibrate_real_pass is not None else
+                         " validator.calibrate_real_pass=0.8 lowers θ to what real pairs reach."))
 
     score = torch.full((n,), float("nan"))
     outlier = near = torch.zeros(n, dtype=torch.bool)

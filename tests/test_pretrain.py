@@ -23,7 +23,11 @@ def test_pretrain_large_width_reuses_the_shipped_vae(tmp_path):
     assert sum(p.numel() for p in unet.parameters()) > 3 * sum(p.numel() for p in shipped.parameters())
     vae, shipped_vae = AutoencoderKL.from_pretrained(out / "vae"), AutoencoderKL.from_pretrained(TINY_DIR / "vae")
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), shipped_vae.state_dict().values()))
-    assert "--width large" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "--width large" in card and "(64, 128, 128)" in card and "reused frozen from" in card
+    assert "nan dB" not in card and f'from_base("{out}")' in card
+    import json
+    assert json.loads((out / "pretrain_metrics.json").read_text())["vae_psnr_db"] is None  # valid JSON, no NaN
 
 
 def test_pretrain_rejects_a_folder_without_vae(tmp_path):

@@ -1,0 +1,14 @@
+"""Benchmarks run end to end on tiny settings and print parseable JSON lines."""
+from __future__ import annotations
+
+import json
+
+
+def test_base_cost_measures_every_base_against_the_first(capsys):
+    from benchmarks.base_cost import main
+
+    rows = main(["--bases", "tiny", "tiny", "--samples", "2", "--batch-size", "2", "--steps", "2", "--repeats", "1"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == rows and len(rows) == 3
+    assert all(r["samples_per_s"] > 0 and r["unet_params"] > 0 for r in rows[:2])
+    assert rows[2]["reference"] == "tiny" and rows[2]["cost_ratio"]["tiny"] > 0
