@@ -70,6 +70,8 @@ def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
         return {"data": data, "diffusion": _subtree(cfg, "diffusion"), "precision": cfg.trainer.precision}
     if stage == "generate":
         inputs = {"data": data, "generation": _subtree(cfg, "generation"), "method": cfg.augment.method}
+        if cfg.augment.method == "copy_paste" and COPY_PASTE_VERSION > 1:
+            inputs["copy_paste_version"] = COPY_PASTE_VERSION  # only copy-paste outputs are recomputed
         if cfg.augment.method == "diffusion":
             inputs["diffusion_prompt"] = cfg.diffusion.prompt
             if cfg.validator.mode == "single_step" and cfg.validator.early_reject_t is not None:
@@ -93,6 +95,9 @@ def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
 # results (and, through the upstream signatures, everything downstream) are then recomputed.
 # Version 0 adds nothing to the hash, so results cached before versions existed stay valid.
 STAGE_VERSIONS: Dict[str, int] = {"finetune": 0, "generate": 0, "validate": 0, "segment": 0}
+# The copy-paste generator's own version (1 = before versions existed): 2 = robust (median/MAD)
+# colour statistics, so vessels around a fundus disc no longer darken the pasted one.
+COPY_PASTE_VERSION = 2
 
 
 def signature(cfg: DictConfig, stage: str, upstream_sigs: Dict[str, str]) -> str:

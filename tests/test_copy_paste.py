@@ -97,3 +97,17 @@ def test_donor_components_only_from_given_rows():
     assert d.sum() == 25 and d[22, 22] == 1 and d[3, 3] == 0
     with pytest.raises(ValueError, match="train_few"):
         lesion_components(masks, [1])
+
+
+def test_vessels_around_the_new_lesion_do_not_change_its_colour(donor, new_mask):
+    """A few dark vessels crossing the target surroundings must not darken or re-contrast the paste."""
+    clean, _ = _scene((120, 120, 120), seed=2)
+    vessels = clean.copy()
+    vessels[:, 12:14] = 30  # two dark vertical vessels through the ring around the new mask
+    vessels[28:30, :] = 30
+    inside = new_mask > 0
+    inside &= ~np.isin(np.arange(S), [12, 13])[None, :] & ~np.isin(np.arange(S), [28, 29])[:, None]
+    on_clean = copy_paste(clean, new_mask, donor[0], donor[1], feather_px=1.0)[inside].astype(float)
+    on_vessels = copy_paste(vessels, new_mask, donor[0], donor[1], feather_px=1.0)[inside].astype(float)
+    assert np.abs(on_clean.mean(0) - on_vessels.mean(0)).max() < 8
+    assert on_vessels.std(0).max() < 1.3 * on_clean.std(0).max() + 1

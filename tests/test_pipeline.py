@@ -64,6 +64,15 @@ def test_new_option_at_its_neutral_value_keeps_old_signatures(tmp_path, monkeypa
     assert calibrated["generate"] == base["generate"] and calibrated["validate"] != base["validate"]
 
 
+def test_copy_paste_version_invalidates_only_copy_paste_generation(tmp_path, monkeypatch):
+    runs = {m: _cfg(tmp_path, f"augment.method={m}") for m in ("copy_paste", "diffusion")}
+    before = {m: pipeline.signatures(c) for m, c in runs.items()}
+    monkeypatch.setattr(pipeline, "COPY_PASTE_VERSION", pipeline.COPY_PASTE_VERSION + 1)
+    after = {m: pipeline.signatures(c) for m, c in runs.items()}
+    assert after["diffusion"] == before["diffusion"]
+    assert after["copy_paste"]["generate"] != before["copy_paste"]["generate"]
+
+
 def test_stage_version_bump_invalidates_that_stage_and_downstream(tmp_path, monkeypatch):
     base = pipeline.signatures(_cfg(tmp_path))
     monkeypatch.setitem(pipeline.STAGE_VERSIONS, "validate", 0)

@@ -46,8 +46,15 @@ def _ring(region: np.ndarray, width: int, exclude: Optional[np.ndarray]) -> np.n
 
 
 def _stats(lab: np.ndarray, where: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Robust centre and spread (median, 1.4826·MAD) of the Lab pixels in ``where``.
+
+    Robust because a lesion's surroundings often hold a few vessels or folds (fundus, colon):
+    with mean/std they dominate the spread, and the contrast ratio would paint the pasted
+    lesion's own vessels nearly black.
+    """
     pix = lab[where] if where.sum() >= 3 else lab[fallback]
-    return pix.mean(0), pix.std(0) + 1e-3
+    centre = np.median(pix, 0)
+    return centre, 1.4826 * np.median(np.abs(pix - centre), 0) + 1e-3
 
 
 def donor_texture(donor_image: np.ndarray, donor_region: np.ndarray) -> np.ndarray:
