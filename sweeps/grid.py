@@ -187,13 +187,16 @@ def print_cells(cells: Sequence[Cell], done: Dict[str, str]) -> None:
     print(f"{len(cells)} cells: {n_done} done, {len(cells) - n_done} todo")
 
 
-def run_cells(cells: Sequence[Cell]) -> Dict[str, List[str]]:
-    """Run every cell not yet FINISHED; one failing cell does not stop the others.
+def run_cells(cells: Sequence[Cell], rerun: bool = False) -> Dict[str, List[str]]:
+    """Run every cell not yet FINISHED (every cell with ``rerun``); one failing cell does not stop the others.
+
+    A rerun logs a new MLflow run per cell; tables keep each cell's latest finished run, and the old
+    run stays in MLflow. Stages whose signature is unchanged come from the cache.
 
     Returns:
         ``{"ran": [...], "skipped": [...], "failed": [...]}`` lists of cell signatures.
     """
-    done = finished_cells(cells)
+    done = {} if rerun else finished_cells(cells)
     report: Dict[str, List[str]] = {"ran": [], "skipped": [], "failed": []}
     dm_key, datamodule = None, None
     for i, cell in enumerate(cells):
@@ -243,7 +246,7 @@ def run_workers(argv: List[str], workers: int) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``meddiffaug grid GRID.yaml [--dry-run] [--only KEY=VALUE ...]``."""
+    """``meddiffaug grid GRID.yaml [--dry-run] [--only KEY=VALUE ...] [--rerun] [--workers N]``."""
     parser = argparse.ArgumentParser(prog="meddiffaug grid", description=main.__doc__)
     parser.add_argument("grid", help="grid YAML, e.g. sweeps/grids/diffaug_main.yaml")
     parser.add_argument("--dry-run", action="store_true", help="list cells and their status; run nothing")
@@ -251,6 +254,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="restrict to cells with this variant/seed/axis value (repeatable)")
     parser.add_argument("--workers", type=int, default=1,
                         help="run the cells in N processes on this machine (each takes every N-th cell)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run the selected cells even if finished (after a code change that bumped a "
+                             "stage version); tables then use each cell's latest run")
     parser.add_argument("--shard", default=None, metavar="I/N", help="run only cells i, i+N, ... (used by --workers)")
     args = parser.parse_args(argv)
     cells = select(grid_cells(args.grid), args.only)
@@ -264,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         print_cells(cells, finished_cells(cells))
         return 0
-    report = run_cells(cells)
+    report = run_cells(cells, rerun=args.rerun)
     print(f"[grid] ran {len(report['ran'])}, already done {len(report['skipped'])}, "
           f"failed {len(report['failed'])}: {' '.join(report['failed'])}", flush=True)
     return 1 if report["failed"] else 0

@@ -100,6 +100,12 @@ def test_dry_run_then_partial_then_full_rerun(tmp_path, fakes, capsys):
     assert {"grid", "cell", "variant", "seed", "axis.augment.ratio", "table"} <= set(tags)
     assert main([path]) == 0 and fake_stages.calls(fakes, "segment") == 8  # nothing left to do
 
+    # --rerun logs the selected cells again; unchanged stages come from the cache
+    assert main([path, "--rerun", "--only", "variant=gated", "--only", "seed=0"]) == 0
+    assert fake_stages.calls(fakes, "segment") == 8
+    runs = [r for r in grid_runs(tmp_path) if r.info.status == "FINISHED"]
+    assert len(runs) == 10 and len({r.data.tags["cell"] for r in runs}) == 8
+
 
 def test_failed_cell_does_not_stop_the_grid_and_reruns(tmp_path, fakes, monkeypatch):
     from sweeps.grid import main

@@ -1,6 +1,7 @@
 """``meddiffaug table`` end to end on a fake MLflow store: numbers, pairing, flags, files."""
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,17 @@ def test_diff_cell_never_fakes_a_ci():
     worse = {"mean": 0.1, "ci95_low": 0.05, "ci95_high": 0.15, "n": 3}
     assert "▼" in _diff_cell(worse, {**col, "metric": "test/fnr", "higher_is_better": False}, False)
     assert _diff_cell(None, col, False) == "no paired seeds"
+
+
+def test_a_rerun_cell_counts_once_with_its_latest_run(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("g", artifact_location=(tmp_path / "art").as_uri())
+    mlflow.set_experiment("g")
+    for dice in (0.2, 0.5):  # the same cell finished twice (meddiffaug grid --rerun)
+        _log_run(mlflow, "g", {"variant": "a", "seed": "0", "cell": "a-0"}, {"test/dice": dice})
+        time.sleep(0.01)  # distinct start times (milliseconds)
+    df = collect_runs("g", uri)
+    assert len(df) == 1 and float(df["metrics.test/dice"].iloc[0]) == 0.5
