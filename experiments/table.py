@@ -23,12 +23,12 @@ from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
 from experiments.stats import jsonable, paired_difference, summarize
-from experiments.table_render import (COLLAPSE_METRIC, GATE_METRIC, render_markdown_table,  # noqa: F401
-                                      render_section)
+from experiments.table_render import (COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS,  # noqa: F401
+                                      render_markdown_table, render_section)
 
 SPEC_KEYS = {"title", "grid", "command", "rows", "columns", "baseline", "compare", "filter",
              "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes",
-             "gate_min_real_pass", "samples"}
+             "gate_min_real_pass", "gate_min_real_reject", "samples"}
 
 
 def canon(value: Any) -> str:
@@ -159,7 +159,7 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
     """
     by_cols = [column_of(b) for b in spec["rows"]["by"]]
     metrics = list(dict.fromkeys([c["metric"] for c in spec["columns"]] + spec["compare"]
-                                 + [GATE_METRIC, COLLAPSE_METRIC]))
+                                 + [GATE_METRIC, *GATE_REJECT_METRICS, COLLAPSE_METRIC]))
     if len(runs) and all(c in runs for c in by_cols):
         runs = runs.dropna(subset=by_cols)  # e.g. a parent run of the grid has no row tag
     else:
@@ -191,7 +191,9 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
         row["collapsed"] = sum(1 for v in frame.get(f"metrics.{COLLAPSE_METRIC}", []) if v >= 0.5)
         row["seeds_collapsed"] = sorted(s for s, v in collapsed.items() if v >= 0.5)
         gate = row["metrics"][GATE_METRIC]["mean"]
-        row["gate_warning"] = bool(gate == gate and gate < spec.get("gate_min_real_pass", 0.8))
+        rejects = [row["metrics"][m]["mean"] for m in GATE_REJECT_METRICS]
+        row["gate_warning"] = bool(gate == gate and gate < spec.get("gate_min_real_pass", 0.8)) or any(
+            r == r and r < spec.get("gate_min_real_reject", 0.5) for r in rejects)
         rows.append(row)
     for base in spec["baselines"]:
         for row in rows:

@@ -12,6 +12,8 @@ from experiments.stats import fmt
 
 SEG_PREFIXES = ("test/", "val/")  # metrics a collapsed segmenter corrupts
 GATE_METRIC, COLLAPSE_METRIC = "gen/real_pass_rate", "seg/collapsed"
+# a gate must also reject real pairs made wrong; one that passes them judges nothing
+GATE_REJECT_METRICS = ("gen/real_misplaced_reject_rate", "gen/real_missing_reject_rate")
 
 
 def render_markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -98,9 +100,15 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
             body.append([label] + cells + [str(r["n"])] + diffs)
             if r["gate_warning"]:
                 rate = r["metrics"][GATE_METRIC]["mean"]
-                notes.append(f"⚠ {r['label']}: gate passes only {rate * 100:.0f} % of real validation "
-                             f"pairs (mean `{GATE_METRIC}` < {spec.get('gate_min_real_pass', 0.8):.2f}); "
-                             "its verdicts on synthetic pairs are not trustworthy.")
+                if rate < spec.get("gate_min_real_pass", 0.8):
+                    notes.append(f"⚠ {r['label']}: gate passes only {rate * 100:.0f} % of real validation "
+                                 f"pairs (mean `{GATE_METRIC}` < {spec.get('gate_min_real_pass', 0.8):.2f}); "
+                                 "its verdicts on synthetic pairs are not trustworthy.")
+                else:
+                    rejects = ", ".join(f"{r['metrics'][m]['mean'] * 100:.0f} % of {m.split('_')[1]}"
+                                        for m in GATE_REJECT_METRICS)
+                    notes.append(f"⚠ {r['label']}: gate rejects only {rejects} real lesions (mean < "
+                                 f"{spec.get('gate_min_real_reject', 0.5):.2f}); it passes wrong pairs too.")
         if any(r["collapsed"] for r in table["rows"]):
             notes.append("collapsed: a run whose best validation Dice stayed under "
                          "`segmenter.collapse_dice`; such runs are included in the mean and counted.")

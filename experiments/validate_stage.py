@@ -429,7 +429,13 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     metrics["gen/iou_threshold"] = theta
     iou_ok = torch.ones(n, dtype=torch.bool) if mode == "none" else ious >= theta
     metrics["gen/real_pass_rate"] = real_pass
-    metrics["gen/gate_flagged"] = float(real_pass < 0.8)
+    # a gate must pass real pairs AND reject them made wrong (a gate at θ = 0 passes the first check)
+    weak_rejects = [k.split("_")[1] for k in ("gen/real_misplaced_reject_rate", "gen/real_missing_reject_rate")
+                    if metrics.get(k, 1.0) < 0.5]
+    metrics["gen/gate_flagged"] = float(real_pass < 0.8 or bool(weak_rejects))
+    if weak_rejects:
+        warnings.warn(f"[validate] the {mode} gate at IoU >= {theta:.3g} rejects fewer than half of the real pairs "
+                      f"made wrong ({', '.join(weak_rejects)} lesions): it passes wrong pairs (gen/gate_flagged=1).")
     if real_pass < 0.8:
         warnings.warn(f"[validate] the {mode} gate passes only {real_pass:.0%} of REAL validation pairs at "
                       f"IoU >= {theta:.3g}: it judges its own weakness, not the samples (gen/gate_flagged=1)."

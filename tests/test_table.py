@@ -43,7 +43,8 @@ def store(tmp_path_factory):
                        "test/fnr_small": 0.5 - dice / 2,
                        "seg/collapsed": float(variant == "copy_paste" and seed == 2),
                        "gen/real_pass_rate": 0.43 if variant == "synthetic_unfiltered" else 0.95,
-                       "gen/accept_rate": 0.6}
+                       "gen/real_misplaced_reject_rate": 0.2 if variant == "synthetic_filtered" else 0.9,
+                       "gen/real_missing_reject_rate": 0.9, "gen/accept_rate": 0.6}
             _log_run(mlflow, "diffaug_main", {"variant": variant, "seed": str(seed),
                                               "cell": f"{variant}-{seed}"}, metrics)
     run = mlflow.start_run(tags={"grid": "diffaug_main", "variant": "real_only", "seed": "9",
@@ -94,7 +95,9 @@ def _rows(result, table):
 
 
 def _md_row(text, label):
-    return next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+    # a flagged row's label carries a "⚠ " prefix
+    return next(line for line in text.splitlines()
+                if line.startswith(f"| {label}") or line.startswith(f"| ⚠ {label}"))
 
 
 def test_results_md_says_it_is_generated(outputs):
@@ -153,6 +156,9 @@ def test_gate_sanity_flag(outputs):
     assert _md_row(text, "⚠ Diffusion, no gate")
     assert "gate passes only 43 % of real validation pairs" in text
     assert not _rows(result, "diffaug_main")["real_only"]["gate_warning"]
+    # passing real pairs is not enough: a gate must also reject them made wrong
+    assert _rows(result, "diffaug_main")["synthetic_filtered"]["gate_warning"]
+    assert "gate rejects only 20 % of misplaced, 90 % of missing real lesions" in text
 
 
 def test_pending_rows_show_commands_not_numbers(outputs):

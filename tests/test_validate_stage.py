@@ -137,6 +137,15 @@ def test_calibrated_gate_passes_real_pairs_a_weak_gate_fails(generated, tmp_path
     assert calibrated["gen/real_misplaced_reject_rate"] == 1.0
 
 
+def test_gate_that_passes_wrong_real_pairs_is_flagged(generated, tmp_path):
+    dm, gen, _ = generated
+    cfg = load_config(None, ["validator.mode=pixel", "validator.iou_threshold=0.0", "validator.quality_filter=false"])
+    with pytest.warns(UserWarning, match="rejects fewer than half"):
+        metrics = run_validate(cfg, dm, tmp_path / "v", {"generate": gen}, segmenter=OracleSegmenter())
+    assert metrics["gen/real_pass_rate"] == 1.0 and metrics["gen/real_misplaced_reject_rate"] == 0.0
+    assert metrics["gen/gate_flagged"] == 1.0
+
+
 def test_none_mode_accepts_all_but_quality_rejects(generated, tmp_path):
     dm, gen, _ = generated
     from lightning_modules.components.quality import pixel_stat_features
