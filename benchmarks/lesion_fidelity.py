@@ -5,7 +5,10 @@ the judge must be stronger than the models it judges), then reports the mean IoU
 generated pair's intended mask and the judge's prediction, next to the same figure on the real
 test pairs as the reference. Prints one JSON line.
 
-    python -m benchmarks.lesion_fidelity --generate-dir artifacts/generate/<sig>
+    python -m benchmarks.lesion_fidelity --generate-dir artifacts/generate/<sig> [artifacts/generate/<sig2> ...]
+
+Several folders (e.g. two diffusion bases, MSDM) are judged by the same judge, side by side; the
+judge's training is not bit-reproducible on CPU, so only figures from one run compare.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def mean_iou(module, dataset, num_classes: int) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generate-dir", required=True, help="a finished generate-stage folder")
+    parser.add_argument("--generate-dir", required=True, nargs="+", help="finished generate-stage folder(s)")
     parser.add_argument("--config", default="experiments/configs/procedural_polyp_baseline.yaml")
     parser.add_argument("--steps", type=int, default=600, help="judge training steps")
     args = parser.parse_args(argv)
@@ -55,15 +58,19 @@ def main(argv=None) -> dict:
         judge = build_segmenter(cfg, datamodule)
         best = sorted(Path(workdir, "checkpoints").glob("best-*.ckpt"))[-1]
         judge.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-    generated = SyntheticPairs(Path(args.generate_dir) / "manifest.jsonl", cfg.data.image_size)
     result = {
         "judge_train_pairs": len(datamodule.split_indices["train_few"]),
         "judge_test_dice": round(metrics["test/dice"], 4),
         "real_test_mean_iou": round(mean_iou(judge, datamodule.dataset("test"), datamodule.num_classes), 4),
-        "generated_mean_iou": round(mean_iou(judge, generated, datamodule.num_classes), 4),
-        "n_generated": len(generated),
-        "seconds": round(time.time() - start, 1),
     }
+    for folder in args.generate_dir:
+        generated = SyntheticPairs(Path(folder) / "manifest.jsonl", cfg.data.image_size)
+        result.setdefault("generated", []).append({
+            "generate_dir": str(folder), "n_generated": len(generated),
+            "generated_mean_iou": round(mean_iou(judge, generated, datamodule.num_classes), 4)})
+    if len(args.generate_dir) == 1:  # one folder: the flat line earlier runs printed
+        result.update({k: v for k, v in result.pop("generated")[0].items() if k != "generate_dir"})
+    result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
     return result
 
