@@ -117,6 +117,8 @@ class ValidatorConfig:
     # None: θ as given (DiffAug). A share q in (0, 1]: θ is lowered (never raised) to the IoU that q of
     # held-out real pairs reach, for validators too weak to give real pairs θ (see README, "Quality gate")
     calibrate_real_pass: Optional[float] = None
+    # the calibrated θ never drops below this: at θ = 0 a gate passes pairs with no overlap at all
+    calibrate_min_threshold: float = 0.05
     t_eval: int = 200  # timestep for the single-step clean-latent estimate
     prompted: bool = True  # the latent validator also sees the intended mask (verification, not segmentation)
     augment_copies: int = 8  # the real pairs plus transformed copies the latent validator trains on
@@ -263,6 +265,8 @@ def _validate(cfg: DictConfig) -> None:
     q = cfg.validator.calibrate_real_pass
     if q is not None and not 0.0 < q <= 1.0:
         raise ConfigError("'validator.calibrate_real_pass' must lie in (0, 1] (a share of real pairs), or be null.")
+    if not 0.0 <= cfg.validator.calibrate_min_threshold <= 1.0:
+        raise ConfigError("'validator.calibrate_min_threshold' must lie in [0, 1].")
     if q is not None and cfg.validator.early_reject_t is not None:
         raise ConfigError("'validator.calibrate_real_pass' and 'validator.early_reject_t' cannot be combined: early "
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")

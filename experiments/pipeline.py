@@ -80,7 +80,10 @@ def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
                                           ("early_reject_t", "iou_threshold", "t_eval", "train_steps", "lr")}
         return inputs
     if stage == "validate":
-        inputs = {"validator": _subtree(cfg, "validator"), "base_model": cfg.diffusion.base_model,
+        validator = _subtree(cfg, "validator")
+        if validator.get("calibrate_real_pass") is None:  # the floor only acts on a calibrated θ
+            validator.pop("calibrate_min_threshold", None)
+        inputs = {"validator": validator, "base_model": cfg.diffusion.base_model,
                   "prompt": cfg.diffusion.prompt}
         if cfg.validator.mode == "pixel":  # the pixel gate trains a segmenter on the real pairs
             inputs["segmenter"] = _subtree(cfg, "segmenter")

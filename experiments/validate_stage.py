@@ -236,17 +236,19 @@ def real_gate_ious(gate: Callable, images: torch.Tensor, masks: torch.Tensor) ->
             "missing": run_gate(gate, erase_lesions(images, masks)[0], masks)[0]}
 
 
-def calibrate_threshold(ious: dict, threshold: float, real_pass: Optional[float]):
+def calibrate_threshold(ious: dict, threshold: float, real_pass: Optional[float], floor: float = 0.0):
     """θ lowered to what ``real_pass`` of held-out real pairs reach; the sanity check uses other pairs.
 
     The even-indexed real validation pairs calibrate θ and the odd-indexed ones check the gate, so
     the reported real pass rate is not the calibration target read back. θ is never raised: a strong
-    validator keeps the configured θ.
+    validator keeps the configured θ. Nor does it drop below ``floor``: a weak validator misses some
+    real lesions entirely (IoU 0), and θ = 0 would pass pairs with no overlap at all.
 
     Args:
         ious: :func:`real_gate_ious` output, each (N,).
         threshold: the configured θ.
         real_pass: target share of real pairs to pass, or None (no calibration).
+        floor: the lowest calibrated θ.
 
     Returns:
         ``(θ_effective, ious for the sanity check)``.
@@ -256,7 +258,7 @@ def calibrate_threshold(ious: dict, threshold: float, real_pass: Optional[float]
     if real_pass is None or len(calib) == 0 or len(ious["real"]) < 2:
         return float(threshold), ious
     reached = float(torch.quantile(calib.float(), 1.0 - float(real_pass)))
-    return min(float(threshold), reached), {k: v[1::2] for k, v in ious.items()}
+    return min(float(threshold), max(float(floor), reached)), {k: v[1::2] for k, v in ious.items()}
 
 
 def gate_sanity(ious: dict, threshold: float) -> dict:
@@ -420,7 +422,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
             real_ious = real_gate_ious(gate, real_img[val], real_msk[val])
             if sanity_cache is not None and tracking_is_rank_zero():
                 pairs_io.atomic_write(sanity_cache, lambda f: torch.save(real_ious, f))
-        theta, check_ious = calibrate_threshold(real_ious, theta, v.calibrate_real_pass)
+        theta, check_ious = calibrate_threshold(real_ious, theta, v.calibrate_real_pass, v.calibrate_min_threshold)
         metrics.update(gate_sanity(check_ious, theta))
         real_pass = metrics["gen/real_pass_rate"]
         metrics["gen/mean_iou"] = float(ious.mean()) if n else 0.0

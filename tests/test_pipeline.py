@@ -56,12 +56,16 @@ def test_signatures_change_only_downstream(tmp_path):
 
 def test_new_option_at_its_neutral_value_keeps_old_signatures(tmp_path, monkeypatch):
     base = pipeline.signatures(_cfg(tmp_path))
-    # what the signature was before the option existed: the same payload without the key
-    monkeypatch.setitem(pipeline._IGNORED, "validator", {"calibrate_real_pass"})
+    # what the signature was before the options existed: the same payload without the keys
+    monkeypatch.setitem(pipeline._IGNORED, "validator", {"calibrate_real_pass", "calibrate_min_threshold"})
     assert pipeline.signatures(_cfg(tmp_path)) == base
     monkeypatch.undo()
+    assert pipeline.signatures(_cfg(tmp_path, "validator.calibrate_min_threshold=0.2")) == base  # inert uncalibrated
     calibrated = pipeline.signatures(_cfg(tmp_path, "validator.calibrate_real_pass=0.8"))
     assert calibrated["generate"] == base["generate"] and calibrated["validate"] != base["validate"]
+    floor = pipeline.signatures(_cfg(tmp_path, "validator.calibrate_real_pass=0.8",
+                                     "validator.calibrate_min_threshold=0.2"))
+    assert floor["validate"] != calibrated["validate"]
 
 
 def test_copy_paste_version_invalidates_only_copy_paste_generation(tmp_path, monkeypatch):

@@ -115,6 +115,9 @@ def test_calibrate_threshold_lowers_never_raises_and_checks_other_pairs():
     assert float((real[0::2] >= theta).float().mean()) == pytest.approx(0.8)
     assert torch.equal(check["real"], real[1::2]) and torch.equal(check["missing"], torch.arange(1.0, 10.0, 2))
     assert calibrate_threshold(ious, 0.3, 0.8)[0] == 0.3  # a θ real pairs already reach stays
+    assert calibrate_threshold(ious, 0.7, 0.8, floor=0.5)[0] == 0.5  # never below the floor
+    zeros = {**ious, "real": torch.zeros(10)}  # a validator that misses every real lesion
+    assert calibrate_threshold(zeros, 0.7, 0.8, floor=0.05)[0] == 0.05
     assert calibrate_threshold(ious, 0.7, None) == (0.7, ious)
 
 
