@@ -22,7 +22,8 @@ _WIDTHS: Dict[str, dict] = {
     # (32, 64, 64) is about right on CPU (prototype lesson): spend budget on steps, not width.
     "default": dict(vae=(32, 64, 64), unet=(32, 64, 64), text_hidden=64, groups=8, head_dim=8),
     "test": dict(vae=(8, 16, 16), unet=(8, 16, 16), text_hidden=16, groups=4, head_dim=4),
-    # MSDM's comparison: the same VAE (so `pretrain --vae-from tiny` can reuse it), a UNet with twice the channels (about 4x the parameters)
+    # MSDM's comparison: the same VAE (so `pretrain --vae-from tiny` can reuse it) and a UNet with
+    # twice the channels (about 4x the parameters)
     "large": dict(vae=(32, 64, 64), unet=(64, 128, 128), text_hidden=64, groups=8, head_dim=8),
 }
 
