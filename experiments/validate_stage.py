@@ -428,7 +428,8 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         metrics["gen/mean_iou"] = float(ious.mean()) if n else 0.0
     else:
         real_pass = 1.0  # no gate: nothing real can fail it
-    metrics["gen/iou_threshold"] = theta
+    if mode != "none":  # no gate, no θ
+        metrics["gen/iou_threshold"] = theta
     iou_ok = torch.ones(n, dtype=torch.bool) if mode == "none" else ious >= theta
     metrics["gen/real_pass_rate"] = real_pass
     # a gate must pass real pairs AND reject them made wrong (a gate at θ = 0 passes the first check)

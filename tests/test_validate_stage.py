@@ -158,7 +158,8 @@ def test_none_mode_accepts_all_but_quality_rejects(generated, tmp_path):
     assert not dec["g8"]["accepted"] and not dec["g9"]["accepted"]
     assert all(dec[f"g{i}"]["accepted"] and dec[f"g{i}"]["iou"] is None for i in range(4))
     cfg = load_config(None, ["validator.mode=none", "validator.quality_filter=false"])
-    assert run_validate(cfg, dm, tmp_path / "w", {"generate": gen})["gen/accept_rate"] == 1.0
+    ungated = run_validate(cfg, dm, tmp_path / "w", {"generate": gen})
+    assert ungated["gen/accept_rate"] == 1.0 and "gen/iou_threshold" not in ungated  # no gate, no θ
 
 
 def test_erode_shrinks_each_class():
