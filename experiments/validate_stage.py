@@ -255,7 +255,11 @@ def calibrate_threshold(ious: dict, threshold: float, real_pass: Optional[float]
     """
     calib = ious["real"][0::2]
     calib = calib[~torch.isnan(calib)]
-    if real_pass is None or len(calib) == 0 or len(ious["real"]) < 2:
+    if real_pass is None:
+        return float(threshold), ious
+    if len(calib) == 0 or len(ious["real"]) < 2:
+        warnings.warn(f"[validate] validator.calibrate_real_pass needs at least 2 real validation pairs with a "
+                      f"lesion; {len(ious['real'])} given, so θ stays {threshold}. Use a larger data.val_fraction.")
         return float(threshold), ious
     reached = float(torch.quantile(calib.float(), 1.0 - float(real_pass)))
     return min(float(threshold), max(float(floor), reached)), {k: v[1::2] for k, v in ious.items()}

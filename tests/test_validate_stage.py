@@ -119,6 +119,9 @@ def test_calibrate_threshold_lowers_never_raises_and_checks_other_pairs():
     zeros = {**ious, "real": torch.zeros(10)}  # a validator that misses every real lesion
     assert calibrate_threshold(zeros, 0.7, 0.8, floor=0.05)[0] == 0.05
     assert calibrate_threshold(ious, 0.7, None) == (0.7, ious)
+    one = {k: v[:1] for k, v in ious.items()}
+    with pytest.warns(UserWarning, match="at least 2 real validation pairs"):
+        assert calibrate_threshold(one, 0.7, 0.8)[0] == 0.7
 
 
 def test_calibrated_gate_passes_real_pairs_a_weak_gate_fails(generated, tmp_path):
