@@ -15,16 +15,7 @@ import time
 
 import torch
 
-from benchmarks.generation import _model
-
-
-def _inputs(batch: int, size: int):
-    g = torch.Generator().manual_seed(0)
-    src = torch.rand(batch, 3, size, size, generator=g)
-    mask = torch.zeros(batch, 1, size, size)
-    q = size // 4
-    mask[:, :, q:3 * q, q:3 * q] = 1
-    return src, mask
+from benchmarks.generation import _inputs, _model
 
 
 def main(argv=None) -> list:
@@ -39,7 +30,11 @@ def main(argv=None) -> list:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = [_model(base) for base in args.bases]
+    try:
+        models = [_model(base) for base in args.bases]
+    except FileNotFoundError as err:
+        raise SystemExit(f"{err} MSDM's larger base is made by `meddiffaug pretrain --width large "
+                         "--vae-from tiny --out outputs/bases/tiny_large` (see sweeps/grids/msdm.yaml).") from None
     src, mask = _inputs(args.batch_size, args.size)
     prompts, neg = ["a polyp"] * args.batch_size, ["normal mucosa"] * args.batch_size
     n_batches = -(-args.samples // args.batch_size)

@@ -6,8 +6,9 @@ Fine-tunes the diffusion model of the config (or reuses the cached stage), then 
 validator twice on the same 16 real pairs — ``validator.prompted=true`` and ``false`` — and runs
 each single-step gate on the real validation pairs as they are, with the mask moved away
 (misplaced) and with the lesion erased (missing). Prints one JSON line per validator with the mean
-IoU on real pairs (and on their clean latents, validation vs training pairs) and, for several θ, the pass rate of real pairs and the rejection rates of the
-misplaced and missing ones (a useful gate passes the first and rejects the other two).
+IoU on real pairs (and on their clean latents, validation vs training pairs) and, for several θ,
+the pass rate of real pairs and the rejection rates of the misplaced and missing ones (a useful
+gate passes the first and rejects the other two).
 """
 from __future__ import annotations
 

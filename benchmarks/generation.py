@@ -27,6 +27,16 @@ def _model(base: str):
     return InpaintingDiffusion(**comps, finetune="none").eval(), "tiny (random init; shipped base missing)"
 
 
+def _inputs(batch: int, size: int):
+    """Fixed random sources (B,3,S,S) and a centred square inpainting mask (B,1,S,S)."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(batch, 3, size, size, generator=g)
+    mask = torch.zeros(batch, 1, size, size)
+    q = size // 4
+    mask[:, :, q:3 * q, q:3 * q] = 1
+    return src, mask
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="tiny")
@@ -40,11 +50,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, base = _model(args.base)
-    g = torch.Generator().manual_seed(0)
-    src = torch.rand(args.batch_size, 3, args.size, args.size, generator=g)
-    mask = torch.zeros(args.batch_size, 1, args.size, args.size)
-    q = args.size // 4
-    mask[:, :, q:3 * q, q:3 * q] = 1
+    g = torch.Generator().manual_seed(1)
+    src, mask = _inputs(args.batch_size, args.size)
     prompts, neg = ["a polyp"] * args.batch_size, ["normal mucosa"] * args.batch_size
     n_batches = -(-args.samples // args.batch_size)
     kw = dict(guidance_scale=args.guidance_scale, steps=args.steps, scheduler=args.scheduler, progress=False)

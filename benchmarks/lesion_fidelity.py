@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.errors import DataError
 from datamodules.synthetic import SyntheticPairs
 from experiments.config import load_config
 from experiments.pipeline import build_datamodule
@@ -50,6 +51,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, ["data.n_real=null", f"trainer.max_steps={args.steps}",
                                     "tracking.enabled=false"])
+    # read every manifest first: a wrong folder fails before minutes of judge training, naming the file
+    try:
+        generated_sets = {folder: SyntheticPairs(Path(folder) / "manifest.jsonl", cfg.data.image_size)
+                          for folder in args.generate_dir}
+    except DataError as err:
+        raise SystemExit(f"--generate-dir: {err}") from None
     datamodule = build_datamodule(cfg)
     start = time.time()
     # training logs go to stderr so stdout holds only the JSON line
@@ -62,14 +69,12 @@ def main(argv=None) -> dict:
         "judge_train_pairs": len(datamodule.split_indices["train_few"]),
         "judge_test_dice": round(metrics["test/dice"], 4),
         "real_test_mean_iou": round(mean_iou(judge, datamodule.dataset("test"), datamodule.num_classes), 4),
+        "generated": [],  # one entry per folder, all judged by this judge
     }
-    for folder in args.generate_dir:
-        generated = SyntheticPairs(Path(folder) / "manifest.jsonl", cfg.data.image_size)
-        result.setdefault("generated", []).append({
+    for folder, generated in generated_sets.items():
+        result["generated"].append({
             "generate_dir": str(folder), "n_generated": len(generated),
             "generated_mean_iou": round(mean_iou(judge, generated, datamodule.num_classes), 4)})
-    if len(args.generate_dir) == 1:  # one folder: the flat line earlier runs printed
-        result.update({k: v for k, v in result.pop("generated")[0].items() if k != "generate_dir"})
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
     return result

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", default="default", choices=["default", "large"],
-                   help="component widths: the shipped base, or a UNet with twice the channels, about 4x the parameters (MSDM's larger model)")
+                   help="component widths: the shipped base, or a UNet with twice the channels, "
+                        "about 4x the parameters (MSDM's larger model)")
     p.add_argument("--vae-from", default=None,
                    help="diffusers folder (or 'tiny') whose VAE is reused frozen: skips the VAE phase")
     p.add_argument("--resume", action="store_true", help="continue from WORK/state.pt")
