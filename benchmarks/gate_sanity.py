@@ -41,7 +41,7 @@ def main(argv=None) -> list:
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides")
     args = parser.parse_args(argv)
     from experiments.config import load_config
-    from experiments.finetune_stage import load_finetuned
+    from experiments.builders import load_finetuned
     from experiments.gate_training import train_latent_validator
     from experiments.pipeline import build_datamodule, run_stages
     from experiments.validate_stage import gate_sanity, make_gate, real_gate_ious, to_tensor

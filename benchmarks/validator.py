@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
         from experiments.config import load_config
         from experiments.validate_stage import (LATENT_BATCH, gate_latents, make_gate, run_gate, to_tensor,
                                                 train_latent_validator, train_pixel_segmenter)
-        from lightning_modules.components import latent_store
+        from datamodules import latent_store
     except ImportError as err:
         print(json.dumps({"error": f"benchmark needs the diffusion, datamodule and segmenter modules: {err}"}))
         return {}

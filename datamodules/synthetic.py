@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import ConcatDataset, Dataset, Subset  # noqa: E402
 
 from datamodules.errors import DataError  # noqa: E402
-from lightning_modules.components import pairs_io  # noqa: E402
+from datamodules.io import read_image, read_manifest, read_mask, resolve  # noqa: E402
 
 
 class SyntheticPairs(Dataset):
@@ -39,7 +39,7 @@ class SyntheticPairs(Dataset):
     def __init__(self, manifest_path, image_size: int, transforms: Optional[Callable] = None):
         self.manifest_path = Path(manifest_path)
         self.image_size, self.transforms = int(image_size), transforms
-        records = pairs_io.read_manifest(self.manifest_path, missing_ok=False)
+        records = read_manifest(self.manifest_path, missing_ok=False)
         base = self.manifest_path.parent
         self.items: list[tuple[str, Path, Path]] = []
         for n, r in enumerate(records, start=1):
@@ -48,7 +48,7 @@ class SyntheticPairs(Dataset):
             if "image" not in r or "mask" not in r:
                 raise DataError(f"{self.manifest_path}, record {n} has no 'image'/'mask' path; "
                                 f"regenerate the manifest")
-            img, msk = pairs_io.resolve(r["image"], base), pairs_io.resolve(r["mask"], base)
+            img, msk = resolve(r["image"], base), resolve(r["mask"], base)
             for p in (img, msk):  # fail at construction, not in a worker mid-epoch
                 if not p.is_file():
                     raise DataError(f"{p} (listed in {self.manifest_path}, record {n}) does not exist; "
@@ -61,7 +61,7 @@ class SyntheticPairs(Dataset):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Pair ``i`` as (uint8 (S,S,3), uint8 (S,S)) at ``image_size``."""
         _, img_path, mask_path = self.items[i]
-        image, mask = pairs_io.read_image(img_path), pairs_io.read_mask(mask_path)
+        image, mask = read_image(img_path), read_mask(mask_path)
         if image.shape[:2] != mask.shape:
             raise DataError(f"{mask_path} has shape {mask.shape} but its image {img_path} has "
                             f"{image.shape[:2]}; regenerate the pair")

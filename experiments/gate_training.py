@@ -210,10 +210,10 @@ def validator_settings(cfg, prompt: str, num_classes: int) -> dict:
 
 def save_validator(path: Path, model: LatentValidator, settings: dict) -> Path:
     """``torch.save`` of hparams + weights + settings (plain types; loads with ``weights_only=True``)."""
-    from lightning_modules.components import pairs_io
+    from datamodules.io import atomic_write
 
     blob = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), "settings": settings}
-    return pairs_io.atomic_write(path, lambda f: torch.save(blob, f))
+    return atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def load_validator(path: Path, settings: dict) -> Optional[LatentValidator]:

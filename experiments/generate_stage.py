@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_modules.components import latent_store, pairs_io
+from datamodules import latent_store
+from datamodules.io import (append_manifest, atomic_write, read_image, read_manifest, read_mask, write_manifest,
+                            write_pair, write_png)
 from lightning_modules.components.copy_paste import copy_paste, donor_mask, lesion_components
 from lightning_modules.components.fidelity import fid_kid
 from lightning_modules.components.masks import MaskGenerationError, MaskGenerator
@@ -54,7 +56,7 @@ def load_model(cfg, upstream: dict):
     if "finetune" not in upstream:
         raise ValueError("augment.method=diffusion needs the finetune stage's output "
                          "(upstream['finetune'] is missing): add 'finetune' to cfg.stages")
-    from experiments.finetune_stage import load_finetuned  # lazy: heavy, and written concurrently
+    from experiments.builders import load_finetuned  # lazy: heavy, and written concurrently
 
     return load_finetuned(cfg, Path(upstream["finetune"]))
 
@@ -248,7 +250,7 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
     images, masks, ids = datamodule.images, datamodule.masks, list(datamodule.ids)
     planner = Planner(cfg, images, masks, ids, datamodule.split_indices["train_few"])
     manifest = workdir / "manifest.jsonl"
-    done = {r["id"] for r in pairs_io.read_manifest(manifest)}
+    done = {r["id"] for r in read_manifest(manifest)}
     pending = [i for i in range(int(cfg.generation.n_samples)) if sample_id(i) not in done]
     progress_path = workdir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"seconds": 0.0}
@@ -279,12 +281,12 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
         records = []
         for p, img, ex in zip(plans, outs, extra):
             if img is not None:
-                rel_img, rel_mask = pairs_io.write_pair(workdir, p["id"], img, p["label"])
+                rel_img, rel_mask = write_pair(workdir, p["id"], img, p["label"])
             else:  # stopped early: never finished, so no image
                 rel_img, rel_mask = None, f"masks/{p['id']}.png"
-                pairs_io.write_png(workdir / rel_mask, p["label"])
+                write_png(workdir / rel_mask, p["label"])
             rel_new = f"new_masks/{p['id']}.png"
-            pairs_io.write_png(workdir / rel_new, p["new_mask"])
+            write_png(workdir / rel_new, p["new_mask"])
             records.append({**_base_record(cfg, p, method), **ex, "image": rel_img, "mask": rel_mask,
                             "new_mask": rel_new})
         done_k = [k for k, img in enumerate(outs) if img is not None]
@@ -293,18 +295,18 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
                                               *(info[key][done_k] for key in ("latents", "mask_latents", "masked_latents")))
             for k in done_k:
                 records[k]["latents"] = rel_lat
-        pairs_io.append_manifest(manifest, records)  # commit point of the batch
+        append_manifest(manifest, records)  # commit point of the batch
         progress["seconds"] += time.perf_counter() - t0
-        pairs_io.atomic_write(progress_path, lambda f: f.write(json.dumps(progress)), mode="w")
+        atomic_write(progress_path, lambda f: f.write(json.dumps(progress)), mode="w")
         if logger is not None and hasattr(logger, "log_metrics"):
             logger.log_metrics({"gen/n_done": float(len(done) + b + len(plans))}, step=b // bs)
 
-    records = pairs_io.read_manifest(manifest)
+    records = read_manifest(manifest)
     finished = [r for r in records if not r.get("early_rejected")]
     if skipped:
-        pairs_io.write_manifest(workdir / "skipped.jsonl",
+        write_manifest(workdir / "skipped.jsonl",
                                 [{"id": p["id"], "reason": p["skip_reason"]} for p in skipped])
-    fake = np.stack([pairs_io.read_image(workdir / r["image"]) for r in finished]) if finished else np.zeros((0,))
+    fake = np.stack([read_image(workdir / r["image"]) for r in finished]) if finished else np.zeros((0,))
     real = images[list(datamodule.split_indices["train"])]
     n_early = len(records) - len(finished)
     metrics = {"gen/n_samples": float(len(records)), "gen/n_skipped": float(len(skipped)),
@@ -332,8 +334,8 @@ def save_grid(path: Path, records: list, root: Path, images: np.ndarray) -> Path
     colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.float32)
     rows = []
     for r in records:
-        img = pairs_io.read_image(root / r["image"])
-        label = pairs_io.read_mask(root / r["mask"])
+        img = read_image(root / r["image"])
+        label = read_mask(root / r["mask"])
         overlay = img.astype(np.float32)
         fg = label > 0
         overlay[fg] = 0.55 * overlay[fg] + 0.45 * colours[np.minimum(label[fg], 3)]
@@ -353,4 +355,4 @@ def save_grid(path: Path, records: list, root: Path, images: np.ndarray) -> Path
     for k, r in enumerate(records):
         ax.text(-3, k * side + side / 2, r["id"], ha="right", va="center", fontsize=7)
     ax.axis("off")
-    return pairs_io.atomic_write(path, lambda f: fig.savefig(f, format="png"), fsync=False)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"), fsync=False)

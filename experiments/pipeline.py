@@ -9,7 +9,6 @@ stable name, so checkpoints there let a killed run resume) and is renamed into p
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import os
@@ -23,17 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import tracking
 from experiments.config import STAGES, ConfigError
-
-# Keys that change no result: excluded from every signature.
-_IGNORED = {"data": {"num_workers", "cache_dir"},
-            "trainer": {"accelerator", "devices", "strategy", "log_every_n_steps"}}
-
-# Keys added after results were cached, at the value that reproduces the old behaviour: left out of
-# the signature at that value, so adding an option does not invalidate every cached stage.
-_NEUTRAL = {"validator": {"calibrate_real_pass": None}}
+from experiments.hashing import short_hash, subtree
+from experiments.stages import finetune as finetune_stage
 
 STAGE_FUNCTIONS = {
-    "finetune": "experiments.finetune_stage:run_finetune",
+    "finetune": "experiments.stages.finetune:run_finetune",
     "generate": "experiments.generate_stage:run_generate",
     "validate": "experiments.validate_stage:run_validate",
     "segment": "experiments.segment_stage:run_segment",
@@ -56,20 +49,13 @@ def upstream_of(cfg: DictConfig, stage: str) -> List[str]:
     return [s for s in needed[: needed.index(stage)]] if stage in needed else []
 
 
-def _subtree(cfg: DictConfig, section: str) -> Dict[str, Any]:
-    node = OmegaConf.to_container(cfg[section], resolve=True)
-    neutral = _NEUTRAL.get(section, {})
-    return {k: v for k, v in node.items()
-            if k not in _IGNORED.get(section, set()) and not (k in neutral and v == neutral[k])}
-
-
 def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
     """The config values a stage's result depends on (its own part of the signature)."""
-    data = _subtree(cfg, "data")
     if stage == "finetune":
-        return {"data": data, "diffusion": _subtree(cfg, "diffusion"), "precision": cfg.trainer.precision}
+        return finetune_stage.inputs(cfg)
+    data = subtree(cfg, "data")
     if stage == "generate":
-        inputs = {"data": data, "generation": _subtree(cfg, "generation"), "method": cfg.augment.method}
+        inputs = {"data": data, "generation": subtree(cfg, "generation"), "method": cfg.augment.method}
         if cfg.augment.method == "copy_paste" and COPY_PASTE_VERSION > 1:
             inputs["copy_paste_version"] = COPY_PASTE_VERSION  # only copy-paste outputs are recomputed
         if cfg.augment.method == "diffusion":
@@ -80,24 +66,24 @@ def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
                                           ("early_reject_t", "iou_threshold", "t_eval", "train_steps", "lr")}
         return inputs
     if stage == "validate":
-        validator = _subtree(cfg, "validator")
+        validator = subtree(cfg, "validator")
         if validator.get("calibrate_real_pass") is None:  # the floor only acts on a calibrated θ
             validator.pop("calibrate_min_threshold", None)
         inputs = {"validator": validator, "base_model": cfg.diffusion.base_model,
                   "prompt": cfg.diffusion.prompt}
         if cfg.validator.mode == "pixel":  # the pixel gate trains a segmenter on the real pairs
-            inputs["segmenter"] = _subtree(cfg, "segmenter")
+            inputs["segmenter"] = subtree(cfg, "segmenter")
         return inputs
     if stage == "segment":
-        return {"data": data, "augment": _subtree(cfg, "augment"), "segmenter": _subtree(cfg, "segmenter"),
-                "trainer": _subtree(cfg, "trainer"), "seed": cfg.seed}
+        return {"data": data, "augment": subtree(cfg, "augment"), "segmenter": subtree(cfg, "segmenter"),
+                "trainer": subtree(cfg, "trainer"), "seed": cfg.seed}
     raise ConfigError(f"Unknown stage '{stage}'; choose from {', '.join(STAGES)}.")
 
 
 # Bump a stage's number when its code changes what it produces for the same config: its cached
 # results (and, through the upstream signatures, everything downstream) are then recomputed.
 # Version 0 adds nothing to the hash, so results cached before versions existed stay valid.
-STAGE_VERSIONS: Dict[str, int] = {"finetune": 0, "generate": 0, "validate": 0, "segment": 0}
+STAGE_VERSIONS: Dict[str, int] = {"finetune": finetune_stage.VERSION, "generate": 0, "validate": 0, "segment": 0}
 # The copy-paste generator's own version (1 = before versions existed): 2 = robust (median/MAD)
 # colour statistics, so vessels around a fundus disc no longer darken the pasted one.
 COPY_PASTE_VERSION = 2
@@ -108,8 +94,7 @@ def signature(cfg: DictConfig, stage: str, upstream_sigs: Dict[str, str]) -> str
     payload = {"stage": stage, "inputs": stage_inputs(cfg, stage), "upstream": upstream_sigs}
     if STAGE_VERSIONS.get(stage):
         payload["version"] = STAGE_VERSIONS[stage]
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return short_hash(payload)
 
 
 def signatures(cfg: DictConfig) -> Dict[str, str]:

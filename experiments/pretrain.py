@@ -183,13 +183,13 @@ def main(argv=None) -> int:
     _log(log, f"vae PSNR by kind (fresh images): {psnr_by_kind}")
 
     # ---- phase 2: UNet + text encoder on inpainting
-    from experiments.finetune_stage import build_latent_bank, variant_weights
     from lightning_modules.diffusion import InpaintingDiffusion
+    from lightning_modules.diffusion_bank import build_inpainting_bank, variant_weights
 
     model = InpaintingDiffusion(**comps, finetune="full", train_text_encoder=True, cond_dropout=0.1, base_model="scratch")
     model.set_prompts([t for pair in prompt_pairs for t in pair])  # kind k: lesion 1+2k, background 2+2k
     t1 = time.time()
-    bank = build_latent_bank(model, images, masks, 1 + 2 * kinds, 2 + 2 * kinds, n_background=2, n_random=2, seed=args.seed)
+    bank = build_inpainting_bank(model, images, masks, 1 + 2 * kinds, 2 + 2 * kinds, n_background=2, n_random=2, seed=args.seed)
     weights = variant_weights(bank, background_fraction=0.3, random_fraction=0.25)
     _log(log, f"latent bank: {len(weights)} variants in {time.time() - t1:.0f}s")
     params = model.trainable_parameters()

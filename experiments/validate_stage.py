@@ -22,7 +22,8 @@ from PIL import Image
 from experiments.gate_training import (build_latent_bank, erase_lesions, load_validator, save_validator,  # noqa: F401 (API)
                                        train_latent_validator, train_pixel_segmenter, validator_settings)
 from experiments.tracking import is_rank_zero as tracking_is_rank_zero
-from lightning_modules.components import latent_store, pairs_io
+from datamodules import latent_store
+from datamodules.io import atomic_write
 from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
                                                       single_step_z0)
 
@@ -337,7 +338,7 @@ def save_accept_reject(path: Path, images: torch.Tensor, masks: torch.Tensor, pr
 def _load_diffusion(cfg, upstream: dict):
     """The fine-tuned model, or the base model for runs without a finetune stage (copy-paste)."""
     if "finetune" in upstream:
-        from experiments.finetune_stage import load_finetuned
+        from experiments.builders import load_finetuned
         return load_finetuned(cfg, upstream["finetune"]), "finetuned"
     from lightning_modules.diffusion import InpaintingDiffusion
     print(f"[validate] no finetune upstream: the {cfg.validator.mode} gate uses the base diffusion "
@@ -425,7 +426,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         if real_ious is None:
             real_ious = real_gate_ious(gate, real_img[val], real_msk[val])
             if sanity_cache is not None and tracking_is_rank_zero():
-                pairs_io.atomic_write(sanity_cache, lambda f: torch.save(real_ious, f))
+                atomic_write(sanity_cache, lambda f: torch.save(real_ious, f))
         theta, check_ious = calibrate_threshold(real_ious, theta, v.calibrate_real_pass, v.calibrate_min_threshold)
         metrics.update(gate_sanity(check_ious, theta))
         real_pass = metrics["gen/real_pass_rate"]

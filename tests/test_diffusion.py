@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from experiments.config import load_config
-from experiments.finetune_stage import build_latent_bank, finetune_diffusion, load_finetuned, variant_weights
+from experiments.builders import load_finetuned
+from experiments.stages.finetune import finetune_diffusion
+from lightning_modules.diffusion_bank import build_inpainting_bank, variant_weights
 from lightning_modules.components.tiny_base import TINY_DIR, build_tiny_components, save_components
 from lightning_modules.diffusion import InpaintingDiffusion
 
@@ -32,7 +34,7 @@ def _data(n=4, size=32, seed=0):
 def _batch(model, bs=4):
     images, masks = _data()
     model.set_prompts(["a polyp", "normal mucosa"])
-    bank = build_latent_bank(model, images, masks, 1, 2, n_background=1)
+    bank = build_inpainting_bank(model, images, masks, 1, 2, n_background=1)
     i = torch.multinomial(variant_weights(bank, 0.3), bs, replacement=True)
     return dict(z0=bank["z0"][bank["img"][i]], mask_lat=bank["mask_lat"][i], masked_lat=bank["masked_lat"][i],
                 prompt_idx=bank["prompt_idx"][i])

@@ -9,7 +9,7 @@ from datamodules.errors import DataError
 from datamodules.synthetic import SyntheticPairs, mix_real_and_synthetic
 from experiments import generate_stage
 from experiments.config import load_config
-from lightning_modules.components import pairs_io
+from datamodules.io import read_image, read_manifest, read_mask, write_manifest
 
 S = 32
 
@@ -78,7 +78,7 @@ def test_copy_paste_end_to_end(tmp_path):
     for key in ("gen/n_samples", "gen/seconds", "gen/samples_per_s", "gen/fid", "gen/kid"):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert metrics["gen/n_samples"] == 6 and dm.setup_calls == 1
-    records = pairs_io.read_manifest(tmp_path / "manifest.jsonl")
+    records = read_manifest(tmp_path / "manifest.jsonl")
     assert [r["id"] for r in records] == [f"syn_{i:05d}" for i in range(6)]
     assert (tmp_path / "grid.png").stat().st_size > 1000
     for r in records:
@@ -88,8 +88,8 @@ def test_copy_paste_end_to_end(tmp_path):
         assert r["source_index"] in dm.split_indices["train_few"] and r["donor_index"] < 6
         for key in ("shape", "scale", "angle", "dx", "dy", "jitter_seed"):
             assert key in r["mask_params"]
-        img = pairs_io.read_image(tmp_path / r["image"])
-        label, new = pairs_io.read_mask(tmp_path / r["mask"]), pairs_io.read_mask(tmp_path / r["new_mask"])
+        img = read_image(tmp_path / r["image"])
+        label, new = read_mask(tmp_path / r["mask"]), read_mask(tmp_path / r["new_mask"])
         existing = dm.masks[r["source_index"]] > 0
         assert (label[existing] == 1).all(), "existing lesion labelled background"
         assert (label[new > 0] == 1).all() and not (new.astype(bool) & existing).any()
@@ -104,17 +104,17 @@ def test_diffusion_matches_copy_paste_masks_and_sources(tmp_path, fake_model):
     generate_stage.run_generate(_cfg("copy_paste"), dm, tmp_path / "cp", {})
     metrics = generate_stage.run_generate(_cfg("diffusion"), dm, tmp_path / "df", {"finetune": tmp_path})
     assert metrics["gen/n_samples"] == 6 and fake_model.calls == [4, 2]
-    cp = pairs_io.read_manifest(tmp_path / "cp" / "manifest.jsonl")
-    df = pairs_io.read_manifest(tmp_path / "df" / "manifest.jsonl")
+    cp = read_manifest(tmp_path / "cp" / "manifest.jsonl")
+    df = read_manifest(tmp_path / "df" / "manifest.jsonl")
     for a, b in zip(cp, df):
         assert (a["source_id"], a["mask_params"], a["sample_seed"]) == (b["source_id"], b["mask_params"], b["sample_seed"])
-        np.testing.assert_array_equal(pairs_io.read_mask(tmp_path / "cp" / a["mask"]),
-                                      pairs_io.read_mask(tmp_path / "df" / b["mask"]))
+        np.testing.assert_array_equal(read_mask(tmp_path / "cp" / a["mask"]),
+                                      read_mask(tmp_path / "df" / b["mask"]))
         for key in ("guidance_scale", "steps", "scheduler", "guiding_mask", "guide_dilate_px", "prompt",
                     "negative_prompt", "batch_seed", "method"):
             assert key in b, key
-        img = pairs_io.read_image(tmp_path / "df" / b["image"])
-        new = pairs_io.read_mask(tmp_path / "df" / b["new_mask"]) > 0
+        img = read_image(tmp_path / "df" / b["image"])
+        new = read_mask(tmp_path / "df" / b["new_mask"]) > 0
         assert (img[new] == (0, 255, 0)).all()
         np.testing.assert_array_equal(img[~new], dm.images[b["source_index"]][~new])
 
@@ -123,17 +123,17 @@ def test_same_seed_reproduces_and_resume_skips_finished(tmp_path, fake_model):
     dm = FakeDataModule()
     cfg = _cfg("diffusion", n=7)
     generate_stage.run_generate(cfg, dm, tmp_path / "full", {"finetune": tmp_path})
-    full = pairs_io.read_manifest(tmp_path / "full" / "manifest.jsonl")
+    full = read_manifest(tmp_path / "full" / "manifest.jsonl")
     # Interrupted run: only the first batch reached the manifest.
     part = tmp_path / "part"
     generate_stage.run_generate(cfg, dm, part, {"finetune": tmp_path})
-    pairs_io.write_manifest(part / "manifest.jsonl", pairs_io.read_manifest(part / "manifest.jsonl")[:4])
+    write_manifest(part / "manifest.jsonl", read_manifest(part / "manifest.jsonl")[:4])
     kept_mtime = (part / "images" / "syn_00000.png").stat().st_mtime_ns
     fake_model.calls.clear()
     metrics = generate_stage.run_generate(cfg, dm, part, {"finetune": tmp_path})
     assert fake_model.calls == [3] and metrics["gen/n_samples"] == 7
     assert (part / "images" / "syn_00000.png").stat().st_mtime_ns == kept_mtime
-    assert pairs_io.read_manifest(part / "manifest.jsonl") == full
+    assert read_manifest(part / "manifest.jsonl") == full
     fake_model.calls.clear()
     generate_stage.run_generate(cfg, dm, part, {"finetune": tmp_path})
     assert fake_model.calls == []  # finished: nothing regenerated, model not even asked
@@ -156,9 +156,9 @@ def test_synthetic_pairs_and_mixing(tmp_path):
     assert item["mask"].dtype == torch.int64 and item["mask"].shape == (S, S) and item["id"] == "syn_00000"
     assert SyntheticPairs(tmp_path / "manifest.jsonl", image_size=16)[0]["mask"].shape == (16, 16)
     # Absolute paths (validate's accepted.jsonl) work too.
-    recs = pairs_io.read_manifest(tmp_path / "manifest.jsonl")
+    recs = read_manifest(tmp_path / "manifest.jsonl")
     absolute = [{**r, "image": str(tmp_path / r["image"]), "mask": str(tmp_path / r["mask"])} for r in recs]
-    pairs_io.write_manifest(tmp_path / "other" / "accepted.jsonl", absolute)
+    write_manifest(tmp_path / "other" / "accepted.jsonl", absolute)
     assert len(SyntheticPairs(tmp_path / "other" / "accepted.jsonl", S)) == 5
 
     real = torch.utils.data.TensorDataset(torch.zeros(4))
@@ -238,7 +238,7 @@ def test_early_rejection_stops_records_and_counts(tmp_path, monkeypatch):
                              "validator.iou_threshold=0.9", "validator.quality_filter=false", "validator.erode_px=0"])
     gen = tmp_path / "gen"
     metrics = generate_stage.run_generate(cfg, dm, gen, {"finetune": tmp_path})
-    rows = pairs_io.read_manifest(gen / "manifest.jsonl")
+    rows = read_manifest(gen / "manifest.jsonl")
     early = [r for r in rows if r["early_rejected"]]
     assert [r["batch_position"] % 2 for r in early] == [1] * 3 and len(rows) == 6
     # stopped at the first step with t <= 200 (the 3rd of 4): never finished, no image

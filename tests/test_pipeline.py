@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from experiments import pipeline
+from experiments import hashing, pipeline
 from experiments.config import load_config
 
 
@@ -57,7 +57,7 @@ def test_signatures_change_only_downstream(tmp_path):
 def test_new_option_at_its_neutral_value_keeps_old_signatures(tmp_path, monkeypatch):
     base = pipeline.signatures(_cfg(tmp_path))
     # what the signature was before the options existed: the same payload without the keys
-    monkeypatch.setitem(pipeline._IGNORED, "validator", {"calibrate_real_pass", "calibrate_min_threshold"})
+    monkeypatch.setitem(hashing.IGNORED, "validator", {"calibrate_real_pass", "calibrate_min_threshold"})
     assert pipeline.signatures(_cfg(tmp_path)) == base
     monkeypatch.undo()
     assert pipeline.signatures(_cfg(tmp_path, "validator.calibrate_min_threshold=0.2")) == base  # inert uncalibrated

@@ -228,7 +228,7 @@ def test_validator_checkpoint_roundtrip(tmp_path):
 
 
 def test_latent_path_matches_image_path_and_store_roundtrip(tmp_path):
-    from lightning_modules.components import latent_store
+    from datamodules import latent_store
     from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, single_step_estimate,
                                                           single_step_z0)
 

@@ -1,10 +1,12 @@
-"""Reading and writing synthetic image–mask pairs and their ``manifest.jsonl``, atomically.
+"""Shared I/O of the library and the pipeline: atomic writes, synthetic pairs, manifests, the hash.
 
 Every write goes to a temporary file in the same folder and is renamed into place, so a killed
-run leaves either the old file or the new one, never a truncated PNG or manifest line.
+run leaves either the old file or the new one, never a truncated PNG, manifest line or checkpoint.
+Both library folders (``datamodules/``, ``lightning_modules/``) and the orchestration import it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,11 +16,7 @@ from typing import Any, Callable, Iterable, Union
 import numpy as np
 from PIL import Image
 
-try:  # the project's data error (a ValueError); written concurrently by the datamodule owner
-    from datamodules.errors import DataError
-except ImportError:  # pragma: no cover
-    class DataError(ValueError):
-        """Bad input data; the message names the file."""
+from datamodules.errors import DataError
 
 PathLike = Union[str, Path]
 
@@ -43,6 +41,20 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb",
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: PathLike, text: str, fsync: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text), mode="w", fsync=fsync)
+
+
+def short_hash(payload: Any, n: int = 16) -> str:
+    """A stable short hex hash of a JSON-able payload (keys sorted; other objects by ``str``).
+
+    The one hash of the project: stage signatures, grid cells, study trials and caches use it.
+    """
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 def write_png(path: PathLike, array: np.ndarray) -> Path:

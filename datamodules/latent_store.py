@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lightning_modules.components import pairs_io
+from datamodules.io import atomic_write
 
 KEYS = ("z0", "mask_lat", "masked_lat")
 
@@ -28,7 +28,7 @@ def save_shard(root: Path, ids: Sequence[str], z0: torch.Tensor, mask_lat: torch
     rel = f"latents/{ids[0]}.pt"
     blob = {"ids": list(ids), **{k: v.detach().float().cpu().contiguous()
                                  for k, v in zip(KEYS, (z0, mask_lat, masked_lat))}}
-    pairs_io.atomic_write(Path(root) / rel, lambda f: torch.save(blob, f))
+    atomic_write(Path(root) / rel, lambda f: torch.save(blob, f))
     return rel
 
 

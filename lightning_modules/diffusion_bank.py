@@ -1,16 +1,12 @@
-"""Fine-tune stage: adapt the inpainting diffusion base to the few real image–mask pairs.
+"""The diffusion model's training regions, VAE-encoded once (a *latent bank*).
 
-The VAE is frozen, so every training region's latents are computed once into a *latent bank*
-(the prototype's lesson: UNet training then costs only UNet steps). Each image contributes a
-lesion variant (lesion mask under the lesion prompt) and background variants (random
-lesion-free blobs under the background prompt); ``pretrain`` adds random-shape variants under
-the null prompt so the model learns to use the masked-image channels.
+The VAE is frozen, so every training region's latents are computed once (the prototype's lesson:
+UNet training then costs only UNet steps). Each image contributes a lesion variant (lesion mask
+under the lesion prompt) and background variants (random lesion-free blobs under the background
+prompt); pretraining adds random-shape variants under the null prompt so the model learns to use
+the masked-image channels. Used by the finetune stage and by ``experiments.pretrain``.
 """
 from __future__ import annotations
-
-import time
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -72,7 +68,7 @@ def random_region(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def build_latent_bank(model: InpaintingDiffusion, images: np.ndarray, masks: np.ndarray, lesion_prompt_idx,
+def build_inpainting_bank(model: InpaintingDiffusion, images: np.ndarray, masks: np.ndarray, lesion_prompt_idx,
                       background_prompt_idx, n_background: int = 2, n_random: int = 0, flips: bool = False,
                       seed: int = 0, chunk: int = 64) -> dict:
     """Encode every training region once.
@@ -137,97 +133,3 @@ class LatentBankDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         b = self.bank
         return dict(z0=b["z0"][b["img"][i]], mask_lat=b["mask_lat"][i], masked_lat=b["masked_lat"][i], prompt_idx=b["prompt_idx"][i])
-
-
-def background_prompt_for(datamodule) -> str:
-    """The dataset's lesion-free prompt (procedural kinds define one; else a generic one)."""
-    text = getattr(datamodule, "background_prompt", None)
-    if text:
-        return text
-    from datamodules.procedural import PROCEDURAL_KINDS
-
-    kind = PROCEDURAL_KINDS.get(getattr(datamodule, "modality", ""))
-    return kind.background_prompt if kind else f"{getattr(datamodule, 'modality', 'medical')} image of normal tissue"
-
-
-def build_model(cfg) -> InpaintingDiffusion:
-    """``InpaintingDiffusion.from_base`` with the fine-tune settings of ``cfg.diffusion``."""
-    d = cfg.diffusion
-    return InpaintingDiffusion.from_base(
-        d.base_model, finetune=d.finetune, lora_rank=d.lora_rank, lora_alpha=d.lora_alpha, lora_targets=list(d.lora_targets),
-        train_text_encoder=d.train_text_encoder, lr=d.lr, cond_dropout=d.cond_dropout, lesion_loss_weight=d.lesion_loss_weight)
-
-
-def _trainer(cfg, workdir: Path, logger, callbacks: Sequence, max_steps: int):
-    from experiments.trainer import build_trainer
-
-    # steps, not epochs, bound a fine-tune; there is no validation loader
-    return build_trainer(cfg, workdir, logger=logger, callbacks=callbacks, max_steps=max_steps,
-                         max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0)
-
-
-def finetune_diffusion(cfg, datamodule, workdir, logger=None):
-    """Fine-tune ``cfg.diffusion.base_model`` on ``datamodule``'s ``train_few`` pairs.
-
-    Checkpoints every ``checkpoint_every`` steps to ``workdir/checkpoints`` (trained weights only)
-    and resumes from ``last.ckpt``; writes ``workdir/trained.safetensors``.
-
-    Returns:
-        (model, metrics) with ``ft/loss`` (last logged), ``ft/steps``, ``ft/seconds``.
-    """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    d, workdir = cfg.diffusion, Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    datamodule.setup()
-    idx = datamodule.split_indices["train_few"]
-    model = build_model(cfg)
-    model.set_prompts([d.prompt or datamodule.prompt, background_prompt_for(datamodule)])
-    if d.finetune == "none" or d.steps <= 0:
-        model.save_trained(workdir / "trained.safetensors")
-        return model, {"ft/loss": float("nan"), "ft/steps": 0.0, "ft/seconds": time.time() - start}
-    bank = build_latent_bank(model, datamodule.images[idx], datamodule.masks[idx], 1, 2, n_background=4, flips=True,
-                             seed=cfg.data.split_seed)
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    sampler = torch.utils.data.WeightedRandomSampler(variant_weights(bank, d.background_fraction), d.steps * d.batch_size,
-                                                     replacement=True, generator=gen)
-    loader = torch.utils.data.DataLoader(LatentBankDataset(bank), batch_size=d.batch_size, sampler=sampler, num_workers=0)
-    ckpt_dir = workdir / "checkpoints"
-    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=max(1, d.checkpoint_every), save_last=True, save_top_k=1)
-    trainer = _trainer(cfg, workdir, logger, [ckpt], d.steps)
-    last = ckpt_dir / "last.ckpt"
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
-    model.save_trained(workdir / "trained.safetensors")
-    loss = trainer.callback_metrics.get("ft/loss")
-    return model, {"ft/loss": float(loss) if loss is not None else float("nan"), "ft/steps": float(trainer.global_step),
-                   "ft/seconds": time.time() - start}
-
-
-def run_finetune(cfg, datamodule, workdir, upstream=None, logger=None) -> dict:
-    """Pipeline entry (``experiments.pipeline.STAGE_FUNCTIONS``): fine-tune, return metrics only."""
-    return finetune_diffusion(cfg, datamodule, workdir, logger=logger)[1]
-
-
-_LAST_LOADED: dict = {}  # {key: model}: at most one fine-tuned model kept per process
-
-
-def load_finetuned(cfg, workdir) -> InpaintingDiffusion:
-    """Rebuild the base of ``cfg.diffusion`` and load ``workdir/trained.safetensors`` (prompts included).
-
-    The last model loaded is kept: the trials of a sweep share one fine-tune, and their generate and
-    validate stages would otherwise rebuild it every time. Callers only run it (eval, no training).
-    """
-    import json
-
-    from omegaconf import OmegaConf
-
-    path = Path(workdir) / "trained.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"'{path}' does not exist; run the finetune stage first.")
-    key = (str(path.resolve()), path.stat().st_mtime_ns,
-           json.dumps(OmegaConf.to_container(cfg.diffusion, resolve=True), sort_keys=True, default=str))
-    if key not in _LAST_LOADED:
-        _LAST_LOADED.clear()
-        _LAST_LOADED[key] = build_model(cfg).load_trained(path).eval()
-    return _LAST_LOADED[key]

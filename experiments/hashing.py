@@ -1,0 +1,29 @@
+"""Signatures: which config values a stage's result depends on, and the one short hash.
+
+Every stage declares its inputs with :func:`subtree` (a config section minus the keys that change
+no result); :func:`short_hash` turns any JSON-able payload into the hex digest used for stage
+folders, grid cells and study trials alike.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.io import short_hash  # noqa: F401  (the one hash, re-exported for the orchestration)
+
+# Keys that change no result: excluded from every signature.
+IGNORED = {"data": {"num_workers", "cache_dir"},
+           "trainer": {"accelerator", "devices", "strategy", "log_every_n_steps"}}
+
+# Keys added after results were cached, at the value that reproduces the old behaviour: left out of
+# the signature at that value, so adding an option does not invalidate every cached stage.
+NEUTRAL = {"validator": {"calibrate_real_pass": None}}
+
+
+def subtree(cfg: DictConfig, section: str) -> Dict[str, Any]:
+    """``cfg[section]`` as plain values, without its ignored keys and its neutral keys at their neutral value."""
+    node = OmegaConf.to_container(cfg[section], resolve=True)
+    neutral = NEUTRAL.get(section, {})
+    return {k: v for k, v in node.items()
+            if k not in IGNORED.get(section, set()) and not (k in neutral and v == neutral[k])}
