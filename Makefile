@@ -1,39 +1,56 @@
 # Every target installs what it needs into .venv first; nothing is installed by hand.
+# `make` installs the exact versions in requirements.lock (compiled by pip-tools from the ranges in
+# pyproject.toml under constraints.in); `make relock` refreshes the lock and runs the tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ARCH := $(shell uname -m)
 STAMP := $(VENV)/.installed
+# Runs from any working directory: paths below are the Makefile's own folder.
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 
-.PHONY: install demo test test-slow test-all bench ui clean
+.PHONY: install demo test test-slow test-all bench ui lock relock clean
 
-$(STAMP): pyproject.toml
-	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
+$(STAMP): $(ROOT)/pyproject.toml $(ROOT)/requirements.lock
+	cd $(ROOT) && (test -d $(VENV) || $(PY) -m venv $(VENV))
+	cd $(ROOT) && $(BIN)/pip install --upgrade pip
 ifeq ($(ARCH),x86_64)
-	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	# The lock was compiled on x86_64 with the torch/torchvision pair pip takes from local disk.
+	cd $(ROOT) && $(BIN)/pip install -r requirements.lock
 else
-	$(BIN)/pip install torch==2.9.1 torchvision==0.24.1
+	# Elsewhere (aarch64): the CPU pair for that platform, the rest of the lock as constraints.
+	cd $(ROOT) && grep -vE '^(torch|torchvision|triton|nvidia-)' requirements.lock > $(VENV)/lock-noarch.txt
+	cd $(ROOT) && $(BIN)/pip install torch==2.9.1 torchvision==0.24.1
+	cd $(ROOT) && $(BIN)/pip install -c $(VENV)/lock-noarch.txt -r $(VENV)/lock-noarch.txt
 endif
-	$(BIN)/pip install -e '.[dev]'
-	touch $(STAMP)
+	cd $(ROOT) && $(BIN)/pip install --no-deps -e .
+	touch $(ROOT)/$(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/meddiffaug demo
+	$(ROOT)/$(BIN)/meddiffaug demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	cd $(ROOT) && $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	cd $(ROOT) && $(BIN)/python -m pytest -q -m slow
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	cd $(ROOT) && $(BIN)/python -m pytest -q -m "slow or not slow"
 
 ui: $(STAMP)
-	$(BIN)/meddiffaug ui
+	$(ROOT)/$(BIN)/meddiffaug ui
+
+# Re-resolve requirements.lock from pyproject.toml + constraints.in (newest allowed releases).
+lock: $(STAMP)
+	cd $(ROOT) && $(BIN)/pip-compile --quiet --upgrade --extra dev --extra postgres --strip-extras \
+		--no-emit-index-url --no-emit-find-links -c constraints.in -o requirements.lock pyproject.toml
+
+# Refresh the lock, install exactly it, run the fast tests: commit the lock only if they pass.
+relock: lock
+	$(MAKE) -C $(ROOT) test
 
 clean:
-	rm -rf outputs artifacts .pytest_cache
+	cd $(ROOT) && rm -rf outputs artifacts .pytest_cache

@@ -17,7 +17,7 @@ import torch
 
 
 def _model(base: str):
-    from lightning_modules.components.tiny_base import TINY_DIR, build_tiny_components
+    from lightning_modules.tiny_base import TINY_DIR, build_tiny_components
     from lightning_modules.diffusion import InpaintingDiffusion
 
     if base != "tiny" or (TINY_DIR / "unet").is_dir():

@@ -34,7 +34,7 @@ SPACE = {"validator.iou_threshold": {"type": "float", "low": 0.5, "high": 0.9},
 
 def _base_model(tmp: Path) -> str:
     """The shipped tiny base, or an untrained tiny model of the same shape when it is missing."""
-    from lightning_modules.components.tiny_base import TINY_DIR, build_tiny_components, save_components
+    from lightning_modules.tiny_base import TINY_DIR, build_tiny_components, save_components
 
     if (TINY_DIR / "unet").is_dir():
         return "tiny"

@@ -35,7 +35,7 @@ def _diffusion(tmp: Path):
     try:
         return InpaintingDiffusion.from_base("tiny"), "tiny"
     except FileNotFoundError:
-        from lightning_modules.components.tiny_base import build_tiny_components, save_components
+        from lightning_modules.tiny_base import build_tiny_components, save_components
         save_components(build_tiny_components(tmp / "tok"), tmp / "base")
         print("[benchmark] shipped tiny base missing: using an UNTRAINED tiny model (timings meaningful, "
               "agreement not)", file=sys.stderr)

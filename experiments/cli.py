@@ -80,7 +80,7 @@ COMMANDS: Dict[str, Callable[[Optional[List[str]]], int]] = {
     "table": _lazy("experiments.table:main"),
     "pretrain": _lazy("experiments.pretrain:main"),
     "demo": _lazy("experiments.demo:main"),
-    "ui": _lazy("experiments.tracking:ui_main"),
+    "ui": _lazy("experiments.ui:ui_main"),
 }
 
 

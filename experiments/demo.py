@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-GRID = "sweeps/grids/demo.yaml"
-TABLE = "experiments/tables/demo.yaml"
+# Resolved from the installed package, so `meddiffaug demo` runs from any working directory; its
+# outputs (outputs/, artifacts/) go under the current directory.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+GRID = str(PROJECT_ROOT / "sweeps/grids/demo.yaml")
+TABLE = str(PROJECT_ROOT / "experiments/tables/demo.yaml")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -37,6 +42,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("Headline:", json.dumps(headline, indent=2))
     print(f"\nDemo finished in {time.time() - start:.0f} s. Results: {out}/results.md, {out}/results.json, "
           f"stage outputs (sample grids, accepted/rejected pictures, predictions) under artifacts/.")
-    print("See every run in MLflow:  .venv/bin/meddiffaug ui   then open http://127.0.0.1:5000 "
-          "(experiment 'demo'; store sqlite:///outputs/mlflow.db)")
+    print_where_to_look()
     return status
+
+
+def print_where_to_look() -> None:
+    """Print the command that starts the UI and the address of the demo's runs table."""
+    from experiments.ui import DEFAULT_STORE, experiment_id_of, runs_table_url
+
+    store = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
+    ui = Path(sys.executable).parent / "meddiffaug"
+    print(f"See every run in MLflow:  {ui} ui   (store {store}), then open")
+    print(f"  {runs_table_url('127.0.0.1', 5000, experiment_id_of(store, 'demo'))}")

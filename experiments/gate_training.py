@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
-from lightning_modules.components.latent_gate import add_noise, encode_condition, encode_prompt, estimate_z0
+from lightning_modules.gating.latent_gate import add_noise, encode_condition, encode_prompt, estimate_z0
 from lightning_modules.validator import LatentValidator
 
 

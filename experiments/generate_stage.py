@@ -32,10 +32,10 @@ import torch
 from datamodules import latent_store
 from datamodules.io import (append_manifest, atomic_write, read_image, read_manifest, read_mask, write_manifest,
                             write_pair, write_png)
-from lightning_modules.components.copy_paste import copy_paste, donor_mask, lesion_components
-from lightning_modules.components.fidelity import fid_kid
-from lightning_modules.components.masks import MaskGenerationError, MaskGenerator
-from lightning_modules.components.sources import make_source, source_order, source_pool, union_label
+from lightning_modules.synthesis.copy_paste import copy_paste, donor_mask, lesion_components
+from lightning_modules.gating.fidelity import fid_kid
+from lightning_modules.synthesis.masks import MaskGenerationError, MaskGenerator
+from lightning_modules.synthesis.sources import make_source, source_order, source_pool, union_label
 
 METHODS = ("diffusion", "copy_paste")
 MAX_SOURCE_TRIES = 4  # primary source + alternates when the mask fits nowhere in the primary
@@ -196,7 +196,7 @@ def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str, valida
     gen = torch.Generator().manual_seed(batch_seed)
     kw, callback = {}, None
     if validator is not None:  # the gate targets the full label (existing ∪ new lesion), as in validate
-        from lightning_modules.components.latent_gate import make_early_reject_callback
+        from lightning_modules.gating.latent_gate import make_early_reject_callback
 
         labels = torch.stack([torch.from_numpy(p["label"].astype(np.int64)) for p in plans])
         callback = make_early_reject_callback(validator, labels, float(cfg.validator.iou_threshold),

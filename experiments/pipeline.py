@@ -170,6 +170,8 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
 
     if datamodule is None:
         datamodule = build_datamodule(cfg)
+    if run is not None:
+        tracking.log_data_inputs(cfg, datamodule)
     root = Path(cfg.artifacts_dir)
     result = PipelineResult()
     for stage in todo:

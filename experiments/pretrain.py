@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.components.tiny_base import TINY_DIR, build_tiny_components, save_components
+from lightning_modules.tiny_base import TINY_DIR, build_tiny_components, save_components
 
 
 def _log(path: Path, msg: str) -> None:

@@ -6,6 +6,7 @@ The default store is ``sqlite:///outputs/mlflow.db`` with artifacts under ``outp
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -15,6 +16,10 @@ from typing import Any, Dict, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import to_yaml
+
+# The tag MLflow 3's UI reads to choose an experiment's landing page (runs table vs GenAI traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 # MLflow's sqlite store prints its schema migrations on first use; they are noise to a user.
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -53,6 +58,8 @@ def set_experiment(cfg: DictConfig, name: Optional[str] = None) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         mlflow.set_experiment(name)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            mark_model_training(experiment.experiment_id)
         return experiment.experiment_id
     artifact_root = Path(cfg.tracking.artifact_root).resolve().as_uri()
     try:
@@ -60,7 +67,41 @@ def set_experiment(cfg: DictConfig, name: Optional[str] = None) -> str:
     except Exception:  # another worker created it between our check and create
         experiment_id = mlflow.get_experiment_by_name(name).experiment_id
     mlflow.set_experiment(name)
+    mark_model_training(experiment_id)
     return experiment_id
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag an experiment as model training, so MLflow's UI opens on its runs table (not GenAI traces)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
+def log_data_inputs(cfg: DictConfig, datamodule: Any) -> None:
+    """Log each split of the run's data as an MLflow dataset input (the runs table's Dataset column).
+
+    The name is the dataset, the context the split, and the digest a hash of the split's image ids,
+    so runs on the same split share a digest and can be filtered by it.
+    """
+    import mlflow
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if mlflow.active_run() is None:
+        return
+    source = HTTPDatasetSource(url=_data_source_uri(cfg))
+    for split in ("train_few", "val", "test"):
+        ids = [datamodule.ids[i] for i in datamodule.split_indices.get(split, [])]
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+        dataset = MetaDataset(source, name=f"{cfg.data.name}/{split}", digest=digest)
+        mlflow.log_input(dataset, context=split)
+
+
+def _data_source_uri(cfg: DictConfig) -> str:
+    if cfg.data.root:
+        return Path(cfg.data.root).resolve().as_uri()
+    return f"procedural://{cfg.data.name}?seed={cfg.data.get('procedural_seed')}"
 
 
 def flat_params(cfg: DictConfig) -> Dict[str, str]:
@@ -138,19 +179,3 @@ def _experiment_name(run: Any) -> str:
     import mlflow
 
     return mlflow.get_experiment(run.info.experiment_id).name
-
-
-def ui_main(argv: Optional[list] = None) -> int:
-    """``meddiffaug ui``: start the MLflow UI on 127.0.0.1 with one worker."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="meddiffaug ui", description=ui_main.__doc__)
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--backend-store-uri", default=None,
-                        help="default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db")
-    args = parser.parse_args(argv)
-    uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///outputs/mlflow.db"
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(args.port), "--workers", "1"]
-    print("Starting:", " ".join(command), flush=True)
-    return subprocess.call(command)

@@ -24,7 +24,7 @@ from experiments.gate_training import (build_latent_bank, erase_lesions, load_va
 from experiments.tracking import is_rank_zero as tracking_is_rank_zero
 from datamodules import latent_store
 from datamodules.io import atomic_write
-from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
+from lightning_modules.gating.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
                                                       single_step_z0)
 
 FULL_STEPS = 50  # DDIM steps of the "full" gate (DiffAug's baseline)
@@ -63,7 +63,7 @@ def erode(mask: np.ndarray, px: int) -> np.ndarray:
     if px <= 0:
         return mask
     try:
-        from lightning_modules.components.erosion import erode_mask
+        from lightning_modules.gating.erosion import erode_mask
     except ImportError:  # sibling module not present yet: same semantics, per foreground class
         from scipy.ndimage import binary_erosion
         out = np.zeros_like(mask)
@@ -369,7 +369,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         real_quality_pass_rate, validate_sps, n_early_rejected.
         Samples the generate stage rejected early (``early_rejected`` rows) count as rejected.
     """
-    from lightning_modules.components.quality import FeatureQualityFilter
+    from lightning_modules.gating.quality import FeatureQualityFilter
 
     workdir = Path(workdir)
     (workdir / "masks").mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.components import sampler as _sampler
-from lightning_modules.components.text import encode_text, encode_text_sdxl, unpack_sdxl
-from lightning_modules.components.tiny_base import load_components
+from lightning_modules.synthesis import sampler as _sampler
+from lightning_modules.tokenizer import encode_text, encode_text_sdxl, unpack_sdxl
+from lightning_modules.tiny_base import load_components
 
 FINETUNE_MODES = ("lora", "full", "none")
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -307,7 +307,7 @@ class InpaintingDiffusion(L.LightningModule):
     def inpaint(self, source, mask, prompts, negative_prompts=None, guidance_scale: float = 4.0, steps: int = 25,
                 scheduler: str = "ddim", guiding_mask: bool = True, guide_dilate_px: int = 6, generator=None,
                 step_callback=None, **kwargs):
-        """Guided inpainting; see :func:`lightning_modules.components.sampler.inpaint`.
+        """Guided inpainting; see :func:`lightning_modules.synthesis.sampler.inpaint`.
 
         Returns:
             (B,3,H,W) in [0,1], equal to ``source`` outside ``mask``.

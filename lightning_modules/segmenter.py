@@ -15,7 +15,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.components.seg_metrics import LesionFNR, dice_metric, iou_metric
+from lightning_modules.seg_metrics import LesionFNR, dice_metric, iou_metric
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -11,7 +11,7 @@ input it is given there:
   never confuses them with estimates at the same ``t``).
 
 The gate math (single-step ẑ0, full DDIM denoise, IoU, early-reject callback) lives in
-``lightning_modules.components.latent_gate`` and is re-exported here.
+``lightning_modules.gating.latent_gate`` and is re-exported here.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.components.latent_gate import (  # noqa: F401  (re-exported API)
+from lightning_modules.gating.latent_gate import (  # noqa: F401  (re-exported API)
     _gather, add_noise, diffusion_condition, encode_condition, encode_prompt, estimate_z0, full_denoise,
     full_denoise_z0, make_early_reject_callback, mask_iou, single_step_estimate, single_step_z0)
 

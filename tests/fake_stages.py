@@ -76,6 +76,8 @@ class FakeDataModule:
     def __init__(self, cfg: Any):
         self.name = cfg.data.name
         self.extra_train = None
+        self.ids = [f"fake{i}" for i in range(6)]
+        self.split_indices = {"train": [0, 1, 2, 3], "train_few": [0, 1], "val": [4], "test": [5]}
 
 
 def install(monkeypatch: Any = None) -> None:

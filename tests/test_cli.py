@@ -62,6 +62,14 @@ def test_baseline_run_end_to_end_then_cached(tmp_path, capsys, monkeypatch):
     assert len(runs) == 1 and runs.iloc[0]["tags.sig"] == sig
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"], "segment")]
     assert "segment/predictions.png" in artifacts
+    # The UI opens on the runs table (model training), and the Dataset column names each split.
+    experiment = mlflow.get_experiment_by_name("procedural_polyp_baseline")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = mlflow.get_run(runs.iloc[0]["run_id"]).inputs.dataset_inputs
+    by_split = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(by_split) == {"train_few", "val", "test"}
+    assert by_split["test"].name == "procedural_polyp/test" and len(by_split["test"].digest) == 16
+    assert by_split["test"].digest != by_split["val"].digest
 
     assert main(args) == 0  # second run: reused from the stage cache
     assert "cached at" in capsys.readouterr().out

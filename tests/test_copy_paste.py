@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lightning_modules.components.copy_paste import copy_paste, donor_mask, lesion_components
-from lightning_modules.components.masks import disk
+from lightning_modules.synthesis.copy_paste import copy_paste, donor_mask, lesion_components
+from lightning_modules.synthesis.masks import disk
 
 S = 32
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lightning_modules.components.tiny_base import build_tiny_components, save_components
+from lightning_modules.tiny_base import build_tiny_components, save_components
 
 
 @pytest.mark.slow

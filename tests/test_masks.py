@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lightning_modules.components.erosion import erode_mask
-from lightning_modules.components.masks import MaskGenerationError, MaskGenerator, disk, fov_from_image
-from lightning_modules.components.sources import pick_sources, source_pool, union_label
+from lightning_modules.gating.erosion import erode_mask
+from lightning_modules.synthesis.masks import MaskGenerationError, MaskGenerator, disk, fov_from_image
+from lightning_modules.synthesis.sources import pick_sources, source_pool, union_label
 
 S = 32
 

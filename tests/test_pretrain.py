@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.components.tiny_base import TINY_DIR
+from lightning_modules.tiny_base import TINY_DIR
 
 
 @pytest.mark.slow

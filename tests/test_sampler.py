@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.components.sampler import dilate, guiding_masks, make_scheduler
-from lightning_modules.components.tiny_base import build_tiny_components
+from lightning_modules.synthesis.sampler import dilate, guiding_masks, make_scheduler
+from lightning_modules.tiny_base import build_tiny_components
 from lightning_modules.diffusion import InpaintingDiffusion
 
 

@@ -80,7 +80,7 @@ def _check_outputs(work, metrics, n=10):
 def test_pixel_mode_with_oracle_segmenter(generated, tmp_path):
     dm, gen, kinds = generated
     cfg = load_config(None, ["validator.mode=pixel", "validator.iou_threshold=0.7", "validator.erode_px=1"])
-    from lightning_modules.components.quality import pixel_stat_features
+    from lightning_modules.gating.quality import pixel_stat_features
     work = tmp_path / "validate"
     metrics = run_validate(cfg, dm, work, {"generate": gen}, segmenter=OracleSegmenter(), feature_fn=pixel_stat_features)
     dec, accepted = _check_outputs(work, metrics)
@@ -126,7 +126,7 @@ def test_calibrate_threshold_lowers_never_raises_and_checks_other_pairs():
 
 def test_calibrated_gate_passes_real_pairs_a_weak_gate_fails(generated, tmp_path):
     dm, gen, _ = generated
-    from lightning_modules.components.quality import pixel_stat_features
+    from lightning_modules.gating.quality import pixel_stat_features
     base = ["validator.mode=pixel", "validator.iou_threshold=0.7", "validator.erode_px=0"]
     runs = {}
     for name, extra in (("fixed", []), ("calibrated", ["validator.calibrate_real_pass=0.8"])):
@@ -154,7 +154,7 @@ def test_gate_that_passes_wrong_real_pairs_is_flagged(generated, tmp_path):
 
 def test_none_mode_accepts_all_but_quality_rejects(generated, tmp_path):
     dm, gen, _ = generated
-    from lightning_modules.components.quality import pixel_stat_features
+    from lightning_modules.gating.quality import pixel_stat_features
     cfg = load_config(None, ["validator.mode=none"])
     metrics = run_validate(cfg, dm, tmp_path / "v", {"generate": gen}, feature_fn=pixel_stat_features)
     dec, _ = _check_outputs(tmp_path / "v", metrics)
@@ -176,7 +176,7 @@ def test_erode_shrinks_each_class():
 def test_single_step_mode_end_to_end(generated, tmp_path, monkeypatch):
     dm, gen, kinds = generated
     from experiments import validate_stage
-    from lightning_modules.components.quality import pixel_stat_features
+    from lightning_modules.gating.quality import pixel_stat_features
     overrides = ["validator.mode=single_step", "validator.train_steps=100", "validator.lr=4e-3",
                  "validator.t_eval=100", f"artifacts_dir={tmp_path}/artifacts"]
     cfg = load_config(None, overrides + ["validator.iou_threshold=0.5"])

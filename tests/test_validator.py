@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.components.quality import FeatureQualityFilter, ledoit_wolf, pixel_stat_features
+from lightning_modules.gating.quality import FeatureQualityFilter, ledoit_wolf, pixel_stat_features
 from lightning_modules.validator import (LatentValidator, add_noise, estimate_z0, make_early_reject_callback,
                                          mask_iou)
 
@@ -229,7 +229,7 @@ def test_validator_checkpoint_roundtrip(tmp_path):
 
 def test_latent_path_matches_image_path_and_store_roundtrip(tmp_path):
     from datamodules import latent_store
-    from lightning_modules.components.latent_gate import (encode_condition, encode_prompt, single_step_estimate,
+    from lightning_modules.gating.latent_gate import (encode_condition, encode_prompt, single_step_estimate,
                                                           single_step_z0)
 
     diff = FakeDiffusion()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from lightning_modules.components.masks import disk
+from lightning_modules.synthesis.masks import disk
 
 
 def erode_mask(mask: np.ndarray, px: int, nested: bool = True, keep_nonempty: bool = True) -> np.ndarray:

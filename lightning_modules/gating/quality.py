@@ -29,15 +29,15 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def default_feature_fn() -> FeatureFn:
-    """``lightning_modules.components.fidelity.image_features``, or a pixel-statistics fallback.
+    """``lightning_modules.gating.fidelity.image_features``, or a pixel-statistics fallback.
 
     Imported lazily: fidelity.py is written beside this module and may be absent in old checkouts.
     """
     try:
-        from lightning_modules.components.fidelity import image_features
+        from lightning_modules.gating.fidelity import image_features
         return image_features
     except ImportError:
-        warnings.warn("lightning_modules.components.fidelity is unavailable; the quality filter falls back "
+        warnings.warn("lightning_modules.gating.fidelity is unavailable; the quality filter falls back "
                       "to pooled pixel/gradient statistics as features.", stacklevel=2)
         return pixel_stat_features
 

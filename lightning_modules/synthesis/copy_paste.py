@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from lightning_modules.components.masks import disk
+from lightning_modules.synthesis.masks import disk
 
 
 def _bbox(region: np.ndarray) -> tuple[slice, slice]:

@@ -12,11 +12,11 @@ from typing import Dict, Tuple
 
 import torch
 
-from lightning_modules.components.text import build_tiny_tokenizer
+from lightning_modules.tokenizer import build_tiny_tokenizer
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
-TINY_DIR = Path(__file__).resolve().parents[1] / "bases" / "tiny"
+TINY_DIR = Path(__file__).resolve().parent / "bases" / "tiny"
 
 _WIDTHS: Dict[str, dict] = {
     # (32, 64, 64) is about right on CPU (prototype lesson): spend budget on steps, not width.

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lightning_modules.components.masks import fov_from_image
+from lightning_modules.synthesis.masks import fov_from_image
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Plain nn.Modules and functions used by the Lightning modules (masks, metrics, samplers, ...)."""

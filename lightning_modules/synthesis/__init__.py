@@ -1,0 +1,1 @@
+"""The synthesis half of the method: mask generator, sources, copy-paste control, guided sampler."""
