@@ -2,8 +2,11 @@
 
 Phase 1 trains the VAE (MSE + small L1 + tiny KL) on a procedural pool of every modality;
 phase 2 precomputes latents once and trains the 9-channel UNet and the text encoder on
-inpainting: lesion regions under each kind's lesion prompt, lesion-free blobs under its
-background prompt, random shapes under the null prompt, with condition dropout (CFG).
+inpainting of random shapes (rectangles, blobs, brush strokes) under a generic caption of the
+image's modality, with condition dropout (CFG), as public inpainting models are trained.
+Pretraining never reads a lesion mask: the pool is images only, so the fine-tune on a run's
+``n_real`` pairs is the only place the diffusion arm meets lesion labels (the real-only and
+copy-paste arms get the same labels and no others).
 Writes a diffusers-format folder (safetensors) and MODEL_CARD.md atomically.
 
     python -m experiments.pretrain --threads 1 --vae-steps 1000 --unet-steps 6000
@@ -45,19 +48,24 @@ def _lr(step: int, total: int, base: float, warmup: int = 200, time_frac: float 
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def modality_caption(kind) -> str:
+    """A generic caption of a procedural kind's modality, naming no lesion ("colonoscopy image")."""
+    return kind.prompt.split(" showing")[0]
+
+
 def load_pool(pool_size: int, size: int, seed: int):
-    """Render ``pool_size`` images of every procedural kind.
+    """Render ``pool_size`` images of every procedural kind; their lesion masks are dropped here.
 
     Returns:
-        images uint8 (N,S,S,3), masks uint8 (N,S,S), kind index (N,), prompt table [(lesion, background)].
+        images uint8 (N,S,S,3), kind index (N,), one generic caption per kind.
     """
     from datamodules.procedural import PROCEDURAL_KINDS, render_procedural
 
-    ims, mks, kinds, prompts = [], [], [], []
+    ims, kinds, captions = [], [], []
     for k, (name, spec) in enumerate(PROCEDURAL_KINDS.items()):
-        im, mk, _ = render_procedural(name, pool_size, size, seed + 1000 + k)  # seeds disjoint from datasets' 0
-        ims.append(im), mks.append(mk), kinds.append(np.full(len(im), k)), prompts.append((spec.prompt, spec.background_prompt))
-    return np.concatenate(ims), np.concatenate(mks), np.concatenate(kinds), prompts
+        im, _lesion_masks_unused, _ = render_procedural(name, pool_size, size, seed + 1000 + k)  # seeds disjoint from datasets' 0
+        ims.append(im), kinds.append(np.full(len(im), k)), captions.append(modality_caption(spec))
+    return np.concatenate(ims), np.concatenate(kinds), captions
 
 
 def train_vae(vae, images: np.ndarray, steps: int, batch: int, log: Path, state: dict, budget_s: float = float("inf"),
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
                    help="component widths: the shipped base, or a UNet with twice the channels, "
                         "about 4x the parameters (MSDM's larger model)")
     p.add_argument("--vae-from", default=None,
-                   help="diffusers folder (or 'tiny') whose VAE is reused frozen: skips the VAE phase")
+                   help="diffusers folder (or 'tiny') whose VAE is reused frozen: skips the VAE phase "
+                        "(the VAE is trained on images only, never on masks)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/state.pt")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,8 +157,8 @@ def main(argv=None) -> int:
     command = "meddiffaug pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     _log(log, f"start: {command}")
 
-    images, masks, kinds, prompt_pairs = load_pool(args.pool_size, args.image_size, args.seed)
-    _log(log, f"pool: {len(images)} images, kinds {len(prompt_pairs)}, lesion pixels {(masks > 0).mean():.3f}")
+    images, kinds, captions = load_pool(args.pool_size, args.image_size, args.seed)
+    _log(log, f"pool: {len(images)} images of {len(captions)} kinds, no lesion masks; captions {captions}")
     comps = build_tiny_components(work / "tokenizer", width=args.width, image_size=args.image_size, seed=args.seed)
     state = torch.load(state_path, weights_only=False) if args.resume and state_path.is_file() else {}
     if args.vae_from and not state.get("vae_done"):
@@ -184,13 +193,17 @@ def main(argv=None) -> int:
 
     # ---- phase 2: UNet + text encoder on inpainting
     from lightning_modules.diffusion import InpaintingDiffusion
-    from lightning_modules.diffusion_bank import build_inpainting_bank, variant_weights
+    from lightning_modules.diffusion_bank import RANDOM, build_inpainting_bank, variant_weights
 
     model = InpaintingDiffusion(**comps, finetune="full", train_text_encoder=True, cond_dropout=0.1, base_model="scratch")
-    model.set_prompts([t for pair in prompt_pairs for t in pair])  # kind k: lesion 1+2k, background 2+2k
+    model.set_prompts(captions)  # kind k: caption 1+k
     t1 = time.time()
-    bank = build_inpainting_bank(model, images, masks, 1 + 2 * kinds, 2 + 2 * kinds, n_background=2, n_random=2, seed=args.seed)
-    weights = variant_weights(bank, background_fraction=0.3, random_fraction=0.25)
+    no_lesion = np.zeros(images.shape[:3], np.uint8)  # the bank builder gets no lesion region at all
+    bank = build_inpainting_bank(model, images, no_lesion, 0, 0, n_background=0, n_random=3,
+                                 seed=args.seed, random_prompt_idx=1 + kinds)
+    if not bool((bank["kind"] == RANDOM).all()):
+        raise RuntimeError("pretraining must see random inpainting regions only, never a lesion mask")
+    weights = variant_weights(bank, background_fraction=0.0, random_fraction=1.0)
     _log(log, f"latent bank: {len(weights)} variants in {time.time() - t1:.0f}s")
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
@@ -241,13 +254,13 @@ def main(argv=None) -> int:
     n_unet = sum(p.numel() for p in ema.parameters())
     size_mb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2 ** 20
     card = {
-        "command": command, "data": f"procedural pool, {args.pool_size} images x {len(prompt_pairs)} kinds at {args.image_size}px (seeds {args.seed}+1000+k)",
+        "command": command, "data": f"procedural pool, {args.pool_size} images x {len(captions)} kinds at {args.image_size}px (seeds {args.seed}+1000+k)",
         "vae_steps": state.get("vae_step"), "vae_batch_size": args.vae_batch_size, "vae_crop": args.vae_crop, "vae_psnr_db": None if state["vae_psnr"] is None else round(state["vae_psnr"], 2),
         "vae_source": state.get("vae_source"), "vae_widths": list(comps["vae"].config.block_out_channels),
         "unet_widths": list(ema.config.block_out_channels), "out": str(out), "vae_psnr_by_kind": psnr_by_kind, "vae_scaling_factor": round(state["vae_scale"], 5),
         "unet_steps": step, "batch_size": args.batch_size, "final_unet_loss": round(final_loss, 5), "unet_params": n_unet,
         "wall_minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "weights_mb": round(size_mb, 2),
-        "prompts": prompt_pairs,
+        "captions": captions, "lesion_masks_seen": 0,
     }
     (tmp / "MODEL_CARD.md").write_text(_card(card))
     (tmp / "pretrain_metrics.json").write_text(json.dumps(card, indent=2))
@@ -262,7 +275,7 @@ def main(argv=None) -> int:
 
 
 def _card(c: dict) -> str:
-    prompts = "\n".join(f"  * lesion: \"{a}\" / background (negative): \"{b}\"" for a, b in c["prompts"])
+    captions = ", ".join(f'"{t}"' for t in c["captions"])
     vae_widths = tuple(c.get("vae_widths") or (32, 64, 64))
     if c.get("vae_source"):
         vae_training = f"reused frozen from `{c['vae_source']}` (not trained here)"
@@ -283,10 +296,12 @@ Latent-diffusion inpainting model in diffusers format, pretrained from scratch o
 * UNet: UNet2DConditionModel {tuple(c.get("unet_widths") or (32, 64, 64))}, in_channels 9 = [noisy latents 4, mask 1, masked-image latents 4],
   {c['unet_params']:,} parameters; {c['unet_steps']} steps at batch {c['batch_size']} (EMA weights);
   final ε-MSE loss **{c['final_unet_loss']}**. Text encoder: CLIPTextModel (hidden 64, 2 layers), trained jointly.
-* Training regions: lesions under the lesion prompt (45 %), lesion-free blobs under the background
-  prompt (30 %), random shapes under the null prompt (25 %); 10 % condition dropout (for CFG).
-* Prompts:
-{prompts}
+* Training regions: random shapes (rectangles, blobs, brush strokes; 3 per image) under a generic
+  caption of the image's modality ({captions}); 10 % condition dropout (for CFG).
+* **Never saw a lesion mask** or a lesion prompt: pretraining renders the images and drops their
+  masks (`experiments/pretrain.py` `load_pool`), and refuses to train on any region that is not a
+  random shape. The fine-tune on a run's `n_real` pairs is the first time the model meets lesion
+  labels, as with a public foundation model.
 * Wall time: {c['wall_minutes']} min; weights {c['weights_mb']} MB (safetensors).
 
 Intended use: a small base to fine-tune (LoRA or full) on a few real pairs in tests, demos and

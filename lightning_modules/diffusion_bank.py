@@ -70,14 +70,15 @@ def random_region(rng: np.random.Generator, size: int) -> np.ndarray:
 @torch.no_grad()
 def build_inpainting_bank(model: InpaintingDiffusion, images: np.ndarray, masks: np.ndarray, lesion_prompt_idx,
                       background_prompt_idx, n_background: int = 2, n_random: int = 0, flips: bool = False,
-                      seed: int = 0, chunk: int = 64) -> dict:
+                      seed: int = 0, chunk: int = 64, random_prompt_idx=0) -> dict:
     """Encode every training region once.
 
     Args:
         images: uint8 (N,S,S,3). masks: uint8 (N,S,S) class indices (lesion = any class > 0).
         lesion_prompt_idx / background_prompt_idx: int or (N,) ints into ``model.prompt_texts``.
-        n_background: background-blob variants per image. n_random: random-shape variants (null prompt).
+        n_background: background-blob variants per image. n_random: random-shape variants.
         flips: also encode horizontally flipped copies (few-shot data).
+        random_prompt_idx: int or (N,) ints, the prompt of the random-shape variants (default: null).
 
     Returns:
         dict of tensors: ``z0`` (N',C,h,w); per variant ``img`` (V,), ``mask_lat`` (V,1,h,w),
@@ -85,17 +86,18 @@ def build_inpainting_bank(model: InpaintingDiffusion, images: np.ndarray, masks:
     """
     les_idx = np.broadcast_to(np.asarray(lesion_prompt_idx), (len(images),))
     bg_idx = np.broadcast_to(np.asarray(background_prompt_idx), (len(images),))
+    rand_idx = np.broadcast_to(np.asarray(random_prompt_idx), (len(images),))
     if flips:
         images = np.concatenate([images, images[:, :, ::-1]])
         masks = np.concatenate([masks, masks[:, :, ::-1]])
-        les_idx, bg_idx = np.tile(les_idx, 2), np.tile(bg_idx, 2)
+        les_idx, bg_idx, rand_idx = np.tile(les_idx, 2), np.tile(bg_idx, 2), np.tile(rand_idx, 2)
     rng = np.random.default_rng(seed)
     rows = []  # (image index, region bool (S,S), prompt index, kind)
     for i, m in enumerate(masks > 0):
         if m.any():
             rows.append((i, m, les_idx[i], LESION))
         rows += [(i, background_blob(m, rng), bg_idx[i], BACKGROUND) for _ in range(n_background)]
-        rows += [(i, random_region(rng, m.shape[0]), 0, RANDOM) for _ in range(n_random)]
+        rows += [(i, random_region(rng, m.shape[0]), rand_idx[i], RANDOM) for _ in range(n_random)]
     x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     z0 = torch.cat([model.encode_images(x_all[s:s + chunk]).cpu() for s in range(0, len(x_all), chunk)])
     mask_lat, masked_lat = [], []

@@ -36,3 +36,34 @@ def test_pretrain_rejects_a_folder_without_vae(tmp_path):
     with pytest.raises(SystemExit, match="not a diffusers VAE folder"):
         main(["--vae-from", str(tmp_path), "--unet-steps", "1", "--pool-size", "2", "--out", str(tmp_path / "o"),
               "--work", str(tmp_path / "w")])
+
+
+def test_pretraining_pool_and_bank_hold_no_lesion_label(monkeypatch, tmp_path):
+    """The base never sees a lesion mask: the pool is images only, every region a random shape."""
+    import numpy as np
+
+    from experiments import pretrain
+    from lightning_modules import diffusion_bank
+
+    images, kinds, captions = pretrain.load_pool(2, 32, 0)
+    assert images.shape == (8, 32, 32, 3) and kinds.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    lesion_words = {"polyp", "lesion", "mass", "cup", "disc", "tumor"}
+    assert captions and not any(lesion_words & set(c.split()) for c in captions)
+
+    seen = {}
+    real_builder = diffusion_bank.build_inpainting_bank
+
+    def spy(model, imgs, masks, *args, **kwargs):
+        seen["masks"] = masks
+        bank = real_builder(model, imgs, masks, *args, **kwargs)
+        seen["kinds"] = bank["kind"]
+        raise SystemExit("stop after the bank")
+
+    monkeypatch.setattr(diffusion_bank, "build_inpainting_bank", spy)
+    monkeypatch.setattr(pretrain, "load_pool", lambda n, s, seed: (images, kinds, captions))
+    with pytest.raises(SystemExit, match="stop after the bank"):
+        pretrain.main(["--vae-from", "tiny", "--unet-steps", "1", "--pool-size", "2", "--image-size", "32",
+                       "--out", str(tmp_path / "never_written"), "--work", str(tmp_path / "work")])
+    assert not seen["masks"].any(), "no lesion region may reach the bank"
+    assert bool((seen["kinds"] == diffusion_bank.RANDOM).all())
+    assert not (tmp_path / "never_written").exists()
