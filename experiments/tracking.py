@@ -61,14 +61,29 @@ def set_experiment(cfg: DictConfig, name: Optional[str] = None) -> str:
         if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
             mark_model_training(experiment.experiment_id)
         return experiment.experiment_id
-    artifact_root = Path(cfg.tracking.artifact_root).resolve().as_uri()
     try:
-        experiment_id = mlflow.create_experiment(name, artifact_location=f"{artifact_root}/{name}")
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location(cfg, name))
     except Exception:  # another worker created it between our check and create
         experiment_id = mlflow.get_experiment_by_name(name).experiment_id
     mlflow.set_experiment(name)
     mark_model_training(experiment_id)
     return experiment_id
+
+
+def artifact_location(cfg: DictConfig, name: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts.
+
+    A tracking server (``http(s)://``) owns them: None lets it choose its artifact root, so runs
+    upload through its proxied artifact store and every teammate sees the pictures. A local store
+    (SQLite, a database URL, a folder) writes to ``<tracking.artifact_root>/<name>`` on this
+    machine; the default root follows ``output_dir`` (``<output_dir>/mlruns``).
+    """
+    if tracking_uri(cfg).split(":", 1)[0].lower() in ("http", "https", "databricks"):
+        return None
+    root = cfg.tracking.artifact_root
+    if root == "outputs/mlruns":  # the schema default: under output_dir, like the rest of the outputs
+        root = str(Path(cfg.output_dir) / "mlruns")
+    return f"{Path(root).resolve().as_uri()}/{name}"
 
 
 def mark_model_training(experiment_id: str) -> None:
@@ -166,13 +181,22 @@ def log_stage_folder(stage_dir: Path, artifact_path: str) -> None:
 
 
 def lightning_logger(run: Any, cfg: DictConfig) -> Any:
-    """A Lightning ``MLFlowLogger`` writing training curves into ``run`` (None without a run)."""
+    """A Lightning ``MLFlowLogger`` writing training curves into ``run`` (None without a run).
+
+    The pipeline owns the run's status: Lightning's logger ends its run when ``fit`` ends, which
+    would mark the pipeline's run FINISHED after the fine-tune, before the later stages ran (a kill
+    then left a "finished" run without test metrics). This logger leaves the run open.
+    """
     if run is None:
         return None
     from lightning.pytorch.loggers import MLFlowLogger
 
-    return MLFlowLogger(tracking_uri=tracking_uri(cfg), run_id=run.info.run_id,
-                        experiment_name=_experiment_name(run))
+    class StageLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            """Leave the run open: :func:`start_run` ends it after the final stage's metrics."""
+
+    return StageLogger(tracking_uri=tracking_uri(cfg), run_id=run.info.run_id,
+                       experiment_name=_experiment_name(run))
 
 
 def _experiment_name(run: Any) -> str:

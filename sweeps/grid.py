@@ -1,8 +1,11 @@
 """``meddiffaug grid GRID.yaml``: an ablation grid as data; every cell has a signature.
 
 A cell is one (seed, variant, axis values) combination. Its signature hashes the variant name
-and its resolved overrides, so a rerun finds the cells already FINISHED in MLflow (tags
-``grid=<name>``, ``cell=<sig>``) and runs only the missing ones. Seeds are paired across methods:
+and its resolved overrides (MLflow tags ``grid=<name>``, ``cell=<sig>``); a cell is done when
+MLflow holds a FINISHED run of it for its current final-stage signature (tag ``sig``) with the
+final stage's metric (``test/dice``), so a rerun runs only the missing cells. Workers on any
+number of machines take cells from one queue in a shared database (:mod:`sweeps.queue`), each
+cell once; a cell whose worker died is re-queued. Seeds are paired across methods:
 seed ``s`` sets ``seed``, ``data.split_seed``, ``augment.seed`` and ``generation.seed`` (the
 ``seed_keys``), so every method sees the same split and the same few real images.
 """
@@ -11,10 +14,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from experiments import pipeline, tracking
 from experiments.config import ConfigError, load_config
@@ -36,6 +40,7 @@ class Cell:
     base_config: Path
     sig: str = ""
     tags: Dict[str, str] = field(default_factory=dict)
+    _identity: Optional[Tuple[str, str, str]] = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -46,6 +51,23 @@ class Cell:
     def config(self) -> Any:
         """The resolved experiment config of this cell."""
         return load_config(self.base_config, self.overrides)
+
+    def identity(self) -> Tuple[str, str, str]:
+        """``(final stage, its signature, the metric that proves it done)``.
+
+        The signature is the run's ``sig`` tag: a base-YAML edit or a stage-version bump changes it,
+        and the cell is then not done any more.
+        """
+        if self._identity is None:
+            cfg = self.config()
+            stage = pipeline.required_stages(cfg)[-1]
+            metric = "test/dice" if stage == "segment" else f"time/{stage}_s"
+            self._identity = (stage, pipeline.signatures(cfg)[stage], metric)
+        return self._identity
+
+    def key(self) -> str:
+        """The cell's name in the shared queue: its grid signature and its final stage signature."""
+        return f"{self.sig}-{self.identity()[1]}"
 
 
 def _as_list(value: Any, what: str, source: str) -> List[Any]:
@@ -127,24 +149,46 @@ def grid_cells(grid_yaml: str | Path) -> List[Cell]:
     return cells
 
 
-def finished_cells(cells: Sequence[Cell]) -> Dict[str, str]:
-    """Cell signature -> run id of its FINISHED MLflow run, for cells already done."""
+def default_storage(cfg: Any) -> str:
+    """The queue's default storage: ``optuna.db`` beside a SQLite MLflow store, else under ``output_dir``."""
+    uri = tracking.tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).parent / 'optuna.db'}"
+    return f"sqlite:///{Path(cfg.output_dir) / 'optuna.db'}"
+
+
+def _mlflow_experiment(cells: Sequence[Cell]) -> Optional[str]:
     import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cells[0].config()))
+    experiment = mlflow.get_experiment_by_name(cells[0].grid)
+    return None if experiment is None else experiment.experiment_id
+
+
+def finished_cells(cells: Sequence[Cell]) -> Dict[str, str]:
+    """Cell signature -> run id of its done MLflow run, for cells already done.
+
+    Done means FINISHED, logged for the cell's current final-stage signature (a base-YAML edit or a
+    stage-version bump makes a cell not done) and holding the final stage's metric: a run's status
+    alone is a claim (a killed run's logger may have ended it), the final metric is the fact.
+    """
     from mlflow.tracking import MlflowClient
 
     if not cells:
         return {}
-    cfg = cells[0].config()
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    experiment = mlflow.get_experiment_by_name(cells[0].grid)
-    if experiment is None:
+    experiment_id = _mlflow_experiment(cells)
+    if experiment_id is None:
         return {}
+    wanted = {c.sig: c.identity() for c in cells}
     done: Dict[str, str] = {}
     token = None
     while True:  # paginate: a grid can hold more cells than one page
-        page = MlflowClient().search_runs([experiment.experiment_id], max_results=1000, page_token=token,
+        page = MlflowClient().search_runs([experiment_id], max_results=1000, page_token=token,
                                           filter_string=f"tags.grid = '{cells[0].grid}' and attributes.status = 'FINISHED'")
-        done.update({r.data.tags["cell"]: r.info.run_id for r in page if "cell" in r.data.tags})
+        for run in page:
+            cell = run.data.tags.get("cell")
+            if cell in wanted and run.data.tags.get("sig") == wanted[cell][1] and wanted[cell][2] in run.data.metrics:
+                done[cell] = run.info.run_id
         token = page.token
         if not token:
             return done
@@ -187,8 +231,46 @@ def print_cells(cells: Sequence[Cell], done: Dict[str, str]) -> None:
     print(f"{len(cells)} cells: {n_done} done, {len(cells) - n_done} todo")
 
 
+class _CellRunner:
+    """Runs cells one after another in this process, reusing the datamodule while the data is the same."""
+
+    def __init__(self) -> None:
+        self.dm_key, self.datamodule = None, None
+
+    def __call__(self, cell: Cell, index: int, total: int) -> Optional[float]:
+        """Run one cell's pipeline; its final metric, or None when it failed (the traceback is printed)."""
+        from omegaconf import OmegaConf
+
+        cfg = cell.config()
+        print(f"[grid] cell {index}/{total} {cell.label} ({cell.sig})", flush=True)
+        try:
+            key = sp.short_hash(OmegaConf.to_container(cfg.data, resolve=True))
+            if key != self.dm_key:  # seeds are outermost: consecutive cells mostly share the data
+                self.dm_key, self.datamodule = key, pipeline.build_datamodule(cfg)
+            result = pipeline.run_pipeline(cfg, run_name=cell.label, tags=cell.tags, experiment=cell.grid,
+                                           datamodule=self.datamodule)
+            return float(result.metrics.get(cell.identity()[2], 0.0))
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001 - an unattended grid goes on; the cell stays "todo"
+            traceback.print_exc()
+            return None
+
+
+def _close_killed_runs(cell: Cell, experiment_id: Optional[str]) -> None:
+    """The queue gave this worker the cell: any RUNNING run of it belongs to a dead worker; mark it KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    if experiment_id is None:
+        return
+    client = MlflowClient()
+    for run in client.search_runs([experiment_id], max_results=100, filter_string=(
+            f"tags.grid = '{cell.grid}' and tags.cell = '{cell.sig}' and attributes.status = 'RUNNING'")):
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
 def run_cells(cells: Sequence[Cell], rerun: bool = False) -> Dict[str, List[str]]:
-    """Run every cell not yet FINISHED (every cell with ``rerun``); one failing cell does not stop the others.
+    """Run the selected cells in this process, every one of them with ``rerun`` (no queue).
 
     A rerun logs a new MLflow run per cell; tables keep each cell's latest finished run, and the old
     run stays in MLflow. Stages whose signature is unchanged come from the cache.
@@ -198,38 +280,62 @@ def run_cells(cells: Sequence[Cell], rerun: bool = False) -> Dict[str, List[str]
     """
     done = {} if rerun else finished_cells(cells)
     report: Dict[str, List[str]] = {"ran": [], "skipped": [], "failed": []}
-    dm_key, datamodule = None, None
+    runner = _CellRunner()
     for i, cell in enumerate(cells):
         if cell.sig in done:
             report["skipped"].append(cell.sig)
             continue
-        cfg = cell.config()
-        print(f"[grid] cell {i + 1}/{len(cells)} {cell.label} ({cell.sig})", flush=True)
-        try:
-            from omegaconf import OmegaConf
-
-            key = sp.short_hash(OmegaConf.to_container(cfg.data, resolve=True))
-            if key != dm_key:  # seeds are outermost: consecutive cells mostly share the data
-                dm_key, datamodule = key, pipeline.build_datamodule(cfg)
-            if getattr(datamodule, "extra_train", None) is not None:
-                datamodule.extra_train = None  # the previous cell's synthetic pairs must not leak in
-            pipeline.run_pipeline(cfg, run_name=cell.label, tags=cell.tags, experiment=cell.grid,
-                                  datamodule=datamodule)
-            report["ran"].append(cell.sig)
-        except KeyboardInterrupt:
-            raise
-        except Exception:  # noqa: BLE001 - an unattended grid goes on; the cell stays "todo"
-            traceback.print_exc()
-            report["failed"].append(cell.sig)
+        report["ran" if runner(cell, i + 1, len(cells)) is not None else "failed"].append(cell.sig)
     return report
 
 
-def run_workers(argv: List[str], workers: int) -> int:
-    """Run the grid in ``workers`` processes, one shard each, with the cores split between them.
+def run_queue(cells: Sequence[Cell], storage: str, poll_s: float = 2.0, **queue_kwargs: Any) -> Dict[str, List[str]]:
+    """Work on the grid's shared queue in ``storage`` until none of ``cells`` waits or runs anywhere.
 
-    Shards share upstream stages through the stage cache's file locks, so a fine-tune that two
-    shards need is computed once; each process gets ``cores // workers`` intra-op threads
-    because small CPU models scale better across processes than across threads.
+    Cells not done in MLflow are enqueued (once, whatever the number of workers); this worker then
+    claims and runs them one at a time. While other workers still run cells it waits, failing and
+    re-queueing the cells of workers that died, so every cell ends done, failed or given up.
+
+    Returns:
+        ``{"ran": [...], "skipped": [...], "failed": [...]}``: what this worker did.
+    """
+    from sweeps.queue import CellQueue
+
+    done = finished_cells(cells)
+    by_key = {cell.key(): cell for cell in cells}
+    queue = CellQueue(storage, cells[0].grid, **queue_kwargs)
+    queue.reap()
+    queue.enqueue({cell.key(): {"cell": cell.sig, "label": cell.label} for cell in cells if cell.sig not in done})
+    report: Dict[str, List[str]] = {"ran": [], "skipped": sorted(done), "failed": []}
+    experiment_id = _mlflow_experiment(cells)
+    runner = _CellRunner()
+    todo = set(by_key) - {c.key() for c in cells if c.sig in done}
+    while True:
+        claim = queue.claim(todo)
+        if claim is None:
+            if not queue.pending(todo):
+                return report
+            time.sleep(poll_s)
+            queue.reap()
+            continue
+        cell = by_key[claim.key]
+        _close_killed_runs(cell, experiment_id)
+        experiment_id = experiment_id or _mlflow_experiment(cells)
+        with queue.heartbeat(claim):
+            value = runner(cell, len(report["ran"]) + len(report["failed"]) + 1, len(todo))
+        queue.finish(claim, value)
+        report["ran" if value is not None else "failed"].append(cell.sig)
+
+
+def run_workers(argv: List[str], workers: int) -> int:
+    """Start ``workers`` local processes on the grid's queue, with the cores split between them.
+
+    Workers share upstream stages through the stage cache's file locks, so a fine-tune that two
+    cells need is computed once; each process gets ``cores // workers`` intra-op threads because
+    small CPU models scale better across processes than across threads.
+
+    Returns:
+        0 when every worker exited 0; else 1 (a worker killed by a signal counts as a failure).
     """
     import os
     import subprocess
@@ -240,37 +346,55 @@ def run_workers(argv: List[str], workers: int) -> int:
         base = argv[:i] + argv[i + 2:]
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.cli", "grid", *base, "--shard", f"{i}/{workers}"],
-                              env=env) for i in range(workers)]
-    return max(p.wait() for p in procs)
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.cli", "grid", *base], env=env) for _ in range(workers)]
+    codes = [p.wait() for p in procs]
+    for i, code in enumerate(codes):
+        if code < 0:
+            print(f"[grid] worker {i} was killed by signal {-code}; its cell is re-queued for the next run",
+                  file=sys.stderr, flush=True)
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``meddiffaug grid GRID.yaml [--dry-run] [--only KEY=VALUE ...] [--rerun] [--workers N]``."""
+    """``meddiffaug grid GRID.yaml [--dry-run] [--only KEY=VALUE ...] [--rerun] [--workers N] [--storage URL]``."""
     parser = argparse.ArgumentParser(prog="meddiffaug grid", description=main.__doc__)
     parser.add_argument("grid", help="grid YAML, e.g. sweeps/grids/diffaug_main.yaml")
     parser.add_argument("--dry-run", action="store_true", help="list cells and their status; run nothing")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                         help="restrict to cells with this variant/seed/axis value (repeatable)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="run the cells in N processes on this machine (each takes every N-th cell)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="SQLAlchemy URL of the shared cell queue, e.g. postgresql://user:pw@host/db; "
+                             "every worker on every machine given the same URL shares the cells "
+                             "(default: optuna.db beside the SQLite MLflow store)")
+    parser.add_argument("--workers", type=int, default=1, help="start N local workers on the queue")
     parser.add_argument("--rerun", action="store_true",
-                        help="run the selected cells even if finished (after a code change that bumped a "
-                             "stage version); tables then use each cell's latest run")
-    parser.add_argument("--shard", default=None, metavar="I/N", help="run only cells i, i+N, ... (used by --workers)")
+                        help="run the selected cells in this process even if done (no queue); tables then "
+                             "use each cell's latest run")
+    parser.add_argument("--heartbeat-interval", type=int, default=None, help="seconds between heartbeats (20)")
+    parser.add_argument("--grace-period", type=int, default=None,
+                        help="seconds without a heartbeat after which a cell's worker counts as dead (120)")
     args = parser.parse_args(argv)
     cells = select(grid_cells(args.grid), args.only)
-    if args.shard:
-        index, count = (int(x) for x in args.shard.split("/"))
-        cells = list(cells)[index::count]
-    elif args.workers > 1 and not args.dry_run:
-        if cells:  # create the MLflow store once: concurrent first use races on its schema migration
-            tracking.set_experiment(cells[0].config(), cells[0].grid)
-        return run_workers(list(sys.argv[1:] if argv is None else argv), args.workers)
     if args.dry_run:
         print_cells(cells, finished_cells(cells))
         return 0
-    report = run_cells(cells, rerun=args.rerun)
+    if not cells:
+        print("[grid] no cell selected", flush=True)
+        return 0
+    if args.rerun:
+        report = run_cells(cells, rerun=True)
+    else:
+        cfg = cells[0].config()
+        storage = args.storage or default_storage(cfg)
+        if args.workers > 1:
+            from sweeps.queue import CellQueue
+
+            tracking.set_experiment(cfg, cells[0].grid)  # create both stores once: first use races on
+            CellQueue(storage, cells[0].grid)  # their schema migrations
+            return run_workers(list(sys.argv[1:] if argv is None else argv), args.workers)
+        kwargs = {k: v for k, v in (("heartbeat_interval", args.heartbeat_interval),
+                                    ("grace_period", args.grace_period)) if v is not None}
+        report = run_queue(cells, storage, **kwargs)
     print(f"[grid] ran {len(report['ran'])}, already done {len(report['skipped'])}, "
           f"failed {len(report['failed'])}: {' '.join(report['failed'])}", flush=True)
     return 1 if report["failed"] else 0

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import os
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -119,21 +119,10 @@ def make_pruner(spec: StudySpec) -> Any:
 
 def make_storage(url: str, spec: StudySpec) -> Any:
     """RDB storage with heartbeat and automatic retry of trials whose worker died."""
-    import inspect
+    from sweeps.queue import rdb_storage
 
-    import optuna
-
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback  # optuna < 4.9 names it so
-    params = inspect.signature(optuna.storages.RDBStorage).parameters
-    arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-    with warnings.catch_warnings():  # heartbeat is "experimental" in optuna: not the user's concern
-        warnings.simplefilter("ignore")
-        return optuna.storages.RDBStorage(url, heartbeat_interval=spec.heartbeat_interval,
-                                          grace_period=spec.grace_period,
-                                          **{arg: retry_cls(max_retry=spec.max_retry)})
+    return rdb_storage(url, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
+                       max_retry=spec.max_retry)
 
 
 def current_trial() -> Any:
@@ -276,7 +265,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=spec.name, storage=make_storage(storage_url, spec),
                                 direction=spec.direction, pruner=make_pruner(spec), load_if_exists=True)
-    study.sampler = make_sampler(spec, seed_offset=len(study.trials))
+    # A seeded sampler replays its random start-up points: offset the seed by the trials already run,
+    # and on a database server (workers on several machines start together) by the process too.
+    shared = not storage_url.startswith("sqlite")
+    study.sampler = make_sampler(spec, seed_offset=len(study.trials) + (os.getpid() if shared else 0))
     n_trials = args.n_trials if args.n_trials is not None else spec.n_trials
     callbacks = []
     if args.max_total_trials is not None:
