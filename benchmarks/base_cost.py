@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.generation import _inputs, _model
+from benchmarks.generation import bench_inputs, bench_model
 
 
 def main(argv=None) -> list:
@@ -31,11 +31,11 @@ def main(argv=None) -> list:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        models = [_model(base) for base in args.bases]
+        models = [bench_model(base) for base in args.bases]
     except FileNotFoundError as err:
         raise SystemExit(f"{err} MSDM's larger base is made by `meddiffaug pretrain --width large "
                          "--vae-from tiny --out outputs/bases/tiny_large` (see sweeps/grids/msdm.yaml).") from None
-    src, mask = _inputs(args.batch_size, args.size)
+    src, mask = bench_inputs(args.batch_size, args.size)
     prompts, neg = ["a polyp"] * args.batch_size, ["normal mucosa"] * args.batch_size
     n_batches = -(-args.samples // args.batch_size)
     kw = dict(guidance_scale=args.guidance_scale, steps=args.steps, progress=False)

@@ -27,7 +27,8 @@ THETAS = (0.5, 0.6, 0.7, 0.8)
 
 def _clean_latent_iou(diffusion, validator, images: torch.Tensor, masks: torch.Tensor, num_classes: int) -> float:
     """Mean IoU of the validator's masks on the clean VAE latents (t = 0) of real pairs (N,3,H,W), (N,H,W)."""
-    from experiments.validate_stage import encode_latents, mask_iou
+    from experiments.stages.validate.gate import encode_latents
+    from lightning_modules.gating.latent_gate import mask_iou
 
     latents = encode_latents(diffusion, images, masks, torch.device("cpu"))
     pred = validator.predict_masks(latents["z0"], 0, masks.shape[-2:], prompt=masks)
@@ -44,7 +45,9 @@ def main(argv=None) -> list:
     from experiments.builders import load_finetuned
     from experiments.gate_training import train_latent_validator
     from experiments.pipeline import build_datamodule, run_stages
-    from experiments.validate_stage import gate_sanity, make_gate, real_gate_ious, to_tensor
+    from datamodules.synthetic import to_tensor
+    from experiments.stages.validate.gate import make_gate
+    from lightning_modules.gating.sanity import gate_sanity, real_gate_ious
 
     seeds = [f"seed={args.seed}", f"data.split_seed={args.seed}", f"generation.seed={args.seed}"]
     cfg = load_config(args.config, seeds + ["tracking.enabled=false"] + list(args.overrides))

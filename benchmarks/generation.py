@@ -16,7 +16,7 @@ import time
 import torch
 
 
-def _model(base: str):
+def bench_model(base: str):
     from lightning_modules.tiny_base import TINY_DIR, build_tiny_components
     from lightning_modules.diffusion import InpaintingDiffusion
 
@@ -27,7 +27,7 @@ def _model(base: str):
     return InpaintingDiffusion(**comps, finetune="none").eval(), "tiny (random init; shipped base missing)"
 
 
-def _inputs(batch: int, size: int):
+def bench_inputs(batch: int, size: int):
     """Fixed random sources (B,3,S,S) and a centred square inpainting mask (B,1,S,S)."""
     g = torch.Generator().manual_seed(0)
     src = torch.rand(batch, 3, size, size, generator=g)
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, base = _model(args.base)
+    model, base = bench_model(args.base)
     g = torch.Generator().manual_seed(1)
-    src, mask = _inputs(args.batch_size, args.size)
+    src, mask = bench_inputs(args.batch_size, args.size)
     prompts, neg = ["a polyp"] * args.batch_size, ["normal mucosa"] * args.batch_size
     n_batches = -(-args.samples // args.batch_size)
     kw = dict(guidance_scale=args.guidance_scale, steps=args.steps, scheduler=args.scheduler, progress=False)

@@ -26,7 +26,8 @@ from datamodules.errors import DataError
 from datamodules.synthetic import SyntheticPairs
 from experiments.config import load_config
 from experiments.pipeline import build_datamodule
-from experiments.segment_stage import build_segmenter, fit_segmenter
+from experiments.builders import build_segmenter
+from experiments.stages.segment import fit_segmenter
 from lightning_modules.validator import mask_iou
 
 

@@ -6,7 +6,7 @@ On one set of generated samples (the tiny base inpainting lesions into procedura
 times the gates side by side, each exactly as the validate stage runs it, and measures how often
 their accept/reject decisions agree:
 
-* ``single_step`` / ``full``: :func:`experiments.validate_stage.gate_latents` on the latents the
+* ``single_step`` / ``full``: :func:`experiments.stages.validate.gate_latents` on the latents the
   generation persisted (``latents/*.pt``, loaded from disk inside the timing; prompt encoded once
   per run); single-step = one ε̂ call at ``t_eval`` + validator, full = the same noising followed by
   ``--full-steps`` DDIM steps under the same condition + validator on the final latent;
@@ -66,8 +66,10 @@ def main(argv=None) -> dict:
     try:
         from datamodules import create_datamodule
         from experiments.config import load_config
-        from experiments.validate_stage import (LATENT_BATCH, gate_latents, make_gate, run_gate, to_tensor,
-                                                train_latent_validator, train_pixel_segmenter)
+        from datamodules.synthetic import to_tensor
+        from experiments.gate_training import train_latent_validator, train_pixel_segmenter
+        from experiments.stages.validate.gate import LATENT_BATCH, gate_latents, make_gate
+        from lightning_modules.gating.batching import gate_in_batches as run_gate
         from datamodules import latent_store
     except ImportError as err:
         print(json.dumps({"error": f"benchmark needs the diffusion, datamodule and segmenter modules: {err}"}))

@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
 
@@ -116,3 +117,50 @@ def mix_real_and_synthetic(real_dataset: Dataset, synthetic_dataset: Optional[Da
     """
     extra = synthetic_subset(synthetic_dataset, len(real_dataset), ratio, seed)
     return real_dataset if extra is None else ConcatDataset([real_dataset, extra])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N,H,W,3) -> float (N,3,H,W) in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@dataclass
+class GeneratedSamples:
+    """A generate folder's finished samples (``rows``) and its early-rejected rows (``early``).
+
+    Tensors: ``images`` (N,3,S,S) in [0,1], ``masks`` (N,S,S) int64 labels, ``cond_masks`` (N,S,S)
+    int64: the region generation inpainted (``new_mask``; the label for folders without one): a gate
+    conditions on it as generation did, and outside it a generated image equals its source.
+    ``raw_masks``: the label arrays as stored (N × (H,W)).
+    """
+
+    rows: list
+    images: torch.Tensor
+    masks: torch.Tensor
+    raw_masks: list
+    cond_masks: torch.Tensor
+    early: list
+
+
+def load_generated(gen_dir: Path, size: Optional[int] = None) -> GeneratedSamples:
+    """The generate folder's finished samples, resized to ``size``, and its early-rejected rows."""
+    import torch.nn.functional as F
+
+    gen_dir = Path(gen_dir)
+    all_rows = read_manifest(gen_dir / "manifest.jsonl", missing_ok=False)
+    rows = [r for r in all_rows if not r.get("early_rejected")]
+    early = [r for r in all_rows if r.get("early_rejected")]
+    if not rows:
+        s = size or 1
+        empty = torch.zeros(0, s, s, dtype=torch.long)
+        return GeneratedSamples(rows, torch.zeros(0, 3, s, s), empty, [], empty.clone(), early)
+    imgs = [np.asarray(Image.open(gen_dir / r["image"]).convert("RGB")) for r in rows]
+    msks = [np.asarray(Image.open(gen_dir / r["mask"])) for r in rows]
+    cond = [np.asarray(Image.open(gen_dir / r["new_mask"])) if r.get("new_mask") else m for r, m in zip(rows, msks)]
+    images, masks = to_tensor(np.stack(imgs)), torch.from_numpy(np.stack(msks).astype(np.int64))
+    cond_masks = torch.from_numpy(np.stack(cond).astype(np.int64))
+    if size is not None and images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        cond_masks = F.interpolate(cond_masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+    return GeneratedSamples(rows, images, masks, msks, cond_masks, early)

@@ -23,14 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from experiments import tracking
 from experiments.config import STAGES, ConfigError
 from experiments.hashing import short_hash, subtree
-from experiments.stages import finetune as finetune_stage
+from experiments.stages import finetune, generate, segment, validate
 
-STAGE_FUNCTIONS = {
-    "finetune": "experiments.stages.finetune:run_finetune",
-    "generate": "experiments.generate_stage:run_generate",
-    "validate": "experiments.validate_stage:run_validate",
-    "segment": "experiments.segment_stage:run_segment",
-}
+# Each stage module declares ``VERSION``, ``inputs(cfg)`` and its ``run_<stage>`` entry next to its code.
+STAGE_MODULES = {"finetune": finetune, "generate": generate, "validate": validate, "segment": segment}
+# Entry points, ``(cfg, datamodule, workdir, upstream, logger=None) -> metrics``; tests swap in fakes here.
+STAGE_FUNCTIONS: Dict[str, Callable[..., Dict[str, float]]] = {
+    name: getattr(module, f"run_{name}") for name, module in STAGE_MODULES.items()}
 
 
 def required_stages(cfg: DictConfig) -> List[str]:
@@ -50,50 +49,23 @@ def upstream_of(cfg: DictConfig, stage: str) -> List[str]:
 
 
 def stage_inputs(cfg: DictConfig, stage: str) -> Dict[str, Any]:
-    """The config values a stage's result depends on (its own part of the signature)."""
-    if stage == "finetune":
-        return finetune_stage.inputs(cfg)
-    data = subtree(cfg, "data")
-    if stage == "generate":
-        inputs = {"data": data, "generation": subtree(cfg, "generation"), "method": cfg.augment.method}
-        if cfg.augment.method == "copy_paste" and COPY_PASTE_VERSION > 1:
-            inputs["copy_paste_version"] = COPY_PASTE_VERSION  # only copy-paste outputs are recomputed
-        if cfg.augment.method == "diffusion":
-            inputs["diffusion_prompt"] = cfg.diffusion.prompt
-            if cfg.validator.mode == "single_step" and cfg.validator.early_reject_t is not None:
-                # early rejection trains the latent validator in generate and stops samples at θ
-                inputs["early_reject"] = {k: cfg.validator[k] for k in
-                                          ("early_reject_t", "iou_threshold", "t_eval", "train_steps", "lr")}
-        return inputs
-    if stage == "validate":
-        validator = subtree(cfg, "validator")
-        if validator.get("calibrate_real_pass") is None:  # the floor only acts on a calibrated θ
-            validator.pop("calibrate_min_threshold", None)
-        inputs = {"validator": validator, "base_model": cfg.diffusion.base_model,
-                  "prompt": cfg.diffusion.prompt}
-        if cfg.validator.mode == "pixel":  # the pixel gate trains a segmenter on the real pairs
-            inputs["segmenter"] = subtree(cfg, "segmenter")
-        return inputs
-    if stage == "segment":
-        return {"data": data, "augment": subtree(cfg, "augment"), "segmenter": subtree(cfg, "segmenter"),
-                "trainer": subtree(cfg, "trainer"), "seed": cfg.seed}
-    raise ConfigError(f"Unknown stage '{stage}'; choose from {', '.join(STAGES)}.")
+    """The config values a stage's result depends on (its own part of the signature), from its module."""
+    if stage not in STAGE_MODULES:
+        raise ConfigError(f"Unknown stage '{stage}'; choose from {', '.join(STAGES)}.")
+    return STAGE_MODULES[stage].inputs(cfg)
 
 
-# Bump a stage's number when its code changes what it produces for the same config: its cached
-# results (and, through the upstream signatures, everything downstream) are then recomputed.
-# Version 0 adds nothing to the hash, so results cached before versions existed stay valid.
-STAGE_VERSIONS: Dict[str, int] = {"finetune": finetune_stage.VERSION, "generate": 0, "validate": 0, "segment": 0}
-# The copy-paste generator's own version (1 = before versions existed): 2 = robust (median/MAD)
-# colour statistics, so vessels around a fundus disc no longer darken the pasted one.
-COPY_PASTE_VERSION = 2
+def stage_version(stage: str) -> int:
+    """A stage's code version (its module's ``VERSION``). Version 0 adds nothing to the hash, so results
+    cached before versions existed stay valid; a bump recomputes the stage and everything downstream."""
+    return int(STAGE_MODULES[stage].VERSION)
 
 
 def signature(cfg: DictConfig, stage: str, upstream_sigs: Dict[str, str]) -> str:
     """A short stable hash of a stage's inputs, its code version and its upstream signatures."""
     payload = {"stage": stage, "inputs": stage_inputs(cfg, stage), "upstream": upstream_sigs}
-    if STAGE_VERSIONS.get(stage):
-        payload["version"] = STAGE_VERSIONS[stage]
+    if stage_version(stage):
+        payload["version"] = stage_version(stage)
     return short_hash(payload)
 
 
@@ -103,11 +75,6 @@ def signatures(cfg: DictConfig) -> Dict[str, str]:
     for stage in required_stages(cfg):
         sigs[stage] = signature(cfg, stage, {s: sigs[s] for s in upstream_of(cfg, stage)})
     return sigs
-
-
-def _stage_function(stage: str) -> Callable[..., Dict[str, float]]:
-    module_name, func_name = STAGE_FUNCTIONS[stage].split(":")
-    return getattr(importlib.import_module(module_name), func_name)
 
 
 def read_done(stage_dir: Path) -> Optional[Dict[str, float]]:
@@ -142,7 +109,7 @@ class PipelineResult:
 
 
 def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: Iterable[str] = (),
-               run: Any = None, datamodule: Any = None) -> PipelineResult:
+               run: Any = None, datamodule: Any = None, callbacks: Iterable[Any] = ()) -> PipelineResult:
     """Run (or reuse) the target stages and everything upstream of them.
 
     Args:
@@ -151,7 +118,8 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
             (or reused from the cache).
         force: stages to recompute even when cached.
         run: the active MLflow run (stage outputs are logged to it), or None.
-        datamodule: an already set-up datamodule to reuse (sweeps build it once).
+        datamodule: an already set-up datamodule to reuse (sweeps build it once; stages only read it).
+        callbacks: Lightning callbacks for the segment stage's training (e.g. Optuna pruning).
 
     Returns:
         A :class:`PipelineResult` with every stage's metrics and signatures.
@@ -183,7 +151,7 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
             result.cached[stage] = metrics is not None
             if metrics is None:
                 metrics = _compute(cfg, stage, datamodule, partial, final,
-                                   {s: result.stage_dirs[s] for s in ups}, run)
+                                   {s: result.stage_dirs[s] for s in ups}, run, callbacks)
             else:
                 print(f"[meddiffaug] stage {stage} ({sig}) cached at {final}", flush=True)
         result.sigs[stage], result.stage_dirs[stage] = sig, final
@@ -195,12 +163,13 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
 
 
 def _compute(cfg: DictConfig, stage: str, datamodule: Any, partial: Path, final: Path,
-             upstream: Dict[str, Path], run: Any) -> Dict[str, float]:
+             upstream: Dict[str, Path], run: Any, callbacks: Iterable[Any] = ()) -> Dict[str, float]:
     partial.mkdir(parents=True, exist_ok=True)
     start = time.time()
     print(f"[meddiffaug] stage {stage} ({final.name}) running in {partial}", flush=True)
     logger = tracking.lightning_logger(run, cfg) if stage in ("finetune", "segment") else None
-    metrics = _stage_function(stage)(cfg, datamodule, partial, upstream, logger=logger)
+    extra = {"callbacks": list(callbacks)} if stage == "segment" and callbacks else {}
+    metrics = STAGE_FUNCTIONS[stage](cfg, datamodule, partial, upstream, logger=logger, **extra)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics[f"time/{stage}_s"] = round(time.time() - start, 2)
     print(f"[meddiffaug] stage {stage} ({final.name}) done in {metrics[f'time/{stage}_s']:.1f} s", flush=True)
@@ -240,7 +209,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
 def run_pipeline(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: Iterable[str] = (),
                  run_name: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
                  nested: bool = False, experiment: Optional[str] = None,
-                 datamodule: Any = None) -> PipelineResult:
+                 datamodule: Any = None, callbacks: Iterable[Any] = ()) -> PipelineResult:
     """Run the pipeline inside one MLflow run tagged with every stage signature."""
     sigs = signatures(cfg)
     run_tags = {"stage": ",".join(targets or cfg.stages), "method": cfg.augment.method,
@@ -248,6 +217,6 @@ def run_pipeline(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force
     run_tags["sig"] = sigs[required_stages(cfg)[-1]]
     with tracking.start_run(cfg, run_name or cfg.name, tags=run_tags, nested=nested,
                             experiment=experiment) as run:
-        result = run_stages(cfg, targets, force, run=run, datamodule=datamodule)
+        result = run_stages(cfg, targets, force, run=run, datamodule=datamodule, callbacks=callbacks)
         result.run_id = run.info.run_id if run is not None else None
     return result

@@ -103,7 +103,7 @@ class LatentValidator(L.LightningModule):
     """Latent-space segmenter used as the DiffAug quality gate.
 
     Batches are dicts ``{"x": (B,C,h,w) clean latent or ẑ0, "t": (B,) its timestep, "z0": (B,C,h,w)
-    clean latent of the same pair, "mask": (B,H,W) int64}`` (see :func:`experiments.validate_stage.build_latent_bank`).
+    clean latent of the same pair, "mask": (B,H,W) int64}`` (see :func:`lightning_modules.gating.validator_bank.build_validator_bank`).
 
     Args:
         in_channels: latent channels C.

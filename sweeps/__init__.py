@@ -1,5 +1,5 @@
 """Optuna studies (``sweeps.study``) and ablation grids (``sweeps.grid``) over the experiment pipeline.
 
-Nothing heavy is imported here: the segment stage imports ``sweeps.study.pruning_callbacks`` and
-must not pay for Optuna or MLflow when no study is running.
+The top layer: sweeps import the experiments, never the other way round (pruning reaches the
+segment stage as callbacks passed in). Nothing heavy is imported here.
 """

@@ -7,14 +7,9 @@ FINISHED MLflow run (same ``trial_key``) reuses that run's metric instead of tra
 retry never duplicates finished work. Trials share the stage cache: a sweep over ``augment.ratio``
 fine-tunes the diffusion model once.
 
-Pruning hook for the segment stage (see :func:`pruning_callbacks`)::
-
-    from sweeps.study import pruning_callbacks
-    pruning = pruning_callbacks()                 # [] outside a study
-    trainer = L.Trainer(..., callbacks=[*own_callbacks, *pruning])
-    trainer.fit(...)
-    for cb in pruning:                            # only needed under DDP; a no-op otherwise
-        cb.check_pruned()
+Pruning reaches the segment stage as callbacks the objective passes in
+(``pipeline.run_pipeline(..., callbacks=pruning_callbacks())``): the experiments never import the
+sweeps. The segment stage calls ``cb.check_pruned()`` after ``trainer.fit`` (only needed under DDP).
 """
 from __future__ import annotations
 
@@ -133,8 +128,8 @@ def current_trial() -> Any:
 def pruning_callbacks(monitor: Optional[str] = None) -> List[Any]:
     """Lightning callbacks that report ``monitor`` to the current trial and prune it.
 
-    The segment stage adds these to its Trainer; outside a study the list is empty, so the stage
-    needs no knowledge of Optuna. Under DDP call ``cb.check_pruned()`` after ``trainer.fit``.
+    The objective passes these to the pipeline, which hands them to the segment stage's Trainer;
+    outside a study the list is empty. Under DDP call ``cb.check_pruned()`` after ``trainer.fit``.
 
     Args:
         monitor: logged metric to report each validation epoch; default: the study's metric
@@ -153,7 +148,7 @@ class Objective:
 
     def __init__(self, spec: StudySpec, experiment_id: Optional[str], parent_id: Optional[str], n_jobs: int = 1):
         self.spec, self.experiment_id, self.parent_id, self.n_jobs = spec, experiment_id, parent_id, n_jobs
-        self._local = threading.local()  # one datamodule per thread: stages may mutate it
+        self._local = threading.local()  # one datamodule per thread (stages only read it)
         self._locks: Dict[Any, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -184,7 +179,7 @@ class Objective:
         monitor = _MONITOR.set(spec.metric if spec.metric.startswith("val/") else "val/dice")
         try:
             result = pipeline.run_pipeline(cfg, nested=True, run_name=f"trial-{trial.number}", tags=tags,
-                                           datamodule=datamodule)
+                                           datamodule=datamodule, callbacks=pruning_callbacks())
         except optuna.TrialPruned:
             self._mark(trial, "KILLED", {"pruned": "true"})
             raise
@@ -203,8 +198,6 @@ class Objective:
         key = sp.short_hash(OmegaConf.to_container(cfg.data, resolve=True))
         if getattr(self._local, "key", None) != key:
             self._local.key, self._local.dm = key, pipeline.build_datamodule(cfg)
-        if getattr(self._local.dm, "extra_train", None) is not None:
-            self._local.dm.extra_train = None  # the previous trial's synthetic pairs must not leak in
         return self._local.dm
 
     def _warm_upstream(self, cfg: Any, datamodule: Any, sigs: Dict[str, str]) -> None:

@@ -148,8 +148,8 @@ def dm_kwargs(tmp_path):
 
 @pytest.fixture
 def fakes(tmp_path, monkeypatch):
-    """Fake pipeline stages installed (tests/fake_stages.py); invocation counters in ``tmp_path/calls``."""
-    import fake_stages
+    """Fake pipeline stages installed (tests/fakes.py); invocation counters in ``tmp_path/calls``."""
+    import fakes as fake_stages
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FAKE_STAGE_CALLS", str(tmp_path / "calls"))

@@ -7,7 +7,7 @@ import torch
 
 from datamodules.errors import DataError
 from datamodules.synthetic import SyntheticPairs, mix_real_and_synthetic
-from experiments import generate_stage
+from experiments.stages import generate as generate_stage
 from experiments.config import load_config
 from datamodules.io import read_image, read_manifest, read_mask, write_manifest
 
@@ -50,13 +50,14 @@ class FakeModel:
         self.calls = []
 
     def inpaint(self, source, mask, prompts, negative_prompts, guidance_scale, steps, scheduler,
-                guiding_mask, guide_dilate_px, generator, step_callback=None):
+                guiding_mask, guide_dilate_px, generator, step_callback=None, return_info=False):
         assert source.shape[0] == mask.shape[0] == len(prompts) == len(negative_prompts)
         assert prompts[0] == "a polyp" and negative_prompts[0] == "normal mucosa"
         assert isinstance(generator, torch.Generator)
         self.calls.append(source.shape[0])
         colour = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
-        return source * (1 - mask) + colour * mask
+        out = source * (1 - mask) + colour * mask
+        return (out, {}) if return_info else out
 
 
 def _cfg(method, n=6, **extra):
@@ -227,7 +228,7 @@ class FakeLatentValidator:
 
 
 def test_early_rejection_stops_records_and_counts(tmp_path, monkeypatch):
-    from experiments.validate_stage import run_validate
+    from experiments.stages.validate import run_validate
 
     dm, model = FakeDataModule(), FakeLatentDiffusion()
     dm.num_classes = 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import fake_stages
+import fakes as fake_stages
 from experiments.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

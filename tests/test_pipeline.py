@@ -5,6 +5,8 @@ import pytest
 
 from experiments import hashing, pipeline
 from experiments.config import load_config
+from experiments.stages import validate
+from lightning_modules.synthesis import copy_paste
 
 
 class FakeDataModule:
@@ -26,7 +28,7 @@ def calls(monkeypatch):
             return {f"{stage}/value": float(len(log))}
         return run
 
-    monkeypatch.setattr(pipeline, "_stage_function", make)
+    monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {stage: make(stage) for stage in pipeline.STAGE_MODULES})
     return log
 
 
@@ -71,7 +73,7 @@ def test_new_option_at_its_neutral_value_keeps_old_signatures(tmp_path, monkeypa
 def test_copy_paste_version_invalidates_only_copy_paste_generation(tmp_path, monkeypatch):
     runs = {m: _cfg(tmp_path, f"augment.method={m}") for m in ("copy_paste", "diffusion")}
     before = {m: pipeline.signatures(c) for m, c in runs.items()}
-    monkeypatch.setattr(pipeline, "COPY_PASTE_VERSION", pipeline.COPY_PASTE_VERSION + 1)
+    monkeypatch.setattr(copy_paste, "COPY_PASTE_VERSION", copy_paste.COPY_PASTE_VERSION + 1)
     after = {m: pipeline.signatures(c) for m, c in runs.items()}
     assert after["diffusion"] == before["diffusion"]
     assert after["copy_paste"]["generate"] != before["copy_paste"]["generate"]
@@ -79,9 +81,9 @@ def test_copy_paste_version_invalidates_only_copy_paste_generation(tmp_path, mon
 
 def test_stage_version_bump_invalidates_that_stage_and_downstream(tmp_path, monkeypatch):
     base = pipeline.signatures(_cfg(tmp_path))
-    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "validate", 0)
+    monkeypatch.setattr(validate, "VERSION", 0)
     assert pipeline.signatures(_cfg(tmp_path)) == base  # version 0 leaves old caches valid
-    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "validate", 1)
+    monkeypatch.setattr(validate, "VERSION", 1)
     bumped = pipeline.signatures(_cfg(tmp_path))
     assert bumped["generate"] == base["generate"]
     assert bumped["validate"] != base["validate"] and bumped["segment"] != base["segment"]
@@ -118,7 +120,7 @@ def test_failed_stage_leaves_no_done_folder(tmp_path, monkeypatch):
         (workdir / "half.txt").write_text("half")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(pipeline, "_stage_function", lambda stage: boom)
+    monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {stage: boom for stage in pipeline.STAGE_MODULES})
     cfg = _cfg(tmp_path, "augment.method=standard")
     with pytest.raises(RuntimeError):
         pipeline.run_stages(cfg, datamodule=FakeDataModule())

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.procedural import PROCEDURAL_KINDS, render_procedural
 from experiments.config import load_config
-from experiments.segment_stage import fit_segmenter, save_prediction_figure
+from experiments.stages.segment import fit_segmenter, save_prediction_figure
 from lightning_modules.seg_metrics import LesionFNR, dice_metric, iou_metric
 from lightning_modules.segmenter import SegmenterModule
 

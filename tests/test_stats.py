@@ -4,7 +4,7 @@ import math
 import pytest
 from scipy import stats as st
 
-from experiments.stats import fmt, jsonable, paired_difference, summarize
+from experiments.reporting.stats import fmt, jsonable, paired_difference, summarize
 
 
 def test_summarize_matches_hand_computed_t_interval():

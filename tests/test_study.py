@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import fake_stages
+import fakes as fake_stages
 from experiments.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,7 +185,7 @@ def test_shipped_studies_parse():
 
 RUNNER = """import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-import fake_stages
+import fakes as fake_stages
 fake_stages.install()
 from sweeps.study import main
 sys.exit(main(sys.argv[1:]))

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats as st
 
 from experiments.config import ConfigError, load_config
-from experiments.table import canon, collect_runs, load_table, main
+from experiments.reporting.table import canon, collect_runs, load_table, main
 
 TABLES = Path(__file__).resolve().parents[1] / "experiments" / "tables"
 
@@ -256,7 +256,7 @@ def test_composite_rows_pair_within_the_same_architecture(outputs):
 def test_copy_sample_grid_picks_the_lowest_seed_of_the_variant(tmp_path):
     import pandas as pd
 
-    from experiments.table import copy_sample_grid
+    from experiments.reporting.table import copy_sample_grid
 
     for sig in ("gen_a", "gen_b"):
         (tmp_path / "art" / "generate" / sig).mkdir(parents=True)
@@ -270,7 +270,7 @@ def test_copy_sample_grid_picks_the_lowest_seed_of_the_variant(tmp_path):
 
 
 def test_diff_cell_never_fakes_a_ci():
-    from experiments.table_render import _diff_cell
+    from experiments.reporting.table_render import _diff_cell
 
     col = {"metric": "test/dice", "format": ".3f", "higher_is_better": True}
     one = {"mean": 0.1, "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1}

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from experiments.config import load_config
-from experiments.validate_stage import erode, run_validate
+from experiments.stages.validate import run_validate
+from experiments.stages.validate.erode import erode
 
 try:
     from tests.test_validator import S, FakeDiffusion, OracleSegmenter, render
@@ -106,7 +107,7 @@ class CoreOnlySegmenter:
 
 
 def test_calibrate_threshold_lowers_never_raises_and_checks_other_pairs():
-    from experiments.validate_stage import calibrate_threshold
+    from lightning_modules.gating.sanity import calibrate_threshold
     real = torch.tensor([0.40, 0.90, 0.50, 0.90, 0.60, 0.90, 0.45, 0.90, 0.55, 0.10])
     ious = {"real": real, "misplaced": torch.zeros(10), "missing": torch.arange(10.0)}
     theta, check = calibrate_threshold(ious, 0.7, 0.8)
@@ -175,13 +176,13 @@ def test_erode_shrinks_each_class():
 @pytest.mark.slow
 def test_single_step_mode_end_to_end(generated, tmp_path, monkeypatch):
     dm, gen, kinds = generated
-    from experiments import validate_stage
+    from experiments.stages.validate import gate as validate_gate
     from lightning_modules.gating.quality import pixel_stat_features
     overrides = ["validator.mode=single_step", "validator.train_steps=100", "validator.lr=4e-3",
                  "validator.t_eval=100", f"artifacts_dir={tmp_path}/artifacts"]
     cfg = load_config(None, overrides + ["validator.iou_threshold=0.5"])
     # loaded like the base model of a run without fine-tune, so the stage caches what it trains
-    monkeypatch.setattr(validate_stage, "_load_diffusion", lambda cfg, upstream: (FakeDiffusion(), "fake base"))
+    monkeypatch.setattr(validate_gate, "_load_diffusion", lambda cfg, upstream: (FakeDiffusion(), "fake base"))
     work = tmp_path / "validate"
     metrics = run_validate(cfg, dm, work, {"generate": gen}, feature_fn=pixel_stat_features)
     dec, _ = _check_outputs(work, metrics)
@@ -195,7 +196,7 @@ def test_single_step_mode_end_to_end(generated, tmp_path, monkeypatch):
     # another θ re-filters with the cached validator: no retraining
     cached = sorted(p.name for p in (tmp_path / "artifacts" / "gate_models").iterdir())
     assert len(cached) == 2 and cached[0].startswith("base-") and cached[1].endswith(".real_ious.pt"), cached
-    monkeypatch.setattr(validate_stage, "train_latent_validator", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(validate_gate, "train_latent_validator", lambda *a, **k: pytest.fail("retrained"))
     strict = run_validate(load_config(None, overrides + ["validator.iou_threshold=0.9"]), dm, tmp_path / "validate_09",
                           {"generate": gen}, feature_fn=pixel_stat_features)
     assert strict["gen/real_pass_rate"] <= metrics["gen/real_pass_rate"]

@@ -128,7 +128,7 @@ def test_early_reject_callback_stops_missing_and_misplaced():
 def trained():  # ~20 s on one core: the tests using it are marked slow
     """A latent validator trained on 16 real pairs through the stage's own training path."""
     from experiments.config import load_config
-    from experiments.validate_stage import train_latent_validator
+    from experiments.gate_training import train_latent_validator
 
     torch.set_num_threads(1)
     cfg = load_config(None, ["validator.train_steps=100", "validator.t_eval=100", "validator.lr=4e-3"])
@@ -159,7 +159,8 @@ def test_latent_validator_beats_chance_on_heldout_clean_latents(trained):
 
 @pytest.mark.slow
 def test_single_step_gate_keeps_good_rejects_missing_and_misplaced(trained):
-    from experiments.validate_stage import make_gate, run_gate
+    from experiments.stages.validate.gate import make_gate
+    from lightning_modules.gating.batching import gate_in_batches as run_gate
 
     cfg, diff, validator = trained
     good, masks = render(8, seed=200)
@@ -177,7 +178,8 @@ def test_single_step_gate_keeps_good_rejects_missing_and_misplaced(trained):
 
 def test_pixel_gate_logic_with_oracle_segmenter():
     from experiments.config import load_config
-    from experiments.validate_stage import make_gate, run_gate
+    from experiments.stages.validate.gate import make_gate
+    from lightning_modules.gating.batching import gate_in_batches as run_gate
 
     cfg = load_config(None, ["validator.mode=pixel"])
     good, masks = render(4, seed=5)
@@ -262,7 +264,9 @@ def test_prompted_validator_needs_the_intended_mask(tmp_path):
 
 
 def test_real_negative_rejection_with_oracle_gate():
-    from experiments.validate_stage import erase_lesions, gate_sanity, make_gate, real_gate_ious
+    from experiments.stages.validate.gate import make_gate
+    from lightning_modules.gating.sanity import gate_sanity, real_gate_ious
+    from lightning_modules.gating.validator_bank import erase_lesions
 
     images, masks = render(8, seed=3)
     erased = erase_lesions(images, masks)
@@ -274,7 +278,7 @@ def test_real_negative_rejection_with_oracle_gate():
 
 
 def test_augmented_copies_are_seeded_and_keep_masks_aligned():
-    from experiments.gate_training import augmented_copies
+    from lightning_modules.gating.validator_bank import augmented_copies
 
     images, masks = render(4, seed=5)
     a_img, a_msk = augmented_copies(images, masks, copies=3, seed=1)

@@ -21,6 +21,11 @@ from scipy import ndimage
 
 from lightning_modules.synthesis.masks import disk
 
+# The copy-paste generator's own version (1 = before versions existed): 2 = robust (median/MAD)
+# colour statistics, so vessels around a fundus disc no longer darken the pasted one. The generate
+# stage adds it to its signature for copy-paste runs only, so only their outputs are recomputed.
+COPY_PASTE_VERSION = 2
+
 
 def _bbox(region: np.ndarray) -> tuple[slice, slice]:
     ys, xs = np.nonzero(region)

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.stats import summarize  # noqa: E402
+from experiments.reporting.stats import summarize  # noqa: E402
 
 Points = List[Tuple[float, Dict[str, float]]]  # (x, summarize(...)) sorted by x
 

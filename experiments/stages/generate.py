@@ -19,7 +19,6 @@ image; its manifest row has ``early_rejected: true``, ``early_reject_iou`` and `
 """
 from __future__ import annotations
 
-import inspect
 import json
 import time
 import warnings
@@ -29,26 +28,33 @@ from typing import Any
 import numpy as np
 import torch
 
+from omegaconf import DictConfig
+
 from datamodules import latent_store
 from datamodules.io import (append_manifest, atomic_write, read_image, read_manifest, read_mask, write_manifest,
                             write_pair, write_png)
-from lightning_modules.synthesis.copy_paste import copy_paste, donor_mask, lesion_components
+from experiments.hashing import subtree
+from lightning_modules.synthesis import copy_paste as copy_paste_lib
 from lightning_modules.gating.fidelity import fid_kid
-from lightning_modules.synthesis.masks import MaskGenerationError, MaskGenerator
-from lightning_modules.synthesis.sources import make_source, source_order, source_pool, union_label
+from lightning_modules.synthesis.copy_paste import lesion_components
+from lightning_modules.synthesis.planner import Planner, copy_paste_batch, sample_id
 
+# Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
+VERSION = 0
 METHODS = ("diffusion", "copy_paste")
-MAX_SOURCE_TRIES = 4  # primary source + alternates when the mask fits nowhere in the primary
 
 
-def sample_seed(seed: int, i: int) -> int:
-    """Independent, stable 32-bit seed of sample ``i`` (does not depend on n or batch size)."""
-    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0])
-
-
-def sample_id(i: int) -> str:
-    """Synthetic ids carry a prefix so they never collide with real ids in a mixed dataset."""
-    return f"syn_{i:05d}"
+def inputs(cfg: DictConfig) -> dict[str, Any]:
+    """The config values this stage's result depends on (its part of the signature)."""
+    out = {"data": subtree(cfg, "data"), "generation": subtree(cfg, "generation"), "method": cfg.augment.method}
+    if cfg.augment.method == "copy_paste" and copy_paste_lib.COPY_PASTE_VERSION > 1:
+        out["copy_paste_version"] = copy_paste_lib.COPY_PASTE_VERSION  # only copy-paste outputs are recomputed
+    if cfg.augment.method == "diffusion":
+        out["diffusion_prompt"] = cfg.diffusion.prompt
+        if early_reject_enabled(cfg):  # trains the latent validator here and stops samples at θ
+            out["early_reject"] = {k: cfg.validator[k] for k in
+                                   ("early_reject_t", "iou_threshold", "t_eval", "train_steps", "lr")}
+    return out
 
 
 def load_model(cfg, upstream: dict):
@@ -90,53 +96,6 @@ def _num_classes(datamodule) -> int:
     return int(getattr(datamodule, "num_classes", None) or len(datamodule.classes))
 
 
-def _accepts(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-class Planner:
-    """Plans sample ``i``: source, new mask and label (method-independent).
-
-    Args:
-        cfg: Whole config (uses ``cfg.generation``).
-        images, masks, ids: Datamodule arrays, uint8 (N,S,S,3), uint8 (N,S,S), N ids.
-        train_indices: ``train_few`` rows: the only sources, mask shapes and donors.
-    """
-
-    def __init__(self, cfg, images: np.ndarray, masks: np.ndarray, ids: list, train_indices: list):
-        g = cfg.generation
-        self.images, self.masks, self.ids, self.seed = images, masks, ids, int(g.seed)
-        self.train = [int(i) for i in train_indices]
-        self.generator = MaskGenerator(masks[self.train], None, tuple(g.scale_range), float(g.elastic),
-                                       str(g.mask_source))
-        self.pool, self.kind = source_pool(masks, self.train, str(g.source))
-        # One balanced source order for the whole run, from its own stream of the seed.
-        order_rng = np.random.default_rng([self.seed, 0])
-        self.order = source_order(self.pool, int(g.n_samples), order_rng)
-
-    def plan(self, i: int) -> dict[str, Any]:
-        """Returns a dict with ``id, sample_seed, source, new_mask, label, mask_params`` or
-        ``{"id", "skip_reason"}`` when no source could host a mask."""
-        s_seed = sample_seed(self.seed, i)
-        rng = np.random.default_rng(s_seed)
-        index, reasons = self.order[i], []
-        for attempt in range(MAX_SOURCE_TRIES):
-            src = make_source(self.images, self.masks, self.ids, index, self.kind)
-            try:
-                new, params = self.generator.sample(rng, src.occupied, fov=src.fov)
-                if "source_mask_index" in params:  # the real sample the shape came from
-                    params["shape_source_id"] = str(self.ids[self.train[params["source_mask_index"]]])
-            except MaskGenerationError as e:
-                reasons.append(f"{src.id}: {e}")
-                index = int(self.pool[rng.integers(len(self.pool))])
-                continue
-            return {"id": sample_id(i), "index": i, "sample_seed": s_seed, "source": src,
-                    "source_attempt": attempt, "new_mask": new, "label": union_label(src.existing, new),
-                    "mask_params": params}
-        return {"id": sample_id(i), "skip_reason": " | ".join(reasons)}
-
-
 def _base_record(cfg, p: dict, method: str) -> dict[str, Any]:
     src = p["source"]
     return {"id": p["id"], "method": method, "seed": int(cfg.generation.seed), "sample_index": p["index"],
@@ -145,20 +104,6 @@ def _base_record(cfg, p: dict, method: str) -> dict[str, Any]:
             "mask_source": str(cfg.generation.mask_source), "scale_range": list(cfg.generation.scale_range),
             "elastic": float(cfg.generation.elastic), "mask_params": p["mask_params"],
             "image_size": int(src.image.shape[0]), "label_classes": sorted(int(c) for c in np.unique(p["label"]))}
-
-
-def _copy_paste_batch(plans: list, images, masks, donors: list) -> tuple[list, list]:
-    outs, extra = [], []
-    for p in plans:
-        # Own stream per sample, drawn after nothing else: masks/sources stay method-independent.
-        rng = np.random.default_rng([p["sample_seed"], 2])
-        row, lab = donors[int(rng.integers(len(donors)))]
-        angle = float(rng.uniform(0.0, 360.0))
-        dmask = donor_mask(masks, row, lab)
-        outs.append(copy_paste(p["source"].image, p["new_mask"], images[row], dmask, angle=angle,
-                               occupied=p["source"].occupied))
-        extra.append({"donor_index": row, "donor_component": lab, "paste_angle": angle})
-    return outs, extra
 
 
 def _prompts(cfg, model, datamodule) -> tuple[str, str]:
@@ -202,14 +147,13 @@ def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str, valida
         callback = make_early_reject_callback(validator, labels, float(cfg.validator.iou_threshold),
                                               int(cfg.validator.early_reject_t), model.alphas_cumprod, num_classes)
         kw["step_callback"] = callback
-    if _accepts(model.inpaint, "return_info"):
-        kw["return_info"] = True
+    kw["return_info"] = True  # latents and early-stop flags come back with the images
     with torch.no_grad():
         out = model.inpaint(src.to(dev), msk.to(dev), [prompt] * len(plans), [negative] * len(plans),
                             guidance_scale=float(g.guidance_scale), steps=int(g.steps),
                             scheduler=str(g.scheduler), guiding_mask=bool(g.guiding_mask),
                             guide_dilate_px=int(g.guide_dilate_px), generator=gen, **kw)
-    out, info = out if kw.get("return_info") else (out, {})
+    out, info = out
     imgs = (out.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
     stopped = info.get("stopped", callback.stopped if callback is not None and callback.stopped is not None
                        else torch.zeros(len(plans), dtype=torch.bool))
@@ -248,7 +192,10 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
     if hasattr(datamodule, "setup"):
         datamodule.setup()
     images, masks, ids = datamodule.images, datamodule.masks, list(datamodule.ids)
-    planner = Planner(cfg, images, masks, ids, datamodule.split_indices["train_few"])
+    g = cfg.generation
+    planner = Planner(images, masks, ids, datamodule.split_indices["train_few"], seed=int(g.seed),
+                      n_samples=int(g.n_samples), scale_range=tuple(g.scale_range), elastic=float(g.elastic),
+                      mask_source=str(g.mask_source), source=str(g.source))
     manifest = workdir / "manifest.jsonl"
     done = {r["id"] for r in read_manifest(manifest)}
     pending = [i for i in range(int(cfg.generation.n_samples)) if sample_id(i) not in done]
@@ -277,7 +224,7 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
         if method == "diffusion":
             outs, extra, info = _diffusion_batch(cfg, model, plans, prompt, negative, validator, _num_classes(datamodule))
         else:
-            outs, extra = _copy_paste_batch(plans, images, masks, donors)
+            outs, extra = copy_paste_batch(plans, images, masks, donors)
         records = []
         for p, img, ex in zip(plans, outs, extra):
             if img is not None:

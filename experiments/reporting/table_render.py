@@ -1,4 +1,4 @@
-"""Markdown rendering of the tables built by :mod:`experiments.table`.
+"""Markdown rendering of the tables built by :mod:`experiments.reporting.table`.
 
 Cells are ``mean ± std [95 % CI]`` over seeds; Δ cells are paired-by-seed differences with their
 CI and number of pairs; collapsed segmenter runs and untrustworthy gates are marked in the cell
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
-from experiments.stats import fmt
+from experiments.reporting.stats import fmt
 
 SEG_PREFIXES = ("test/", "val/")  # metrics a collapsed segmenter corrupts
 GATE_METRIC, COLLAPSE_METRIC = "gen/real_pass_rate", "seg/collapsed"
@@ -65,7 +65,7 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
 
     Args:
         spec: the table spec (columns, baselines, compare metrics, gate threshold).
-        table: the output of :func:`experiments.table.build_table`.
+        table: the output of :func:`experiments.reporting.table.build_table`.
         plot: file name of the table's figure, relative to ``results.md``, if any.
         samples: file name of a real-vs-generated sample grid, relative to ``results.md``, if any.
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional
 
@@ -13,20 +11,23 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.augmented import training_set
+from datamodules.io import atomic_write
+from experiments.builders import build_segmenter
+from experiments.hashing import subtree
 from experiments.trainer import build_trainer
 from lightning_modules.segmenter import SegmenterModule
 
+# Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
+VERSION = 0
 
-def build_segmenter(cfg: DictConfig, datamodule: Any, total_steps: Optional[int] = None) -> SegmenterModule:
-    """A fresh :class:`SegmenterModule` for ``cfg.segmenter`` and the datamodule's classes."""
-    s = cfg.segmenter
-    return SegmenterModule(arch=s.arch, encoder=s.encoder, encoder_weights=s.encoder_weights,
-                           num_classes=datamodule.num_classes, lr=s.lr, weight_decay=s.weight_decay,
-                           min_lr_ratio=s.min_lr_ratio, small_lesion_area=cfg.data.small_lesion_area,
-                           total_steps=total_steps, class_names=tuple(datamodule.classes),
-                           encoder_depth=s.encoder_depth,
-                           decoder_channels=[int(c) for c in s.decoder_channels] if s.decoder_channels else None)
+
+def inputs(cfg: DictConfig) -> Dict[str, Any]:
+    """The config values this stage's result depends on (its part of the signature)."""
+    return {"data": subtree(cfg, "data"), "augment": subtree(cfg, "augment"), "segmenter": subtree(cfg, "segmenter"),
+            "trainer": subtree(cfg, "trainer"), "seed": cfg.seed}
 
 
 def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> Dict[str, float]:
@@ -34,7 +35,8 @@ def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> Dict[str, float]:
 
 
 def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger: Any = None,
-                  extra_train: Any = None, callbacks: Iterable[Any] = (), **trainer_overrides: Any) -> Dict[str, float]:
+                  train_set: Optional[Dataset] = None, callbacks: Iterable[Any] = (),
+                  **trainer_overrides: Any) -> Dict[str, float]:
     """Train, select the best epoch on ``val/dice``, and test it.
 
     Checkpoints go to ``workdir/checkpoints`` (``best-<epoch>.ckpt`` and ``last.ckpt``); an existing
@@ -44,10 +46,11 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
 
     Args:
         cfg: resolved config (seed, data.small_lesion_area, segmenter, trainer).
-        datamodule: a ``SegmentationDataModule``.
+        datamodule: a ``SegmentationDataModule`` (its ``val`` and ``test`` splits; it is not modified).
         workdir: stage folder.
         logger: Lightning logger or None.
-        extra_train: a Dataset of synthetic ``{"image", "mask", "id"}`` samples added to ``train_few``.
+        train_set: the training Dataset of ``{"image", "mask", "id"}`` samples (see
+            :func:`datamodules.augmented.training_set`); default the datamodule's own train loader.
         callbacks: extra callbacks.
         **trainer_overrides: extra ``L.Trainer`` keywords (tests).
 
@@ -60,13 +63,16 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
     workdir = Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     datamodule.setup()
-    datamodule.extra_train = extra_train  # always assigned: a reused datamodule must not keep old synthetic pairs
+    train = datamodule.train_dataloader() if train_set is None else DataLoader(
+        train_set, batch_size=datamodule.batch_size, shuffle=True, num_workers=datamodule.num_workers,
+        persistent_workers=datamodule.num_workers > 0)
     module = build_segmenter(cfg, datamodule, total_steps=cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/dice", mode="max",
                                  save_last=True, save_top_k=1, auto_insert_metric_name=False)
     trainer = build_trainer(cfg, workdir, logger=logger, callbacks=[checkpoint, *callbacks], **trainer_overrides)
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=datamodule.val_dataloader(),
+                ckpt_path=str(last) if last.is_file() else None)
     for callback in callbacks:  # Optuna's pruning signal does not cross spawned DDP processes
         getattr(callback, "check_pruned", lambda: None)()
 
@@ -87,27 +93,20 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
 
 
 def run_segment(cfg: DictConfig, datamodule: Any, workdir: str | Path, upstream: Mapping[str, Path],
-                logger: Any = None) -> Dict[str, float]:
-    """Pipeline entry point (``experiments.pipeline.STAGE_FUNCTIONS["segment"]``).
+                logger: Any = None, callbacks: Iterable[Any] = ()) -> Dict[str, float]:
+    """Pipeline entry point: train on this run's own training set, select on val, test.
 
-    With ``augment.method`` ``diffusion`` or ``copy_paste``, the accepted synthetic pairs of the
-    ``validate`` stage are mixed in at ``augment.ratio`` by ``datamodules.augmented``.
+    The training set is built here from the real ``train_few`` split and, with ``augment.method``
+    ``diffusion`` or ``copy_paste``, the validate stage's accepted pairs at ``augment.ratio``
+    (:func:`datamodules.augmented.training_set`); the shared datamodule is only read, so sweeps can
+    reuse it across cells and trials. ``callbacks`` come from the caller (e.g. Optuna pruning).
     """
-    extra = None
-    if cfg.augment.method in ("diffusion", "copy_paste") and cfg.augment.ratio > 0 and "validate" in upstream:
-        from datamodules.augmented import synthetic_dataset  # the real+synthetic mixing policy lives there
-
-        extra = synthetic_dataset(cfg, datamodule, Path(upstream["validate"]))
-    from sweeps.study import pruning_callbacks  # [] outside an Optuna trial
-
-    # "none" is the real-only row without standard augmentation; the datamodule may be shared by a sweep.
-    preset = datamodule.transforms
-    datamodule.transforms = "none" if cfg.augment.method == "none" else cfg.data.transforms
-    try:
-        return fit_segmenter(cfg, datamodule, workdir, logger=logger, extra_train=extra,
-                             callbacks=pruning_callbacks())
-    finally:
-        datamodule.transforms = preset
+    synthetic = cfg.augment.method in ("diffusion", "copy_paste") and cfg.augment.ratio > 0 and "validate" in upstream
+    # "none" is the real-only row without standard augmentation
+    train_set = training_set(datamodule, "none" if cfg.augment.method == "none" else cfg.data.transforms,
+                             Path(upstream["validate"]) if synthetic else None, ratio=cfg.augment.ratio,
+                             seed=cfg.augment.seed, synthetic_transforms=cfg.data.transforms)
+    return fit_segmenter(cfg, datamodule, workdir, logger=logger, train_set=train_set, callbacks=callbacks)
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -122,7 +121,7 @@ def save_prediction_figure(module: SegmenterModule, dataset: Any, path: str | Pa
     """Write a PNG grid, one row per sample: image | truth overlay | prediction overlay.
 
     Samples are spread evenly over ``dataset`` (items ``{"image": (3,H,W) float, "mask": (H,W)}``).
-    The file is written to a temporary name and renamed, so readers never see a partial PNG.
+    The file is written atomically, so readers never see a partial PNG.
     """
     import matplotlib
 
@@ -149,13 +148,4 @@ def save_prediction_figure(module: SegmenterModule, dataset: Any, path: str | Pa
                 axes[r, c].set_axis_off()
                 axes[r, c].set_title(f"{title} {it.get('id', '')}" if c == 0 else title, fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=80)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), fsync=False)

@@ -22,8 +22,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
-from experiments.stats import jsonable, paired_difference, summarize
-from experiments.table_render import (COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS,  # noqa: F401
+from experiments.reporting.stats import jsonable, paired_difference, summarize
+from experiments.reporting.table_render import (COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS,  # noqa: F401
                                       render_markdown_table, render_section)
 
 SPEC_KEYS = {"title", "grid", "command", "rows", "columns", "baseline", "compare", "filter",
@@ -154,7 +154,7 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
     Returns:
         ``{id, title, grid, command, n_runs, rows, baseline_names, pooled, pending, notes}``;
         each row holds ``key``, ``label``, ``n``, ``seeds``, ``metrics`` (metric ->
-        :func:`~experiments.stats.summarize`), ``by_seed``, ``collapsed``, ``gate_warning`` and
+        :func:`~experiments.reporting.stats.summarize`), ``by_seed``, ``collapsed``, ``gate_warning`` and
         ``vs`` (one entry per baseline: its label and the paired differences per metric).
     """
     by_cols = [column_of(b) for b in spec["rows"]["by"]]
@@ -314,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         table = build_table(spec, runs)
         plot = None
         if spec.get("plot") and len(runs) and (args.write or args.json):
-            from experiments.plots import plot_from_spec
+            from experiments.reporting.plots import plot_from_spec
 
             keys = [spec["plot"]["x"]] + list(spec["plot"]["y"] if isinstance(spec["plot"]["y"], list) else [spec["plot"]["y"]])
             cols = {k: list(runs[column_of(k)]) if column_of(k) in runs else [] for k in keys}

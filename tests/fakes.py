@@ -1,6 +1,7 @@
-"""Fast fake stage functions for sweep and grid tests: nothing is trained.
+"""The tests' shared fakes: fake pipeline stages, a fake datamodule, tiny dataset writers.
 
-``install()`` points ``experiments.pipeline.STAGE_FUNCTIONS`` at this module and replaces the
+Tests import this module (``import fakes``), never another test module. ``install()`` points
+``experiments.pipeline.STAGE_FUNCTIONS`` at the fake stages below and replaces the
 datamodule builder, so the real pipeline (signatures, cache, MLflow runs) runs around stages that
 take milliseconds. Every stage call appends one line to ``$FAKE_STAGE_CALLS/<stage>`` (or
 ``<cfg.output_dir>/fake_calls/<stage>``), so tests count invocations across processes.
@@ -35,25 +36,25 @@ def fake_dice(cfg: Any) -> float:
     return round(value + 0.001 * int(cfg.seed), 6)
 
 
-def run_finetune(cfg, datamodule, workdir, upstream, logger=None) -> Dict[str, float]:
+def run_finetune(cfg, datamodule, workdir, upstream, logger=None, **kwargs) -> Dict[str, float]:
     _record(cfg, "finetune", workdir)
     (workdir / "weights.txt").write_text("fake")
     return {"ft/loss": 0.1}
 
 
-def run_generate(cfg, datamodule, workdir, upstream, logger=None) -> Dict[str, float]:
+def run_generate(cfg, datamodule, workdir, upstream, logger=None, **kwargs) -> Dict[str, float]:
     _record(cfg, "generate", workdir)
     (workdir / "manifest.jsonl").write_text(json.dumps({"id": "s0"}) + "\n")
     return {"gen/seconds": 0.01}
 
 
-def run_validate(cfg, datamodule, workdir, upstream, logger=None) -> Dict[str, float]:
+def run_validate(cfg, datamodule, workdir, upstream, logger=None, **kwargs) -> Dict[str, float]:
     _record(cfg, "validate", workdir)
     (workdir / "accepted.jsonl").write_text("")
     return {"gen/accept_rate": 1.0 - float(cfg.validator.iou_threshold) / 2}
 
 
-def run_segment(cfg, datamodule, workdir, upstream, logger=None) -> Dict[str, float]:
+def run_segment(cfg, datamodule, workdir, upstream, logger=None, **kwargs) -> Dict[str, float]:
     from sweeps.study import current_trial
 
     _record(cfg, "segment", workdir, "start")
@@ -75,7 +76,6 @@ class FakeDataModule:
 
     def __init__(self, cfg: Any):
         self.name = cfg.data.name
-        self.extra_train = None
         self.ids = [f"fake{i}" for i in range(6)]
         self.split_indices = {"train": [0, 1, 2, 3], "train_few": [0, 1], "val": [4], "test": [5]}
 
@@ -84,8 +84,8 @@ def install(monkeypatch: Any = None) -> None:
     """Route the pipeline to the fake stages (through ``monkeypatch`` in tests, directly in scripts)."""
     from experiments import pipeline, tracking
 
-    sys.modules.setdefault("fake_stages", sys.modules[__name__])
-    table = {stage: f"fake_stages:run_{stage}" for stage in STAGES}
+    module = sys.modules[__name__]
+    table = {stage: getattr(module, f"run_{stage}") for stage in STAGES}
     replacements = [(pipeline, "STAGE_FUNCTIONS", table),
                     (pipeline, "build_datamodule", FakeDataModule),
                     # The real logger imports Lightning (seconds per process); fakes log nothing.

@@ -1,0 +1,1 @@
+"""Reporting: paper tables from MLflow runs (table, table_render), statistics (stats) and plots."""

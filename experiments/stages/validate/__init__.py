@@ -1,0 +1,107 @@
+"""Validate stage: gate → sanity → filter → erode → write, one module each.
+
+Reads the generate stage's ``manifest.jsonl``; writes ``accepted.jsonl``, ``decisions.jsonl``,
+eroded masks under ``masks/`` and ``accept_reject.png``; returns ``gen/*`` metrics including the gate
+sanity check on real validation pairs (``gen/real_pass_rate``, ``gen/gate_flagged``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from datamodules.synthetic import load_generated, to_tensor
+from experiments.hashing import subtree
+from experiments.stages.validate.filter import quality_filter
+from experiments.stages.validate.gate import FULL_STEPS, gate
+from experiments.stages.validate.sanity import sanity
+from experiments.stages.validate.write import save_accept_reject, write_decisions
+
+# Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
+VERSION = 0
+# The pixel gate's segmenter is built by experiments.builders.build_segmenter (2): before, it ignored
+# segmenter.encoder_depth and segmenter.decoder_channels. Only pixel gates with those set change.
+PIXEL_GATE_VERSION = 2
+
+
+def inputs(cfg: DictConfig) -> Dict[str, Any]:
+    """The config values this stage's result depends on (its part of the signature)."""
+    validator = subtree(cfg, "validator")
+    if validator.get("calibrate_real_pass") is None:  # the floor only acts on a calibrated θ
+        validator.pop("calibrate_min_threshold", None)
+    out = {"validator": validator, "base_model": cfg.diffusion.base_model, "prompt": cfg.diffusion.prompt}
+    if cfg.validator.mode == "pixel":  # the pixel gate trains a segmenter on the real pairs
+        out["segmenter"] = subtree(cfg, "segmenter")
+        if cfg.segmenter.encoder_depth != 5 or cfg.segmenter.decoder_channels:
+            out["pixel_gate_version"] = PIXEL_GATE_VERSION
+    return out
+
+
+def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, diffusion=None,
+                 segmenter=None, feature_fn=None, full_steps: int = FULL_STEPS, validator=None) -> dict:
+    """Gate, filter and erode the generated pairs of ``upstream["generate"]``.
+
+    Args:
+        cfg: resolved config (``cfg.validator`` drives everything).
+        datamodule: set-up datamodule (real ``train_few`` trains the gate, ``val`` checks it).
+        workdir: this stage's folder.
+        upstream: ``{"generate": Path, "finetune": Path (diffusion runs only)}``.
+        logger: Lightning logger for the gate's training, or None.
+        diffusion: a ready diffusion object (tests, benchmarks); default loaded from upstream.
+        segmenter: a ready pixel segmenter (``predict_masks``) for ``mode == "pixel"``; default trained.
+        validator: a ready latent validator for the latent modes; default: the one the generate stage
+            trained for early rejection (``validator.pt``, when its settings match), else trained here.
+        feature_fn: feature extractor of the quality filter; default ``gating.fidelity.image_features``.
+        full_steps: DDIM steps of the ``full`` gate.
+
+    Returns:
+        ``gen/*`` metrics: accept_rate, n_accepted, n_samples, mean_iou, iou_threshold (θ applied),
+        iou_pass_rate, quality_reject_rate, near_copy_rate, real_pass_rate, real_misplaced_reject_rate,
+        real_missing_reject_rate, gate_flagged, real_quality_pass_rate, validate_sps, n_early_rejected.
+        Samples the generate stage rejected early (``early_rejected`` rows) count as rejected.
+    """
+    workdir, gen_dir = Path(workdir), Path(upstream["generate"])
+    (workdir / "masks").mkdir(parents=True, exist_ok=True)
+    mode = str(cfg.validator.mode)
+    datamodule.setup()
+    real = to_tensor(datamodule.images), torch.from_numpy(datamodule.masks.astype(np.int64))
+    val = datamodule.split_indices["val"]
+    gen = load_generated(gen_dir, real[0].shape[-1])
+    n, total = len(gen.rows), len(gen.rows) + len(gen.early)
+    # the prompt generation conditioned on (recorded per row), else the config's / dataset's
+    prompt = next((r["prompt"] for r in gen.rows + gen.early if r.get("prompt")), None) \
+        or cfg.diffusion.prompt or datamodule.prompt
+    metrics: dict = {"gen/n_samples": float(total), "gen/n_early_rejected": float(len(gen.early))}
+
+    # 1. gate and 2. its sanity check on real pairs (θ calibrated there when asked)
+    ious, preds, description, theta = torch.full((n,), float("nan")), None, "none", float(cfg.validator.iou_threshold)
+    if mode != "none":
+        judged = gate(cfg, datamodule, workdir, upstream, gen, real, prompt, logger, diffusion=diffusion,
+                      validator=validator, segmenter=segmenter, full_steps=full_steps)
+        ious, preds, description = judged["ious"], judged["preds"], judged["description"]
+        theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val], judged["sanity_cache"])
+        metrics.update(judged["metrics"], **checks, **{"gen/mean_iou": float(ious.mean()) if n else 0.0,
+                                                        "gen/iou_threshold": theta})
+    else:  # no gate: nothing real can fail it
+        metrics.update({"gen/real_pass_rate": 1.0, "gen/gate_flagged": 0.0})
+    iou_ok = torch.ones(n, dtype=torch.bool) if mode == "none" else ious >= theta
+    # 3. quality filter
+    score, outlier, near, quality = quality_filter(cfg, datamodule, real[0], gen, feature_fn)
+    metrics.update(quality)
+    accepted = iou_ok & ~outlier & ~near
+    # 4. erosion of the accepted masks and 5. the stage's files
+    decision = dict(ious=ious, score=score, iou_ok=iou_ok, outlier=outlier, near=near, accepted=accepted, theta=theta)
+    write_decisions(workdir, gen_dir, gen, decision, int(cfg.validator.erode_px), description)
+    if n:
+        save_accept_reject(workdir / "accept_reject.png", gen.images, gen.masks, preds, ious, accepted)
+    metrics.update({
+        "gen/n_accepted": float(accepted.sum()), "gen/accept_rate": float(accepted.sum()) / total if total else 0.0,
+        "gen/early_reject_rate": len(gen.early) / total if total else 0.0,
+        "gen/iou_pass_rate": float(iou_ok.sum()) / total if total else 0.0,
+        "gen/quality_reject_rate": float(outlier.float().mean()) if n else 0.0,
+        "gen/near_copy_rate": float(near.float().mean()) if n else 0.0,
+    })
+    return metrics
