@@ -20,10 +20,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import ConcatDataset, DataLoader, Dataset  # noqa: E402
 
+from datamodules.checks import mask_summary, raise_first, split_problems  # noqa: E402
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.pairs import (IMAGE_EXTS, Layout, PairRecord, _atomic_write_bytes, binary_from_raw,  # noqa: E402,F401
                                list_files, load_pair, natural_key, pair_by_stem, read_image, read_raw_mask, report)
-from datamodules.splits import make_splits, read_split_file  # noqa: E402,F401
+from datamodules.splits import make_splits, official_parts, read_split_file  # noqa: E402,F401
 
 
 def build_transforms(preset: str):
@@ -135,7 +136,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.root is None:
             raise DataError(f"dataset {self.layout.name!r} needs data.root: the folder holding "
                             f"{self.layout.expected}")
-        records = sorted(self.layout.discover(self.root), key=lambda r: natural_key(r.id))
+        records = sorted(self.layout.find(self.root), key=lambda r: natural_key(r.id))
         official = self.layout.official_split(self.root, records)
         images, masks = self._load_cached(records)
         return (images, masks, [r.id for r in records], [r.group for r in records],
@@ -184,15 +185,31 @@ class SegmentationDataModule(L.LightningDataModule):
             raise DataError(f"masks under {self.root} hold class index {int(masks.max())} but "
                             f"the dataset has classes {self.classes}: pass matching classes")
         self.images, self.masks, self.ids = images, masks, list(ids)
-        if self.split_file is not None and self.split_file.exists():
+        from_file = self.split_file is not None and self.split_file.exists()
+        if from_file:
             names = read_split_file(self.split_file, self.ids)
         else:
             names = make_splits(self.ids, groups, strata, official, self.split_seed,
                                 self.val_fraction, self.test_fraction, self.n_real)
+        self._check(names, groups, official_parts(official), from_file)
         pos = {k: i for i, k in enumerate(self.ids)}
         self.split_ids = names
         self.split_indices = {k: [pos[i] for i in v] for k, v in names.items()}
         self._ready = True
+
+    def _check(self, names: dict, groups: Sequence, official: set, from_file: bool) -> None:
+        """Refuse data that would give a meaningless run (the checks of ``data inspect``)."""
+        lesion, present = mask_summary(self.masks, len(self.classes))
+        if self.layout is None:
+            dataset, hint, kind = f"procedural_{getattr(self, 'kind', '')}", "", None
+        else:
+            dataset, kind = f"{self.layout.name} at {self.root}", self.layout.group_kind
+            hint = (f"; `meddiffaug data inspect --dataset {self.layout.name} --root {self.root}` "
+                    f"lists them")
+        raise_first(split_problems(
+            names, dict(zip(self.ids, lesion.tolist())), present, self.classes,
+            dict(zip(self.ids, groups)), dataset, kind, official,
+            str(self.split_file) if from_file else None, self.n_real), hint)
 
     # ------------------------------------------------------------------ splits & loaders
     def write_split(self, path) -> Path:

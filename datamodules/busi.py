@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from datamodules import register_dataset
-from datamodules.base import Layout, PairRecord, list_files, natural_key, report
+from datamodules.pairs import Layout, PairRecord, list_files, natural_key, report, stem_id
 
 CLASS_DIRS = ("benign", "malignant", "normal")
 _MASK = re.compile(r"^(?P<id>.+?)_mask(?:_(?P<k>\d+))?$")
@@ -36,11 +36,12 @@ class Busi(Layout):
         for cls in present:
             images, masks = {}, {}
             for p in list_files(base / cls, (".png", ".jpg", ".jpeg", ".bmp")):
-                m = _MASK.match(p.stem)
+                stem = stem_id(p)
+                m = _MASK.match(stem)
                 if m:
                     masks.setdefault(m["id"], []).append((int(m["k"] or 0), p))
                 else:
-                    images[p.stem] = p
+                    images[stem] = p
             for key in sorted(images, key=natural_key):
                 found = [p for _, p in sorted(masks.get(key, []))]
                 if not found and cls != "normal":

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from datamodules import register_dataset
-from datamodules.base import Layout, pair_by_stem
+from datamodules.pairs import Layout, pair_by_stem
 
 # First frame of each of the 29 video sequences (frames 1..612); the last one ends at 612.
 # Neighbouring frames of one sequence are near-duplicates: a random frame split leaks them.
@@ -37,6 +37,7 @@ class CvcClinicDB(Layout):
     modality = "polyp"
     expected = ("'Original/<n>.tif' + 'Ground Truth/<n>.tif', or 'PNG/Original' + "
                 "'PNG/Ground Truth' (also 'TIF/...')")
+    group_kind = "video sequence"
 
     def discover(self, root: Path, problems: Optional[list] = None) -> list:
         base = root

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from datamodules import register_dataset
-from datamodules.base import Layout, pair_by_stem
+from datamodules.pairs import Layout, pair_by_stem
 
 
 @register_dataset("folder")

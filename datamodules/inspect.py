@@ -17,7 +17,9 @@ import numpy as np
 from PIL import Image
 
 from datamodules import get_layout
-from datamodules.base import load_pair, make_splits, natural_key, read_raw_mask
+from datamodules.base import (load_pair, make_splits, natural_key, official_parts, read_raw_mask,
+                             read_split_file)
+from datamodules.checks import split_problems
 from datamodules.errors import DataError
 
 
@@ -30,7 +32,8 @@ def _quantiles(x: Sequence[float]) -> dict:
 
 def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_seed: int = 0,
                     val_fraction: float = 0.15, test_fraction: float = 0.15,
-                    small_lesion_area: float = 0.02, **layout_kw: Any) -> dict:
+                    small_lesion_area: float = 0.02, n_real: Optional[int] = None,
+                    split_file=None, **layout_kw: Any) -> dict:
     """Decode every pair of a file-based dataset at its original size and summarise it.
 
     Args:
@@ -39,6 +42,8 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         image_size: If given, also count masks whose lesion vanishes when resized to it.
         split_seed, val_fraction, test_fraction: As for the datamodule, to report split sizes.
         small_lesion_area: Lesion fraction of the image under which a lesion counts as small.
+        n_real: Few-shot subset size to check for a lesion (``None``: not checked).
+        split_file: A split JSON to check instead of the seeded split (as ``data.split_file``).
         **layout_kw: Layout options (e.g. ``classes`` for ``folder``).
 
     Returns:
@@ -50,7 +55,7 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
     layout = get_layout(name)(**layout_kw)
     problems: list = []
     try:
-        records = layout.discover(root, problems)
+        records = layout.find(root, problems)
     except DataError as e:  # wrong/empty folder: nothing further to inspect
         problems.append(str(e))
         records = []
@@ -58,6 +63,7 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
     sizes: Counter = Counter()
     values: Counter = Counter()
     areas, good, max_index, n_lost = [], [], 0, 0
+    present: set = set()
     for rec in records:
         for p in rec.mask_paths:  # raw values are counted even for masks that fail below
             try:
@@ -73,6 +79,7 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         good.append(rec)
         sizes[(image.shape[1], image.shape[0])] += 1
         max_index = max(max_index, int(mask.max()))
+        present |= set(np.unique(mask).tolist())
         frac = float((mask > 0).mean())
         areas.append(frac)
         if image_size and frac > 0:
@@ -93,9 +100,17 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         if official:  # drop ids whose files failed, so the split sizes stay truthful
             keep = set(ids)
             official = {k: [i for i in v if i in keep] for k, v in official.items()}
-        names = make_splits(ids, [r.group for r in good], [r.stratum for r in good], official,
-                            split_seed, val_fraction, test_fraction, None)
-        splits = {k: len(names[k]) for k in ("train", "val", "test")}
+        names = _splits(ids, good, official, split_seed, val_fraction, test_fraction, n_real,
+                        split_file, problems)
+        if names is not None:
+            splits = {k: len(names[k]) for k in ("train", "val", "test")}
+            problems += split_problems(
+                names, {r.id: a > 0 for r, a in zip(good, areas)}, present, classes,
+                {r.id: r.group for r in good}, f"{name} at {root}", layout.group_kind,
+                official_parts(official), str(split_file) if split_file else None, n_real)
+    elif records or not problems:
+        problems.append(f"no readable image–mask pair under {root}: fix the files listed above "
+                        f"or point --root at the dataset")
     nonzero = [a for a in areas if a > 0]
     lesion = {"n_empty": len(areas) - len(nonzero), **_quantiles(nonzero),
               "small_threshold": small_lesion_area,
@@ -114,6 +129,19 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         "lesion_area": lesion,
         "problems": problems,
     }
+
+
+def _splits(ids, good, official, seed, val_fraction, test_fraction, n_real, split_file,
+            problems: list) -> Optional[dict]:
+    """The splits a run would use (``None``, with the reason in ``problems``, if none)."""
+    try:
+        if split_file is not None and Path(split_file).exists():
+            return read_split_file(Path(split_file), ids)
+        return make_splits(ids, [r.group for r in good], [r.stratum for r in good], official,
+                           seed, val_fraction, test_fraction, n_real)
+    except DataError as e:
+        problems.append(str(e))
+        return None
 
 
 def format_report(r: dict) -> str:
@@ -153,10 +181,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--test-fraction", type=float, default=0.15)
+    ap.add_argument("--n-real", type=int, default=None,
+                    help="also check the seeded few-shot subset of this size (data.n_real)")
+    ap.add_argument("--split-file", default=None, help="check this split JSON (data.split_file)")
     args = ap.parse_args(argv)
     try:
         result = inspect_dataset(args.dataset, args.root, args.image_size, args.split_seed,
-                                 args.val_fraction, args.test_fraction)
+                                 args.val_fraction, args.test_fraction, n_real=args.n_real,
+                                 split_file=args.split_file)
     except DataError as e:  # unknown dataset name etc.
         print(f"error: {e}", file=sys.stderr)
         return 1

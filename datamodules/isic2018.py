@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from datamodules import register_dataset
-from datamodules.base import Layout, pair_by_stem
+from datamodules.pairs import Layout, pair_by_stem
 
 SUFFIX = "_segmentation"
 # (split, image folder, mask folder); validation/test sets are used as official when present.

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from datamodules import register_dataset
-from datamodules.base import Layout, PairRecord, natural_key, pair_by_stem
+from datamodules.pairs import Layout, PairRecord, natural_key, pair_by_stem, stem_id
 from datamodules.errors import DataError
 
 
@@ -39,7 +39,7 @@ class KvasirSeg(Layout):
         out = {}
         # The official val.txt is the held-out set: use it as test, never for model selection.
         for split, path in (("train", train_txt), ("test", val_txt)):
-            names = [Path(line.strip()).stem for line in path.read_text().splitlines()
+            names = [stem_id(Path(line.strip())) for line in path.read_text().splitlines()
                      if line.strip()]
             missing = sorted(set(names) - known, key=natural_key)
             if missing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,6 +48,12 @@ def natural_key(s: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", s) if t]
 
 
+def stem_id(path: Path) -> str:
+    """A file's stem in Unicode NFC form: macOS writes names decomposed (NFD), so an image and
+    its mask copied from different machines can differ only in normalisation."""
+    return unicodedata.normalize("NFC", path.stem)
+
+
 def report(problems: Optional[list], message: str) -> None:
     """Raise ``DataError(message)``, or append it to ``problems`` when collecting (inspect)."""
     if problems is None:
@@ -54,11 +61,21 @@ def report(problems: Optional[list], message: str) -> None:
     problems.append(message)
 
 
+def unreadable(path: Path, err: Optional[OSError] = None) -> DataError:
+    """The error for a file or folder the user may not read (``err``: the PermissionError)."""
+    where = getattr(err, "filename", None) or path
+    return DataError(f"cannot read {where}: permission denied; make the dataset readable by you "
+                     f"(e.g. chmod -R u+rX on its folder, or ask its owner) or copy it to a folder "
+                     f"you can read")
+
+
 def _open(path: Path) -> Image.Image:
     try:
         im = Image.open(path)
         im.load()  # decode now: truncated files fail here, not later in a worker
         return im
+    except PermissionError as e:
+        raise unreadable(path, e) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read {path} ({type(e).__name__}: {e}); the file is truncated or "
                         f"not an image: re-download or delete it (and its pair)") from e
@@ -117,6 +134,7 @@ class Layout:
     prompt = ""
     modality = ""
     expected = ""  # human-readable expected folder structure, quoted in errors
+    group_kind: Optional[str] = None  # what a leakage group is ("video sequence"), if any
     lossy_masks = False
 
     def discover(self, root: Path, problems: Optional[list] = None) -> list:
@@ -152,9 +170,28 @@ class Layout:
         return tuple(self.classes)
 
     # -- helpers for subclasses
+    def find(self, root: Path, problems: Optional[list] = None) -> list:
+        """``discover`` with an unreadable root or subfolder reported as a DataError."""
+        self.require_dir(root)
+        try:
+            return self.discover(root, problems)
+        except PermissionError as e:
+            raise unreadable(root, e) from e
+
     def require_dir(self, root: Path, *candidates: str) -> Path:
-        """First existing ``root/candidate`` folder, else a DataError naming the layout."""
-        if not root.is_dir():
+        """First existing ``root/candidate`` folder, else a DataError naming the layout.
+
+        With no candidates, only checks that ``root`` is a folder the user may read.
+        """
+        try:
+            is_dir = root.is_dir()
+        except PermissionError as e:  # a parent folder we may not enter
+            raise unreadable(root, e) from e
+        if is_dir and not os.access(root, os.R_OK | os.X_OK):
+            raise unreadable(root)
+        if not candidates and is_dir:
+            return root
+        if not is_dir:
             raise DataError(f"data root {root} does not exist or is not a folder; expected the "
                             f"{self.name} layout: {self.expected}")
         for c in candidates:
@@ -167,8 +204,11 @@ class Layout:
 
 def list_files(folder: Path, exts: Sequence[str] = IMAGE_EXTS) -> list:
     """Files in ``folder`` with one of ``exts`` (hidden files skipped), natural order."""
-    files = [p for p in folder.iterdir()
-             if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")]
+    try:
+        files = [p for p in folder.iterdir()
+                 if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")]
+    except PermissionError as e:
+        raise unreadable(folder, e) from e
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
@@ -183,12 +223,13 @@ def pair_by_stem(image_dir: Path, mask_dir: Path, problems: Optional[list] = Non
     """
     images: dict = {}
     for p in list_files(image_dir, image_exts):
-        if p.stem in images:
-            report(problems, f"two images share id {p.stem!r}: {images[p.stem]} and {p}; keep one")
-        images[p.stem] = p
+        key = stem_id(p)
+        if key in images:
+            report(problems, f"two images share id {key!r}: {images[key]} and {p}; keep one")
+        images[key] = p
     masks: dict = {}
     for p in list_files(mask_dir, mask_exts):
-        key = mask_id(p.stem)
+        key = mask_id(stem_id(p))
         if key is not None:
             masks[key] = p
     out = []

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from datamodules import register_dataset
-from datamodules.base import Layout, pair_by_stem
+from datamodules.pairs import Layout, pair_by_stem
 from datamodules.errors import DataError
 
 # (split, image folder candidates, mask folder candidates); only the training set is required.

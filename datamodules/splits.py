@@ -49,6 +49,14 @@ def _take_groups(ids, groups, strata, fractions, rng) -> list:
     return [sorted(p, key=natural_key) for p in parts]
 
 
+def official_parts(official) -> set:
+    """Names of the splits ``make_splits`` takes as given from an official split."""
+    official = set(official or {})
+    if "test" not in official and "val" in official:
+        official = (official - {"val"}) | {"test"}  # official val is the held-out set
+    return official if {"train", "test"} <= official else set()
+
+
 def make_splits(ids, groups, strata, official, seed, val_fraction, test_fraction, n_real) -> dict:
     """Deterministic ``{"train", "train_few", "val", "test"}`` id lists.
 

@@ -23,6 +23,16 @@ commands:
   pretrain [--out DIR] ...                                      pretrain the tiny diffusion base
   demo                                                          the main job on procedural data
   ui [--port 5000]                                              MLflow UI on 127.0.0.1
+
+  meddiffaug --version                                          print the installed version
+"""
+
+DATA_USAGE = """usage: meddiffaug data <subcommand> [args]
+
+subcommands:
+  inspect --dataset NAME --root DIR [--json] [--image-size S] [--n-real N] [--split-file F]
+          check a dataset folder (pairs, sizes, mask values, splits, lesions) before training;
+          exits 1 when it finds a problem
 """
 
 
@@ -44,20 +54,26 @@ def run_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--force", action="append", default=[], help="recompute this stage even if cached")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --stages
-    from experiments.pipeline import run_pipeline
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: a typo fails fast
     stages = _parse_stages(args.stages)
     _parse_stages(",".join(args.force))
-    result = run_pipeline(cfg, targets=stages, force=args.force)
+    from experiments.pipeline import run_pipeline
+    from experiments.preflight import preflight
+
+    datamodule = preflight(cfg)  # config, environment and data faults stop here, before MLflow
+    result = run_pipeline(cfg, targets=stages, force=args.force, datamodule=datamodule)
     print(json.dumps({"run_id": result.run_id, "sigs": result.sigs, "metrics": result.metrics}, indent=2))
     return 0
 
 
 def _data_main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[2:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(DATA_USAGE)
+        return 0
     if not argv or argv[0] != "inspect":
-        print("usage: meddiffaug data inspect --dataset NAME --root DIR [--json]", file=sys.stderr)
+        unknown = f"meddiffaug data: unknown subcommand '{argv[0]}'.\n" if argv else ""
+        print(f"{unknown}{DATA_USAGE}", file=sys.stderr)
         return 2
     from datamodules.inspect import main as inspect_main
 
@@ -90,6 +106,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in {"-V", "--version"}:
+        print(f"meddiffaug {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"meddiffaug: unknown command '{command}'.\n{USAGE}", file=sys.stderr)
@@ -101,6 +120,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"meddiffaug {command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an environment fault (permissions, disk full) on a named path
+        if err.filename is None:
+            raise
+        print(f"meddiffaug {command}: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(err: OSError) -> str:
+    """One line naming the path an ``OSError`` is about and what to do."""
+    import errno
+
+    path = err.filename
+    if isinstance(err, PermissionError):
+        return (f"permission denied on {path}: make it readable/writable by you (chmod, or ask its "
+                f"owner), or point the config key that names it at a folder you can use")
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path}: free space or write elsewhere"
+    return f"cannot use {path} ({err.strerror or type(err).__name__}): check the path and its permissions"
+
+
+def version() -> str:
+    """The installed package version (from its metadata), or ``unknown`` in a bare checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version("meddiffaug")
+    except PackageNotFoundError:
+        return "unknown (not installed; run `pip install -e .`)"
 
 
 if __name__ == "__main__":

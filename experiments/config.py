@@ -37,6 +37,7 @@ class DataConfig:
     cache_dir: str = "outputs/cache"  # decoded, resized images (keyed by file list and size)
     transforms: str = "standard"  # albumentations preset for training: standard | none
     small_lesion_area: float = 0.02  # lesions under this image fraction count as "small"
+    split_file: Optional[str] = None  # your own split: JSON lists train, val, test (and train_few) of ids
 
 
 @dataclass
@@ -202,12 +203,36 @@ def _check_keys(data: Any, schema: DictConfig, source: str, prefix: str = "") ->
             _check_keys(value, child, source, dotted + ".")
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+def read_yaml(path: str | Path, kind: str = "Config") -> Any:
+    """Parse a YAML file with OmegaConf; a syntax error or an unreadable file is a ConfigError.
+
+    The message names the file, the line and column of a syntax error, and what to do.
+    """
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{kind} file '{path}'{where}: YAML syntax error ({problem}); fix the "
+                          f"file (mind indentation, ':' after each key and matching quotes/brackets).") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{kind} file '{path}' is not UTF-8 text ({err.reason}); save it as UTF-8.") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read {kind.lower()} file '{path}' ({err.strerror or err}); make it readable "
+                          f"by you (e.g. chmod u+r) or copy it somewhere you can read.") from err
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None,
+                overrides_source: str = "the command line") -> DictConfig:
     """Merge schema defaults, an optional YAML file and dotlist overrides.
 
     Args:
         path: YAML experiment file; its keys must exist in :class:`Config`.
         overrides: ``key=value`` strings, e.g. ``["generation.guidance_scale=5"]``.
+        overrides_source: Where the overrides came from, named in errors (e.g. a grid file).
 
     Returns:
         The resolved, read-only-keyed config.
@@ -221,15 +246,27 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file '{path}' does not exist. Pass a YAML file such as experiments/configs/procedural_polyp_baseline.yaml.")
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        raw = OmegaConf.to_container(read_yaml(path), resolve=False) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections (data:, trainer:, ...), "
+                              f"not a {type(raw).__name__}.")
         _check_keys(raw, schema, str(path))
         merged = _merge(merged, OmegaConf.create(raw), str(path))
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"Override '{item}' is not of the form key=value (e.g. trainer.max_epochs=5).")
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), "the command line")
+            raise ConfigError(f"Override '{item}' in {overrides_source} is not of the form key=value "
+                              f"(e.g. trainer.max_epochs=5).")
+        merged = _merge(merged, _dotlist(item, overrides_source), overrides_source)
     _validate(merged)
     return merged
+
+
+def _dotlist(item: str, source: str) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist([item])
+    except Exception as err:  # omegaconf's grammar errors (e.g. an unclosed bracket) share no base class
+        raise ConfigError(f"Override '{item}' in {source} cannot be parsed ({str(err).splitlines()[0]}); "
+                          f"quote or fix its value (e.g. key='[1, 2]').") from err
 
 
 def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
@@ -272,6 +309,9 @@ def _validate(cfg: DictConfig) -> None:
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")
     if cfg.augment.ratio < 0:
         raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
+    from experiments.config_ranges import check_ranges  # every count, size and ratio
+
+    check_ranges(cfg, ConfigError)
 
 
 def to_yaml(cfg: DictConfig) -> str:

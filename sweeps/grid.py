@@ -140,7 +140,7 @@ def grid_cells(grid_yaml: str | Path) -> List[Cell]:
     groups |= {tuple(sp.to_overrides({k: int(s) for k in seed_keys})) for s in seeds if s is not None}
     for group in sorted(groups):
         try:
-            load_config(base, shared + list(group))
+            load_config(base, shared + list(group), overrides_source=f"grid file '{path}'")
         except ConfigError as err:
             raise ConfigError(f"grid '{name}' ({' '.join(group) or 'shared overrides'}): {err}") from err
     sigs = [c.sig for c in cells]

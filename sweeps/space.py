@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import Config, ConfigError
+from experiments.config import Config, ConfigError, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SPEC_KEYS = {"float": {"type", "low", "high", "log", "step"},
@@ -66,7 +66,7 @@ def load_yaml(path: str | Path, kind: str) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{kind} file '{path}' does not exist.")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    data = OmegaConf.to_container(read_yaml(path, kind), resolve=True)
     if not isinstance(data, dict):
         raise ConfigError(f"{kind} file '{path}' must hold a mapping.")
     return data

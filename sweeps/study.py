@@ -249,12 +249,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     spec = load_study_spec(args.study)
     storage_url = args.storage or spec.storage
-    base = load_config(spec.base_config, spec.overrides)
+    base = load_config(spec.base_config, spec.overrides, overrides_source=f"study file '{args.study}'")
     for param in spec.space:  # resolve the space's corners now: a type error fails before trial 0
         corner = param.choices if param.type == "categorical" else (param.low, param.high)
         for value in corner:
             value = int(value) if param.type == "int" else value
-            load_config(spec.base_config, spec.overrides + sp.to_overrides({param.key: value}))
+            load_config(spec.base_config, spec.overrides + sp.to_overrides({param.key: value}),
+                        overrides_source=f"the search space of study file '{args.study}'")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=spec.name, storage=make_storage(storage_url, spec),
                                 direction=spec.direction, pruner=make_pruner(spec), load_if_exists=True)
