@@ -24,6 +24,10 @@ NEUTRAL = {"validator": {"calibrate_real_pass": None}, "data": {"split_file": No
 def subtree(cfg: DictConfig, section: str) -> Dict[str, Any]:
     """``cfg[section]`` as plain values, without its ignored keys and its neutral keys at their neutral value."""
     node = OmegaConf.to_container(cfg[section], resolve=True)
+    if section == "data" and node.get("root") is not None:  # by content: another mount reuses the cache
+        from experiments.data_identity import data_root_identity
+
+        node["root"] = data_root_identity(cfg)
     neutral = NEUTRAL.get(section, {})
     return {k: v for k, v in node.items()
             if k not in IGNORED.get(section, set()) and not (k in neutral and v == neutral[k])}

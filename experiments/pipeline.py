@@ -8,7 +8,6 @@ stable name, so checkpoints there let a killed run resume) and is renamed into p
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -178,18 +177,11 @@ def _compute(cfg: DictConfig, stage: str, datamodule: Any, partial: Path, final:
     return metrics
 
 
-@contextlib.contextmanager
-def _stage_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory file lock (released by the OS if the holder is killed)."""
-    import fcntl
+def _stage_lock(path: Path) -> Any:
+    """An exclusive lock across processes and machines (see :mod:`experiments.locks`)."""
+    from experiments.locks import stage_lock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return stage_lock(path)
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
