@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -45,8 +46,10 @@ def git_sha() -> str:
 
 
 def is_rank_zero() -> bool:
-    """True outside distributed launches and on global rank 0 inside them."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """True outside launched distributed jobs and on global rank 0 inside them (torchrun, SLURM)."""
+    from experiments.distributed import global_rank
+
+    return global_rank() == 0
 
 
 def set_experiment(cfg: DictConfig, name: Optional[str] = None) -> str:
@@ -105,12 +108,25 @@ def log_data_inputs(cfg: DictConfig, datamodule: Any) -> None:
 
     if mlflow.active_run() is None:
         return
+    from mlflow.exceptions import MlflowException
+
     source = HTTPDatasetSource(url=_data_source_uri(cfg))
-    for split in ("train_few", "val", "test"):
+    splits = ("train_few", "val", "test")
+    datasets = []
+    for split in splits:
         ids = [datamodule.ids[i] for i in datamodule.split_indices.get(split, [])]
         digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-        dataset = MetaDataset(source, name=f"{cfg.data.name}/{split}", digest=digest)
-        mlflow.log_input(dataset, context=split)
+        datasets.append(MetaDataset(source, name=f"{cfg.data.name}/{split}", digest=digest))
+    for attempt in range(4):
+        try:
+            mlflow.log_inputs(datasets=datasets, contexts=list(splits))
+            return
+        except MlflowException as err:
+            # Workers logging the same new dataset at once race on the store's unique (name,
+            # digest) row; the loser finds the row on its next try.
+            if attempt == 3:
+                logging.getLogger(__name__).warning("dataset inputs not logged: %s", err)
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _data_source_uri(cfg: DictConfig) -> str:
