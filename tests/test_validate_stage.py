@@ -176,7 +176,9 @@ def test_erode_shrinks_each_class():
 @pytest.mark.slow
 def test_single_step_mode_end_to_end(generated, tmp_path, monkeypatch):
     dm, gen, kinds = generated
-    from experiments.stages.validate import gate as validate_gate
+    import importlib
+
+    validate_gate = importlib.import_module("experiments.stages.validate.gate")  # the module, not its gate()
     from lightning_modules.gating.quality import pixel_stat_features
     overrides = ["validator.mode=single_step", "validator.train_steps=100", "validator.lr=4e-3",
                  "validator.t_eval=100", f"artifacts_dir={tmp_path}/artifacts"]
