@@ -33,24 +33,35 @@ def synthetic_dataset(datamodule: Any, validate_dir: Path, ratio: float, seed: i
     if not manifest.is_file():
         raise DataError(f"{manifest} is missing: the validate stage in {validate_dir} did not finish. "
                         f"Rerun with --force validate.")
-    pairs = SyntheticPairs(manifest, datamodule.image_size, transforms=build_transforms(transforms))
+    pairs = SyntheticPairs(manifest, datamodule.image_size, transforms=build_transforms(transforms, seed=seed + 1))
     n_real = len(datamodule.split_indices["train_few"])
     return synthetic_subset(pairs if len(pairs) else None, n_real, ratio, seed)
 
 
 def training_set(datamodule: Any, transforms: str, validate_dir: Optional[Path] = None, ratio: float = 0.0,
-                 seed: int = 0, synthetic_transforms: str = "standard") -> Dataset:
+                 seed: int = 0, synthetic_transforms: str = "standard", include_real: bool = True) -> Dataset:
     """A fresh training Dataset: ``train_few`` under ``transforms`` (+ synthetic pairs); the datamodule is only read.
 
     Args:
         datamodule: the real datamodule (set up here if needed).
         transforms: albumentations preset of the real pairs (``standard`` | ``none``).
         validate_dir: finished validate-stage folder whose accepted pairs are mixed in, or None.
-        ratio, seed, synthetic_transforms: see :func:`synthetic_dataset`.
+        ratio, seed, synthetic_transforms: see :func:`synthetic_dataset`; ``seed`` also seeds the
+            real pairs' augmentations (the synthetic pairs' use ``seed + 1``).
+        include_real: False trains on the synthetic pairs alone (``augment.synthetic_only``): the same
+            ``round(ratio * len(train_few))`` pairs the augmented run adds, and no real pair.
+
+    Raises:
+        DataError: ``include_real`` is False and there is no synthetic pair to train on.
     """
     datamodule.setup()
     real = SegmentationDataset(datamodule.images, datamodule.masks, datamodule.ids,
-                               datamodule.split_indices["train_few"], build_transforms(transforms))
+                               datamodule.split_indices["train_few"], build_transforms(transforms, seed=seed))
     extra = None if validate_dir is None else synthetic_dataset(datamodule, validate_dir, ratio, seed,
                                                                 synthetic_transforms)
+    if not include_real:
+        if extra is None:
+            raise DataError(f"augment.synthetic_only needs synthetic pairs, but {validate_dir} accepted none "
+                            f"(or augment.ratio is 0): loosen the gate or raise augment.ratio")
+        return extra
     return real if extra is None else ConcatDataset([real, extra])

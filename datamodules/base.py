@@ -25,33 +25,7 @@ from datamodules.errors import DataError  # noqa: E402
 from datamodules.pairs import (IMAGE_EXTS, Layout, PairRecord, _atomic_write_bytes, binary_from_raw,  # noqa: E402,F401
                                list_files, load_pair, natural_key, pair_by_stem, read_image, read_raw_mask, report)
 from datamodules.splits import make_splits, official_parts, read_split_file  # noqa: E402,F401
-
-
-def build_transforms(preset: str):
-    """Albumentations pipeline applied jointly to image and mask.
-
-    Args:
-        preset: ``"standard"`` (flips, 90° rotations, small affine, mild colour jitter) or
-            ``"none"``.
-
-    Returns:
-        An ``albumentations.Compose`` or ``None``.
-    """
-    if preset in (None, "none"):
-        return None
-    if preset != "standard":
-        raise DataError(f"unknown transforms preset {preset!r}: use 'standard' or 'none'")
-    import albumentations as A
-
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomRotate90(p=0.5),
-        # Small geometric jitter only: lesions near the border must stay in view; masks use
-        # nearest interpolation (albumentations' default for masks) so labels stay indices.
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15), p=0.5),
-        A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02, p=0.5),
-    ])
+from datamodules.transforms import build_transforms, reseed_in_worker  # noqa: E402,F401
 
 
 class SegmentationDataset(Dataset):
@@ -77,6 +51,7 @@ class SegmentationDataset(Dataset):
         j = self.indices[i]
         image, mask = self.images[j], self.masks[j]
         if self.transform is not None:
+            reseed_in_worker(self.transform)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
@@ -225,7 +200,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.setup()
         if split not in self.split_indices:
             raise KeyError(f"unknown split {split!r}; use one of {sorted(self.split_indices)}")
-        tf = build_transforms(self.transforms) if train_transforms else None
+        tf = build_transforms(self.transforms, seed=self.split_seed) if train_transforms else None
         return SegmentationDataset(self.images, self.masks, self.ids,
                                    self.split_indices[split], tf)
 

@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset  # noqa: E402
 
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.io import read_image, read_manifest, read_mask, resolve  # noqa: E402
+from datamodules.transforms import reseed_in_worker  # noqa: E402
 
 
 class SyntheticPairs(Dataset):
@@ -75,6 +76,7 @@ class SyntheticPairs(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, mask = self.load(i)
         if self.transforms is not None:
+            reseed_in_worker(self.transforms)
             out = self.transforms(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,

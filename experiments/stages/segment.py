@@ -21,7 +21,10 @@ from experiments.trainer import build_trainer
 from lightning_modules.segmenter import SegmenterModule
 
 # Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
-VERSION = 0
+# 1: albumentations augmentations are seeded from augment.seed (before, each run drew them from OS
+#    entropy, so a rerun of a cell was not the same run); the validate stage's version 1 covers the
+#    validator's seeded augment copies.
+VERSION = 1
 
 
 def inputs(cfg: DictConfig) -> Dict[str, Any]:
@@ -99,13 +102,15 @@ def run_segment(cfg: DictConfig, datamodule: Any, workdir: str | Path, upstream:
     The training set is built here from the real ``train_few`` split and, with ``augment.method``
     ``diffusion`` or ``copy_paste``, the validate stage's accepted pairs at ``augment.ratio``
     (:func:`datamodules.augmented.training_set`); the shared datamodule is only read, so sweeps can
-    reuse it across cells and trials. ``callbacks`` come from the caller (e.g. Optuna pruning).
+    reuse it across cells and trials. ``callbacks`` come from the caller (e.g. Optuna pruning). With
+    ``augment.synthetic_only`` the segmenter trains on those synthetic pairs alone (validation stays real).
     """
     synthetic = cfg.augment.method in ("diffusion", "copy_paste") and cfg.augment.ratio > 0 and "validate" in upstream
     # "none" is the real-only row without standard augmentation
     train_set = training_set(datamodule, "none" if cfg.augment.method == "none" else cfg.data.transforms,
                              Path(upstream["validate"]) if synthetic else None, ratio=cfg.augment.ratio,
-                             seed=cfg.augment.seed, synthetic_transforms=cfg.data.transforms)
+                             seed=cfg.augment.seed, synthetic_transforms=cfg.data.transforms,
+                             include_real=not cfg.augment.get("synthetic_only", False))
     return fit_segmenter(cfg, datamodule, workdir, logger=logger, train_set=train_set, callbacks=callbacks)
 
 

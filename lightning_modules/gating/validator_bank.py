@@ -87,7 +87,7 @@ def augmented_copies(images: torch.Tensor, masks: torch.Tensor, copies: int, see
 
     if copies <= 1:
         return images, masks
-    transform = build_transforms("standard")
+    transform = build_transforms("standard", seed=seed)
     rng = np.random.default_rng(seed)
     arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     labels = masks.cpu().numpy().astype(np.uint8)
