@@ -128,6 +128,9 @@ class ValidatorConfig:
     lr: float = 1e-3
     quality_filter: bool = True
     quality_quantile: float = 0.95  # reject generated images farther than this real quantile
+    # the quality filter's features: random_resnet18 (a fixed, randomly initialised resnet18: knows no
+    # domain; the old default) | vae (pooled statistics of the diffusion model's VAE latents)
+    quality_features: str = "random_resnet18"
     near_copy_quantile: float = 0.02
     erode_px: int = 1
 
@@ -284,6 +287,7 @@ _CHOICES = {
     "generation.source": ("real", "normal"),
     "generation.mask_source": ("real", "blob", "mixed"),
     "validator.mode": ("single_step", "full", "pixel", "none"),
+    "validator.quality_features": ("random_resnet18", "vae"),
     "augment.method": ("none", "standard", "copy_paste", "diffusion"),
     "data.transforms": ("standard", "none"),
 }

@@ -2,7 +2,9 @@
 
 Reads the generate stage's ``manifest.jsonl``; writes ``accepted.jsonl``, ``decisions.jsonl``,
 eroded masks under ``masks/`` and ``accept_reject.png``; returns ``gen/*`` metrics including the gate
-sanity check on real validation pairs (``gen/real_pass_rate``, ``gen/gate_flagged``).
+sanity check on real validation lesion pairs (``gen/real_pass_rate``, ``gen/gate_flagged``), the false-claim
+rate on lesion-free ones (``gen/real_normal_false_claim_rate``), the quality filter's rejection rate on
+held-out real images (``gen/quality_real_reject_rate``) and which validator judged (``gen/validator_prompted``).
 """
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ from omegaconf import DictConfig
 
 from datamodules.synthetic import load_generated, to_tensor
 from experiments.hashing import subtree
-from experiments.stages.validate.filter import quality_filter
-from experiments.stages.validate.gate import FULL_STEPS, gate
+from experiments.stages.validate.filter import feature_extractor, quality_filter
+from experiments.stages.validate.gate import FULL_STEPS, device_of, gate
 from experiments.stages.validate.sanity import sanity
 from experiments.stages.validate.write import save_accept_reject, write_decisions
 
 # Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
-VERSION = 0
+# 1: the gate's sanity rates, calibrated θ and flag use lesion pairs only (lesion-free real pairs were
+#    counted as passes); erosion shrinks only the newly generated lesion (the source's real lesions
+#    kept their rims); gen/real_normal_false_claim_rate, gen/quality_real_reject_rate, gen/validator_prompted.
+VERSION = 1
 # The pixel gate's segmenter is built by experiments.builders.build_segmenter (2): before, it ignored
 # segmenter.encoder_depth and segmenter.decoder_channels. Only pixel gates with those set change.
 PIXEL_GATE_VERSION = 2
@@ -32,6 +37,8 @@ def inputs(cfg: DictConfig) -> Dict[str, Any]:
     validator = subtree(cfg, "validator")
     if validator.get("calibrate_real_pass") is None:  # the floor only acts on a calibrated θ
         validator.pop("calibrate_min_threshold", None)
+    if validator.get("quality_features") == "random_resnet18" or not validator.get("quality_filter"):
+        validator.pop("quality_features", None)  # the old features (neutral), or no filter to use them
     out = {"validator": validator, "base_model": cfg.diffusion.base_model, "prompt": cfg.diffusion.prompt}
     if cfg.validator.mode == "pixel":  # the pixel gate trains a segmenter on the real pairs
         out["segmenter"] = subtree(cfg, "segmenter")
@@ -54,13 +61,16 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         segmenter: a ready pixel segmenter (``predict_masks``) for ``mode == "pixel"``; default trained.
         validator: a ready latent validator for the latent modes; default: the one the generate stage
             trained for early rejection (``validator.pt``, when its settings match), else trained here.
-        feature_fn: feature extractor of the quality filter; default ``gating.fidelity.image_features``.
+        feature_fn: feature extractor of the quality filter (tests); default by ``validator.quality_features``:
+            the random resnet18 of ``gating.fidelity`` or the diffusion model's VAE (``gating.vae_features``).
         full_steps: DDIM steps of the ``full`` gate.
 
     Returns:
         ``gen/*`` metrics: accept_rate, n_accepted, n_samples, mean_iou, iou_threshold (θ applied),
         iou_pass_rate, quality_reject_rate, near_copy_rate, real_pass_rate, real_misplaced_reject_rate,
-        real_missing_reject_rate, gate_flagged, real_quality_pass_rate, validate_sps, n_early_rejected.
+        real_missing_reject_rate, gate_flagged (these four on real lesion pairs only), real_normal_false_claim_rate
+        (lesion-free real pairs only), n_real_lesion_pairs, n_real_normal_pairs, real_quality_pass_rate,
+        quality_real_reject_rate, validator_prompted (latent gates), validate_sps, n_early_rejected.
         Samples the generate stage rejected early (``early_rejected`` rows) count as rejected.
     """
     workdir, gen_dir = Path(workdir), Path(upstream["generate"])
@@ -82,6 +92,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         judged = gate(cfg, datamodule, workdir, upstream, gen, real, prompt, logger, diffusion=diffusion,
                       validator=validator, segmenter=segmenter, full_steps=full_steps)
         ious, preds, description = judged["ious"], judged["preds"], judged["description"]
+        diffusion = judged["diffusion"]  # reused by the quality filter's VAE features
         theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val], judged["sanity_cache"])
         metrics.update(judged["metrics"], **checks, **{"gen/mean_iou": float(ious.mean()) if n else 0.0,
                                                         "gen/iou_threshold": theta})
@@ -89,6 +100,8 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         metrics.update({"gen/real_pass_rate": 1.0, "gen/gate_flagged": 0.0})
     iou_ok = torch.ones(n, dtype=torch.bool) if mode == "none" else ious >= theta
     # 3. quality filter
+    if feature_fn is None and cfg.validator.quality_filter and n:
+        feature_fn, _ = feature_extractor(cfg, lambda: diffusion if diffusion is not None else _base_diffusion(cfg))
     score, outlier, near, quality = quality_filter(cfg, datamodule, real[0], gen, feature_fn)
     metrics.update(quality)
     accepted = iou_ok & ~outlier & ~near
@@ -105,3 +118,10 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         "gen/near_copy_rate": float(near.float().mean()) if n else 0.0,
     })
     return metrics
+
+
+def _base_diffusion(cfg):
+    """The base diffusion model (for its VAE: frozen in every fine-tune, so the base's is the fine-tuned one's)."""
+    from lightning_modules.diffusion import InpaintingDiffusion  # lazy: heavy, only for vae features
+
+    return InpaintingDiffusion.from_base(cfg.diffusion.base_model).to(device_of(cfg)).eval()

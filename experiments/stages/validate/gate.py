@@ -169,8 +169,10 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
 
     Returns:
         ``{"ious" (n,), "preds" (n,H,W), "gate" (image-space gate), "description", "metrics",
-        "sanity_cache"}``: where the real pairs' IoUs under this gate are kept (None for the pixel
-        gate and for given models, which leave nothing to cache by key).
+        "sanity_cache", "diffusion"}``: ``sanity_cache`` is where the real pairs' IoUs under this gate
+        are kept (None for the pixel gate and for given models, which leave nothing to cache by key);
+        ``diffusion`` the model the latent gates used (None for the pixel gate). ``metrics`` holds
+        ``gen/validate_sps`` and, for the latent gates, ``gen/validator_prompted`` (1.0 prompted, 0.0 plain).
     """
     mode, device, n = str(cfg.validator.mode), device_of(cfg), len(gen.rows)
     ncls, few = int(datamodule.num_classes), datamodule.split_indices["train_few"]
@@ -188,12 +190,16 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
             if is_rank_zero() and not models_given:
                 save_validator(validator_cache_path(cfg, upstream, settings), validator, settings)
         validator = validator.to(device) if hasattr(validator, "to") else validator
+        # which validator judged: prompted (sees the intended mask; this suite's) or plain (DiffAug's);
+        # the tables name it per row (experiments.reporting reads gen/validator_prompted)
+        prompted = bool(getattr(validator, "prompted", cfg.validator.prompted))
+        metrics["gen/validator_prompted"] = float(prompted)
         start = time.time()  # the whole gate: latents (loaded or encoded) + prompt + ε̂ + validator
         ious, preds, lat_src = gate_latents(mode, cfg, diffusion, validator, Path(upstream["generate"]), gen.rows,
                                             gen.images, gen.masks, gen.cond_masks, prompt, ncls, device, full_steps)
         metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
-        description = (f"{mode}@t{int(cfg.validator.t_eval)} on {source} diffusion; validator {val_src}; "
-                       f"latents from {lat_src}")
+        description = (f"{mode}@t{int(cfg.validator.t_eval)} on {source} diffusion; "
+                       f"{'prompted' if prompted else 'plain (DiffAug)'} validator {val_src}; latents from {lat_src}")
         if not models_given:
             # the real pairs' IoUs depend on the gate, not on θ: a θ sweep computes them once
             sanity_cache = validator_cache_path(cfg, upstream, settings).with_suffix(f".{mode}{full_steps}.real_ious.pt")
@@ -207,4 +213,4 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
         ious, preds = gate_in_batches(image_gate, gen.images, gen.masks)
         metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
     return {"ious": ious, "preds": preds, "gate": image_gate, "description": description, "metrics": metrics,
-            "sanity_cache": sanity_cache}
+            "sanity_cache": sanity_cache, "diffusion": diffusion}

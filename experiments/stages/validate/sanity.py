@@ -1,4 +1,8 @@
-"""Sanity: the gate on real validation pairs (as they are, misplaced, missing), θ calibration, the flag."""
+"""Sanity: the gate on real validation pairs (as they are, misplaced, missing), θ calibration, the flag.
+
+Lesion pairs only enter the rates, θ and the flag; lesion-free real pairs give the false-claim rate
+(see :mod:`lightning_modules.gating.sanity`).
+"""
 from __future__ import annotations
 
 import warnings
@@ -9,8 +13,16 @@ import torch
 
 from datamodules.io import atomic_write
 from experiments.tracking import is_rank_zero
-from lightning_modules.gating.sanity import (MIN_REAL_PASS, calibrate_threshold, gate_sanity, real_gate_ious,
-                                             weak_rejects)
+from lightning_modules.gating.sanity import (LESION_KEYS, MIN_REAL_PASS, calibrate_threshold, gate_sanity,
+                                             real_gate_ious, weak_rejects)
+
+
+def _load_cache(cache: Optional[Path]) -> Optional[dict]:
+    """The cached real-pair figures, or None (no cache, or one written before lesion-free pairs were apart)."""
+    if cache is None or not cache.is_file():
+        return None
+    ious = torch.load(cache, weights_only=True)
+    return ious if isinstance(ious, dict) and {*LESION_KEYS, "normal_claim"} <= set(ious) else None
 
 
 def sanity(cfg, gate: Callable, real_images: torch.Tensor, real_masks: torch.Tensor,
@@ -18,36 +30,43 @@ def sanity(cfg, gate: Callable, real_images: torch.Tensor, real_masks: torch.Ten
     """Check ``gate`` on the real validation pairs; calibrate θ when ``validator.calibrate_real_pass`` is set.
 
     Args:
-        gate: the image-space gate. real_images: (N,3,S,S). real_masks: (N,S,S) int64.
+        gate: the image-space gate. real_images: (N,3,S,S). real_masks: (N,S,S) int64 (lesion-free
+            pairs have empty masks: they are judged apart, never as passes).
         cache: file keeping the real pairs' IoUs (they depend on the gate, not on θ), or None.
 
     Returns:
         ``(θ applied, metrics)`` with ``gen/real_pass_rate``, ``gen/real_mean_iou``, the rejection
-        rates of misplaced / missing real lesions and ``gen/gate_flagged``.
+        rates of misplaced / missing real lesions and ``gen/gate_flagged`` (lesion pairs only),
+        ``gen/real_normal_false_claim_rate`` (lesion-free pairs only) and the two pair counts.
     """
     v, mode = cfg.validator, str(cfg.validator.mode)
-    ious = torch.load(cache, weights_only=True) if cache is not None and cache.is_file() else None
+    ious = _load_cache(cache)
     if ious is None:
         ious = real_gate_ious(gate, real_images, real_masks)
         if cache is not None and is_rank_zero():
             atomic_write(cache, lambda f: torch.save(ious, f))
     theta, check = calibrate_threshold(ious, float(v.iou_threshold), v.calibrate_real_pass, v.calibrate_min_threshold)
     metrics = gate_sanity(check, theta)
+    if not len(ious["real"]):
+        warnings.warn(f"[validate] no real validation pair holds a lesion: the {mode} gate's sanity check has "
+                      f"nothing to judge (gen/real_pass_rate is NaN). Use a larger data.val_fraction.")
     metrics["gen/gate_flagged"] = flag(metrics, mode, theta, v.calibrate_real_pass is not None)
     return theta, metrics
 
 
 def flag(metrics: dict, mode: str, theta: float, calibrated: bool) -> float:
-    """1.0 (with a warning) when the gate fails real pairs or passes real pairs made wrong, else 0.0.
+    """1.0 (with a warning) when the gate fails real lesion pairs or passes them made wrong, else 0.0.
 
     A gate must pass real pairs AND reject them made wrong (a gate at θ = 0 passes the first check).
+    Lesion-free pairs play no part (their false-claim rate is reported on its own); NaN rates (no
+    lesion pair) raise no flag.
     """
     real_pass, weak = metrics["gen/real_pass_rate"], weak_rejects(metrics)
     if weak:
         warnings.warn(f"[validate] the {mode} gate at IoU >= {theta:.3g} rejects fewer than half of the real pairs "
                       f"made wrong ({', '.join(weak)} lesions): it passes wrong pairs (gen/gate_flagged=1).")
     if real_pass < MIN_REAL_PASS:
-        warnings.warn(f"[validate] the {mode} gate passes only {real_pass:.0%} of REAL validation pairs at "
+        warnings.warn(f"[validate] the {mode} gate passes only {real_pass:.0%} of REAL validation lesion pairs at "
                       f"IoU >= {theta:.3g}: it judges its own weakness, not the samples (gen/gate_flagged=1)."
                       + ("" if calibrated else " validator.calibrate_real_pass=0.8 lowers θ to what real pairs reach."))
     return float(real_pass < MIN_REAL_PASS or bool(weak))

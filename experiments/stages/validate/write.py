@@ -8,8 +8,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from datamodules.io import atomic_write, atomic_write_text, write_png
-from experiments.stages.validate.erode import erode
+from datamodules.io import atomic_write, atomic_write_text, read_mask, write_png
+from experiments.stages.validate.erode import erode_new_lesion
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -19,6 +19,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def write_decisions(workdir: Path, gen_dir: Path, gen, decision: dict, erode_px: int, description: str) -> List[dict]:
     """Write the stage's manifests and the eroded masks of the accepted samples.
+
+    Erosion shrinks only the newly generated lesion (the row's ``new_mask``); the source's own
+    lesions keep their rims (:func:`experiments.stages.validate.erode.erode_new_lesion`). Each
+    accepted row records it: ``eroded = {"px", "applied_to": "new_lesion" | "whole_label" | "none"}``.
 
     Args:
         gen: the generated samples (``rows``, ``raw_masks``, ``early``).
@@ -39,16 +43,26 @@ def write_decisions(workdir: Path, gen_dir: Path, gen, decision: dict, erode_px:
                           "reasons": reasons, "gate": description})
         if d["accepted"][i]:
             mask_path = workdir / "masks" / f"{row['id']}.png"
-            write_png(mask_path, erode(gen.raw_masks[i].astype(np.uint8), int(erode_px)))
-            # the image stays in the generate folder; workdir is renamed when done, so masks are relative
+            new_path = (gen_dir / row["new_mask"]).resolve() if row.get("new_mask") else None
+            new = read_mask(new_path) if new_path is not None and int(erode_px) > 0 else None
+            write_png(mask_path, erode_new_lesion(gen.raw_masks[i].astype(np.uint8), new, int(erode_px)))
+            # the image stays in the generate folder; workdir is renamed when done, so masks are relative;
+            # new_mask (the generated lesion, not eroded) is absolute like the image
             acc_rows.append({**row, "image": str((gen_dir / row["image"]).resolve()),
-                             "mask": str(mask_path.relative_to(workdir)), "iou": iou, "quality_score": q})
+                             "mask": str(mask_path.relative_to(workdir)), "iou": iou, "quality_score": q,
+                             "new_mask": str(new_path) if new_path is not None else None,
+                             "eroded": _erosion_record(int(erode_px), new_path is not None)})
     for row in gen.early:  # stopped mid-sampling by the generate stage's gate: never finished, rejected
         decisions.append({"id": row["id"], "accepted": False, "iou": row.get("early_reject_iou"), "quality_score": None,
                           "reasons": [f"early_reject@t{row.get('early_reject_t')}"], "gate": "early reject (generate)"})
     write_jsonl(workdir / "decisions.jsonl", decisions)
     write_jsonl(workdir / "accepted.jsonl", acc_rows)
     return acc_rows
+
+
+def _erosion_record(px: int, new_known: bool) -> dict:
+    """What erosion did to an accepted mask: its radius and which pixels it applied to."""
+    return {"px": px, "applied_to": "none" if px <= 0 else ("new_lesion" if new_known else "whole_label")}
 
 
 def save_accept_reject(path: Path, images: torch.Tensor, masks: torch.Tensor, preds: Optional[torch.Tensor],
