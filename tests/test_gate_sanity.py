@@ -86,6 +86,22 @@ def test_false_claim_rate_counts_lesion_free_pairs_where_the_gate_sees_a_lesion(
     assert metrics["gen/real_pass_rate"] == 1.0 and metrics["gen/gate_flagged"] == 0.0
 
 
+def test_normal_pool_gets_its_own_false_claim_rate(generated, tmp_path):
+    """data.n_normal: lesion-free sources outside the label budget, judged claiming no lesion."""
+    _, gen, _ = generated
+    dm = WithLesionFree()
+    dm.split_indices = {**dm.split_indices, "normal": [i for i in dm.split_indices["val"] if not dm.masks[i].any()]}
+    dm.split_indices["val"] = [i for i in dm.split_indices["val"] if dm.masks[i].any()]
+    cfg = load_config(None, ["validator.mode=pixel", "validator.iou_threshold=0.5", "validator.quality_filter=false"])
+    for side, claimed in ((0, 0.0), (6, 1.0)):
+        seg = Hallucinating(OracleSegmenter(), side) if side else OracleSegmenter()
+        metrics = run_validate(cfg, dm, tmp_path / f"v{side}", {"generate": gen}, segmenter=seg)
+        assert metrics["gen/normal_pool_false_claim_rate"] == claimed and metrics["gen/n_normal_pool"] == 6
+        assert metrics["gen/n_real_normal_pairs"] == 0 and np.isnan(metrics["gen/real_normal_false_claim_rate"])
+    assert "gen/normal_pool_false_claim_rate" not in run_validate(cfg, FakeDataModule(), tmp_path / "w",
+                                                                  {"generate": gen}, segmenter=OracleSegmenter())
+
+
 def test_real_gate_ious_split_lesion_and_lesion_free_pairs():
     from experiments.stages.validate.gate import make_gate
 

@@ -69,7 +69,8 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         ``gen/*`` metrics: accept_rate, n_accepted, n_samples, mean_iou, iou_threshold (θ applied),
         iou_pass_rate, quality_reject_rate, near_copy_rate, real_pass_rate, real_misplaced_reject_rate,
         real_missing_reject_rate, gate_flagged (these four on real lesion pairs only), real_normal_false_claim_rate
-        (lesion-free real pairs only), n_real_lesion_pairs, n_real_normal_pairs, real_quality_pass_rate,
+        (lesion-free real pairs only), n_real_lesion_pairs, n_real_normal_pairs, normal_pool_false_claim_rate
+        and n_normal_pool (with a ``normal`` pool: ``data.n_normal``), real_quality_pass_rate,
         quality_real_reject_rate, validator_prompted (latent gates), validate_sps, n_early_rejected.
         Samples the generate stage rejected early (``early_rejected`` rows) count as rejected.
     """
@@ -93,7 +94,9 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
                       validator=validator, segmenter=segmenter, full_steps=full_steps)
         ious, preds, description = judged["ious"], judged["preds"], judged["description"]
         diffusion = judged["diffusion"]  # reused by the quality filter's VAE features
-        theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val], judged["sanity_cache"])
+        pool = list(datamodule.split_indices.get("normal") or [])  # lesion-free sources outside the budget
+        theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val], judged["sanity_cache"],
+                               pool_images=real[0][pool] if pool else None)
         metrics.update(judged["metrics"], **checks, **{"gen/mean_iou": float(ious.mean()) if n else 0.0,
                                                         "gen/iou_threshold": theta})
     else:  # no gate: nothing real can fail it

@@ -13,40 +13,52 @@ import torch
 
 from datamodules.io import atomic_write
 from experiments.tracking import is_rank_zero
-from lightning_modules.gating.sanity import (LESION_KEYS, MIN_REAL_PASS, calibrate_threshold, gate_sanity,
-                                             real_gate_ious, weak_rejects)
+from lightning_modules.gating.sanity import (LESION_KEYS, MIN_REAL_PASS, calibrate_threshold, false_claim_rate,
+                                             gate_sanity, real_gate_ious, weak_rejects)
 
 
-def _load_cache(cache: Optional[Path]) -> Optional[dict]:
-    """The cached real-pair figures, or None (no cache, or one written before lesion-free pairs were apart)."""
+def _load_cache(cache: Optional[Path], need: set) -> Optional[dict]:
+    """The cached real-pair figures, or None (no cache, or one without every ``need``ed entry: written
+    before lesion-free pairs were kept apart, or without the normal pool)."""
     if cache is None or not cache.is_file():
         return None
     ious = torch.load(cache, weights_only=True)
-    return ious if isinstance(ious, dict) and {*LESION_KEYS, "normal_claim"} <= set(ious) else None
+    return ious if isinstance(ious, dict) and need <= set(ious) else None
 
 
 def sanity(cfg, gate: Callable, real_images: torch.Tensor, real_masks: torch.Tensor,
-           cache: Optional[Path] = None) -> Tuple[float, dict]:
+           cache: Optional[Path] = None, pool_images: Optional[torch.Tensor] = None) -> Tuple[float, dict]:
     """Check ``gate`` on the real validation pairs; calibrate θ when ``validator.calibrate_real_pass`` is set.
 
     Args:
         gate: the image-space gate. real_images: (N,3,S,S). real_masks: (N,S,S) int64 (lesion-free
             pairs have empty masks: they are judged apart, never as passes).
         cache: file keeping the real pairs' IoUs (they depend on the gate, not on θ), or None.
+        pool_images: the normal pool (``split_indices["normal"]``: lesion-free real images outside the
+            label budget, never seen by the gate) (M,3,S,S), or None: judged claiming no lesion, like
+            the lesion-free validation pairs, for ``gen/normal_pool_false_claim_rate``.
 
     Returns:
         ``(θ applied, metrics)`` with ``gen/real_pass_rate``, ``gen/real_mean_iou``, the rejection
         rates of misplaced / missing real lesions and ``gen/gate_flagged`` (lesion pairs only),
-        ``gen/real_normal_false_claim_rate`` (lesion-free pairs only) and the two pair counts.
+        ``gen/real_normal_false_claim_rate`` (lesion-free pairs only) and the two pair counts; with a
+        normal pool also ``gen/normal_pool_false_claim_rate`` and ``gen/n_normal_pool``.
     """
     v, mode = cfg.validator, str(cfg.validator.mode)
-    ious = _load_cache(cache)
+    pool = pool_images is not None and len(pool_images) > 0
+    ious = _load_cache(cache, {*LESION_KEYS, "normal_claim"} | ({"pool_claim"} if pool else set()))
     if ious is None:
         ious = real_gate_ious(gate, real_images, real_masks)
+        if pool:  # a validation pair's small share of lesion-free images: the pool is the larger sample
+            empty = torch.zeros((len(pool_images), *real_masks.shape[1:]), dtype=real_masks.dtype)
+            ious["pool_claim"] = real_gate_ious(gate, pool_images, empty)["normal_claim"]
         if cache is not None and is_rank_zero():
             atomic_write(cache, lambda f: torch.save(ious, f))
     theta, check = calibrate_threshold(ious, float(v.iou_threshold), v.calibrate_real_pass, v.calibrate_min_threshold)
     metrics = gate_sanity(check, theta)
+    if pool:
+        metrics.update({"gen/normal_pool_false_claim_rate": false_claim_rate(ious["pool_claim"]),
+                        "gen/n_normal_pool": float(len(ious["pool_claim"]))})
     if not len(ious["real"]):
         warnings.warn(f"[validate] no real validation pair holds a lesion: the {mode} gate's sanity check has "
                       f"nothing to judge (gen/real_pass_rate is NaN). Use a larger data.val_fraction.")
