@@ -89,6 +89,15 @@ class DiffusionConfig:
     background_fraction: float = 0.3  # share of training crops that inpaint background
     prompt: Optional[str] = None  # None: the dataset's clinical prompt
     checkpoint_every: int = 100
+    # Memory and speed (README "Fitting a GPU"; benchmarks.memory estimates each at SD size). The
+    # defaults are the behaviour before these keys existed, so cached fine-tunes keep their signatures.
+    gradient_checkpointing: bool = False  # recompute UNet (and trained text encoder) activations in backward: same result, less memory
+    mixed_precision: Optional[str] = None  # null (trainer.precision) | bf16 | fp16: autocast with fp32 trained weights; frozen VAE, text encoders (LoRA: UNet base) held in half
+    grad_accum: int = 1  # Lightning accumulate_grad_batches: one optimizer step per grad_accum batches (effective batch = batch_size x grad_accum)
+    ema_decay: Optional[float] = None  # null = off; e.g. 0.999: EMA of the trained weights (diffusers EMAModel), saved as the trained weights and used for generation
+    attention: str = "sdpa"  # sdpa: torch scaled_dot_product_attention (diffusers' default AttnProcessor2_0, memory-efficient; checked active) | eager (reference)
+    optimizer: str = "adamw"  # adamw | adamw_fused (no full-size temporary in the step) | adamw8bit (bitsandbytes, needs it installed)
+    offload_frozen: bool = False  # move VAE + text encoders off the accelerator once latents and prompt embeddings are cached
 
 
 @dataclass
@@ -283,6 +292,8 @@ def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
 
 _CHOICES = {
     "diffusion.finetune": ("lora", "full", "none"),
+    "diffusion.attention": ("sdpa", "eager"),
+    "diffusion.optimizer": ("adamw", "adamw_fused", "adamw8bit"),
     "generation.scheduler": ("ddim", "dpm"),
     "generation.source": ("real", "normal"),
     "generation.mask_source": ("real", "blob", "mixed"),
@@ -313,9 +324,19 @@ def _validate(cfg: DictConfig) -> None:
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")
     if cfg.augment.ratio < 0:
         raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
+    _validate_memory_options(cfg.diffusion)
     from experiments.config_ranges import check_ranges  # every count, size and ratio
 
     check_ranges(cfg, ConfigError)
+
+
+def _validate_memory_options(d: DictConfig) -> None:
+    if d.mixed_precision not in (None, "bf16", "fp16"):
+        raise ConfigError(f"'diffusion.mixed_precision' is '{d.mixed_precision}'; choose null (trainer.precision), bf16 or fp16.")
+    if d.grad_accum < 1:
+        raise ConfigError(f"'diffusion.grad_accum' is {d.grad_accum}; it must be >= 1 (batches per optimizer step).")
+    if d.ema_decay is not None and not 0.0 < d.ema_decay < 1.0:
+        raise ConfigError(f"'diffusion.ema_decay' is {d.ema_decay}; it must lie in (0, 1) (e.g. 0.999), or be null for no EMA.")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -14,11 +14,15 @@ from datamodules.io import short_hash  # noqa: F401  (the one hash, re-exported 
 
 # Keys that change no result: excluded from every signature.
 IGNORED = {"data": {"num_workers", "cache_dir"},
-           "trainer": {"accelerator", "devices", "strategy", "log_every_n_steps"}}
+           "trainer": {"accelerator", "devices", "strategy", "log_every_n_steps"},
+           # recomputed activations and where the frozen parts wait change memory, not the weights
+           "diffusion": {"gradient_checkpointing", "offload_frozen"}}
 
 # Keys added after results were cached, at the value that reproduces the old behaviour: left out of
 # the signature at that value, so adding an option does not invalidate every cached stage.
-NEUTRAL = {"validator": {"calibrate_real_pass": None}, "data": {"split_file": None}}
+NEUTRAL = {"validator": {"calibrate_real_pass": None}, "data": {"split_file": None},
+           "diffusion": {"mixed_precision": None, "grad_accum": 1, "ema_decay": None, "attention": "sdpa",
+                         "optimizer": "adamw"}}
 
 
 def subtree(cfg: DictConfig, section: str) -> Dict[str, Any]:

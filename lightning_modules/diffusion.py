@@ -41,12 +41,14 @@ class InpaintingDiffusion(L.LightningModule):
         cond_dropout: probability a training prompt is replaced by the null prompt "" (for CFG).
         lesion_loss_weight: extra ε-MSE weight inside the inpainted region.
         base_model: where the base came from (recorded in saved weights).
+        optimizer: ``adamw``, ``adamw_fused`` or ``adamw8bit`` (:func:`~lightning_modules.diffusion_memory.make_optimizer`).
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, finetune: str = "lora", lora_rank: int = 8,
                  lora_alpha: int = 8, lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
                  train_text_encoder: bool = False, lr: float = 1e-4, cond_dropout: float = 0.1,
-                 lesion_loss_weight: float = 0.0, base_model: str = "tiny", text_encoder_2=None, tokenizer_2=None):
+                 lesion_loss_weight: float = 0.0, base_model: str = "tiny", text_encoder_2=None, tokenizer_2=None,
+                 optimizer: str = "adamw"):
         super().__init__()
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune='{finetune}'; choose one of {', '.join(FINETUNE_MODES)}.")
@@ -57,7 +59,7 @@ class InpaintingDiffusion(L.LightningModule):
         self.is_sdxl = text_encoder_2 is not None
         self.scheduler_config = dict(scheduler.config)
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        self.finetune, self.lr, self.cond_dropout = finetune, lr, cond_dropout
+        self.finetune, self.lr, self.cond_dropout, self.optimizer_name = finetune, lr, cond_dropout, optimizer
         self.lesion_loss_weight, self.base_model = lesion_loss_weight, str(base_model)
         self.train_text_encoder = train_text_encoder and finetune != "none"
         self.lora_config = dict(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets))
@@ -125,9 +127,9 @@ class InpaintingDiffusion(L.LightningModule):
 
     # ----------------------------------------------------------------------------- latents / text
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) in [0,1] -> scaled latents (B,C,H/f,W/f) (posterior mean: deterministic)."""
+        """(B,3,H,W) in [0,1] -> float scaled latents (B,C,H/f,W/f) (posterior mean: deterministic)."""
         dist = self.vae.encode(x.to(self.device, self.vae.dtype) * 2 - 1).latent_dist
-        return dist.mean * self.vae.config.scaling_factor
+        return dist.mean.float() * self.vae.config.scaling_factor
 
     def encode_masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Latents of the masked image; masked pixels are 0 in [-1,1] (0.5 in [0,1]) as in SD.
@@ -140,7 +142,7 @@ class InpaintingDiffusion(L.LightningModule):
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B,C,h,w) -> images (B,3,H,W) in [0,1]."""
-        x = self.vae.decode(z / self.vae.config.scaling_factor).sample
+        x = self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
         return ((x + 1) / 2).clamp(0, 1)
 
     @staticmethod
@@ -160,10 +162,16 @@ class InpaintingDiffusion(L.LightningModule):
         """(P,L,D) embeddings of ``prompt_texts``; cached unless the text encoder trains."""
         if self.train_text_encoder:
             return self.encode_prompts(self.prompt_texts)
-        if self._prompt_cache is None or self._prompt_cache.device != self.device:
-            with torch.no_grad():
-                self._prompt_cache = self.encode_prompts(self.prompt_texts)
+        if self._prompt_cache is None:
+            self.cache_prompts()
+        if self._prompt_cache.device != self.device:  # the encoders may have left the accelerator
+            self._prompt_cache = self._prompt_cache.to(self.device)
         return self._prompt_cache
+
+    @torch.no_grad()
+    def cache_prompts(self) -> None:
+        """Encode ``prompt_texts`` once (frozen text encoders), before the encoders may be offloaded."""
+        self._prompt_cache = self.encode_prompts(self.prompt_texts)
 
     # ----------------------------------------------------------------------------- UNet
     def predict_eps(self, z_t, t, mask_lat, masked_image_lat, text_emb) -> torch.Tensor:
@@ -236,7 +244,9 @@ class InpaintingDiffusion(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=1e-2)
+        from lightning_modules.diffusion_memory import make_optimizer
+
+        return make_optimizer(self.trainable_parameters(), self.optimizer_name, lr=self.lr, weight_decay=1e-2)
 
     # ----------------------------------------------------------------------------- weights
     def trained_state_dict(self) -> dict:

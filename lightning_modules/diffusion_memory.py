@@ -10,7 +10,8 @@ to the ``diffusion`` config keys:
   held in half precision, trained weights cast back to fp32 with diffusers' ``cast_training_params``;
 * memory-efficient attention: PyTorch's ``scaled_dot_product_attention`` through diffusers'
   ``AttnProcessor2_0`` (diffusers' default; :func:`set_attention` checks that it is active);
-* 8-bit AdamW from bitsandbytes when installed;
+* fused AdamW (one kernel: no full-size temporary during the step) and 8-bit AdamW from
+  bitsandbytes when installed;
 * EMA of the trained weights (diffusers' ``EMAModel``) as a Lightning callback;
 * the frozen VAE and text encoders moved off the accelerator once latents and prompts are cached.
 """
@@ -23,8 +24,46 @@ import torch
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LIGHTNING_PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed"}
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit")
 ATTENTION = ("sdpa", "eager")
+
+
+def prepare_finetune(model, gradient_checkpointing: bool = False, mixed_precision: Optional[str] = None,
+                     attention: str = "sdpa", optimizer: str = "adamw", ema_decay: Optional[float] = None,
+                     offload_frozen: bool = False, grad_accum: int = 1):
+    """Apply the memory options to ``model`` (an ``InpaintingDiffusion``) before the latents are cached.
+
+    Args:
+        gradient_checkpointing, mixed_precision (None | bf16 | fp16), attention, optimizer, ema_decay
+        (None = no EMA), offload_frozen, grad_accum: the ``diffusion`` config keys of the same names.
+
+    Returns:
+        (callbacks, trainer overrides): Lightning callbacks (EMA, offload) and ``Trainer`` keywords
+        (``precision``, ``accumulate_grad_batches``) to fit with.
+
+    Raises:
+        ImportError: ``adamw8bit`` without bitsandbytes (raised here, before any work is done).
+    """
+    if optimizer == "adamw8bit":
+        require_bitsandbytes()
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"diffusion.optimizer='{optimizer}'; choose one of {', '.join(OPTIMIZERS)}.")
+    model.optimizer_name = optimizer
+    set_attention(model.unet, attention)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    overrides = {"accumulate_grad_batches": int(grad_accum)}
+    if mixed_precision is not None:
+        if mixed_precision not in HALF_DTYPES:
+            raise ValueError(f"diffusion.mixed_precision='{mixed_precision}'; choose null, bf16 or fp16.")
+        hold_frozen_in_half(model, mixed_precision)
+        overrides["precision"] = LIGHTNING_PRECISION[mixed_precision]
+    callbacks = []
+    if ema_decay is not None:
+        callbacks.append(EMACallback(ema_decay))
+    if offload_frozen:
+        callbacks.append(OffloadFrozen())
+    return callbacks, overrides
 
 
 def hold_frozen_in_half(model, precision: str) -> None:
@@ -85,7 +124,11 @@ def set_attention(unet, attention: str = "sdpa") -> None:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float = 1e-2):
-    """AdamW (torch) or 8-bit AdamW (bitsandbytes: optimizer states in 8 bit, 2 bytes per weight instead of 8).
+    """The fine-tune's optimizer.
+
+    ``adamw``: torch's AdamW (foreach on GPU: during the step it holds one fp32 temporary the size of
+    the trained weights); ``adamw_fused``: torch's fused AdamW (no temporary); ``adamw8bit``:
+    bitsandbytes' AdamW8bit (states in 8 bit: 2 bytes per trained weight instead of 8).
 
     Raises:
         ImportError: ``adamw8bit`` without bitsandbytes installed.
@@ -95,7 +138,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, w
     if name == "adamw8bit":
         bnb = require_bitsandbytes()
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if name == "adamw_fused" else None)
 
 
 def require_bitsandbytes():

@@ -17,6 +17,7 @@ from experiments.builders import build_diffusion
 from experiments.hashing import subtree
 from experiments.trainer import build_trainer
 from lightning_modules.diffusion_bank import LatentBankDataset, build_inpainting_bank, variant_weights
+from lightning_modules.diffusion_memory import prepare_finetune
 
 # Bump when this stage's code changes what it produces for the same config: its cached results (and,
 # through the upstream signatures, everything downstream) are recomputed. 0 adds nothing to the hash.
@@ -39,17 +40,25 @@ def background_prompt_for(datamodule) -> str:
     return kind.background_prompt if kind else f"{getattr(datamodule, 'modality', 'medical')} image of normal tissue"
 
 
-def _trainer(cfg, workdir: Path, logger, callbacks: Sequence, max_steps: int):
+def _trainer(cfg, workdir: Path, logger, callbacks: Sequence, max_steps: int, **overrides):
     # steps, not epochs, bound a fine-tune; there is no validation loader
     return build_trainer(cfg, workdir, logger=logger, callbacks=callbacks, max_steps=max_steps,
-                         max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0)
+                         max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0, **overrides)
+
+
+def _memory_options(model, d):
+    """Apply the ``diffusion`` memory keys (README "Fitting a GPU"); returns (callbacks, Trainer overrides)."""
+    return prepare_finetune(model, gradient_checkpointing=d.gradient_checkpointing, mixed_precision=d.mixed_precision,
+                            attention=d.attention, optimizer=d.optimizer, ema_decay=d.ema_decay,
+                            offload_frozen=d.offload_frozen, grad_accum=d.grad_accum)
 
 
 def finetune_diffusion(cfg, datamodule, workdir, logger=None):
     """Fine-tune ``cfg.diffusion.base_model`` on ``datamodule``'s ``train_few`` pairs.
 
-    Checkpoints every ``checkpoint_every`` steps to ``workdir/checkpoints`` (trained weights only)
-    and resumes from ``last.ckpt``; writes ``workdir/trained.safetensors``.
+    Checkpoints every ``checkpoint_every`` steps to ``workdir/checkpoints`` (trained weights only,
+    and the EMA when ``ema_decay`` is set) and resumes from ``last.ckpt``; writes
+    ``workdir/trained.safetensors`` (the EMA weights when EMA is on: generation uses them).
 
     Returns:
         (model, metrics) with ``ft/loss`` (last logged), ``ft/steps``, ``ft/seconds``.
@@ -66,18 +75,24 @@ def finetune_diffusion(cfg, datamodule, workdir, logger=None):
     if d.finetune == "none" or d.steps <= 0:
         model.save_trained(workdir / "trained.safetensors")
         return model, {"ft/loss": float("nan"), "ft/steps": 0.0, "ft/seconds": time.time() - start}
+    callbacks, overrides = _memory_options(model, d)
+    # VAE-encode at most 64 images' worth of 64 px pixels at once: at 512 px one image is that much
+    chunk = max(1, 64 * 64 * 64 // int(datamodule.images.shape[1] * datamodule.images.shape[2]))
     bank = build_inpainting_bank(model, datamodule.images[idx], datamodule.masks[idx], 1, 2, n_background=4,
-                                 flips=True, seed=cfg.data.split_seed)
+                                 flips=True, seed=cfg.data.split_seed, chunk=chunk)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    sampler = torch.utils.data.WeightedRandomSampler(variant_weights(bank, d.background_fraction), d.steps * d.batch_size,
+    sampler = torch.utils.data.WeightedRandomSampler(variant_weights(bank, d.background_fraction),
+                                                     d.steps * d.batch_size * d.grad_accum,
                                                      replacement=True, generator=gen)
     loader = torch.utils.data.DataLoader(LatentBankDataset(bank), batch_size=d.batch_size, sampler=sampler, num_workers=0)
     ckpt_dir = workdir / "checkpoints"
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=max(1, d.checkpoint_every), save_last=True, save_top_k=1)
-    trainer = _trainer(cfg, workdir, logger, [ckpt], d.steps)
+    trainer = _trainer(cfg, workdir, logger, [ckpt] + callbacks, d.steps, **overrides)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(model, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
     model.save_trained(workdir / "trained.safetensors")
+    if d.mixed_precision is not None:  # frozen parts were cast to half: return the model generation will load
+        model = build_diffusion(cfg).load_trained(workdir / "trained.safetensors")
     loss = trainer.callback_metrics.get("ft/loss")
     return model, {"ft/loss": float(loss) if loss is not None else float("nan"), "ft/steps": float(trainer.global_step),
                    "ft/seconds": time.time() - start}

@@ -1,0 +1,288 @@
+"""Peak memory of one diffusion fine-tune step at Stable Diffusion size, predicted without a GPU.
+
+``python -m benchmarks.memory`` prints one JSON line per setting (SD-1.5 inpainting shape at
+512 px: ``finetune`` lora | full × gradient checkpointing on/off × precision fp32 | bf16; full with
+8-bit AdamW; SDXL inpainting shape LoRA at 1024 px).
+
+Method: the project's own training step (``InpaintingDiffusion.training_loss`` with the options of
+``lightning_modules.diffusion_memory``) runs on *fake* tensors (``FakeTensorMode``: shapes, dtypes
+and devices, no data, no memory), under a ``TorchDispatchMode`` that counts the bytes of every live
+tensor storage (a weakref finalizer per storage gives its release), rounded up to the CUDA caching
+allocator's 512-byte blocks. The peak covers the weights, the gradients, the activations autograd
+keeps, the backward pass and the optimizer step. AdamW's allocations are modelled exactly as
+PyTorch's foreach AdamW (CUDA's default) makes them: two fp32 states per trained weight plus one
+fp32 temporary of the trained size during the step (8-bit AdamW: two uint8 states plus block
+scales, no temporary). Two steps run, so the second starts with the optimizer state in place.
+
+Validation: the same settings on an SD-1.5 model with every width divided by ``--val-scale`` are
+run for real on this CPU in a fresh process (``glibc`` returning every freed block to the OS), and
+the peak resident memory the kernel reports for the process (``VmHWM`` after ``clear_refs``) minus
+its resident memory before the model was built is the measurement. ``validated_error`` is
+``|estimate - measured| / measured`` on that small model. Not counted: the CUDA context (about
+0.3-1 GiB per process), cuDNN workspaces and allocator fragmentation; README "Fitting a GPU"
+leaves headroom for them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from benchmarks.memory_shapes import build_components, prompt_table_shape
+
+GIB = 1024 ** 3
+BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of live tensor storages and records the peak.
+
+    Every op's output storage is counted once when first seen and released by a weakref
+    finalizer when its last tensor dies; tensors made before the mode started are added with
+    :meth:`track_module` / :meth:`track`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0  # since the last reset (``peak = live``)
+        self.max_peak = 0  # since the start
+        self._sizes: dict = {}
+
+    def track(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata  # the StorageImpl: shared by every view of it
+        if key in self._sizes:
+            return
+        size = -(-storage.nbytes() // BLOCK) * BLOCK
+        self._sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self.max_peak = max(self.max_peak, self.live)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def track_module(self, module: torch.nn.Module) -> None:
+        for t in list(module.parameters()) + list(module.buffers()):
+            self.track(t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self.track(t)
+        return out
+
+
+class ModelledAdamW:
+    """The allocations of ``torch.optim.AdamW(foreach=True)`` (or bitsandbytes' ``AdamW8bit``), no maths.
+
+    Fake tensors have no values, so AdamW's bias correction (``step.item()``) cannot run on them;
+    this makes the same tensors: the states when first stepped, the temporary during each step.
+    """
+
+    def __init__(self, params, bits: int = 32, fused: bool = False):
+        self.params, self.bits, self.fused, self.state = list(params), bits, fused, None
+
+    def step(self) -> None:
+        if self.state is None:
+            self.state = []
+            for p in self.params:
+                if self.bits == 8 and p.numel() >= 4096:  # bnb keeps small tensors' states in 32 bit
+                    blocks = -(-p.numel() // 256)  # block-wise quantisation: one fp32 scale per 256
+                    self.state += [torch.empty_like(p, dtype=torch.uint8), torch.empty(blocks)] * 2
+                else:
+                    self.state += [torch.empty_like(p, dtype=torch.float32) for _ in range(2)]
+        if self.bits == 32 and not self.fused:
+            tmp = torch._foreach_sqrt(self.state[1::2])  # the sqrt(v) list foreach AdamW allocates
+            del tmp
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def build_model(model: str, scale: int, device: str, finetune: str, checkpointing: bool, precision: str):
+    """``InpaintingDiffusion`` of an SD shape with the fine-tune's memory options applied."""
+    from lightning_modules.diffusion import InpaintingDiffusion
+    from lightning_modules.diffusion_memory import enable_gradient_checkpointing, hold_frozen_in_half, set_attention
+
+    comps = build_components(model, scale, device)
+    m = InpaintingDiffusion(**comps, finetune=finetune, cond_dropout=0.1)
+    set_attention(m.unet, "sdpa")
+    if precision != "fp32":
+        hold_frozen_in_half(m, precision)
+    if checkpointing:
+        enable_gradient_checkpointing(m)
+    return m
+
+
+def _materialize_fake(module: torch.nn.Module) -> None:
+    """Replace every meta parameter/buffer by an empty CPU tensor (fake under the active FakeTensorMode)."""
+    done: dict = {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                if id(t) not in done:  # tied weights stay tied
+                    new = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                    done[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) \
+                        if isinstance(t, torch.nn.Parameter) else new
+                store[name] = done[id(t)]
+
+
+def run_steps(m, precision: str, optimizer, latent: int, batch_size: int, steps: int = 2, tracker=None) -> int:
+    """``steps`` fine-tune steps on cached latents/prompts, autocast as Lightning's ``bf16-mixed`` does.
+
+    Returns:
+        the peak bytes ``tracker`` saw during the forward and backward passes (0 without a tracker).
+    """
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    frozen_dtype = half or torch.float32
+    m._prompt_cache = torch.randn(prompt_table_shape(dict(text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2)
+                                                     if m.is_sdxl else dict(text_encoder=m.text_encoder)),
+                                  dtype=frozen_dtype)
+    fwd_bwd = 0
+    for _ in range(steps):
+        if tracker is not None:
+            tracker.peak = tracker.live  # the peak of this forward + backward only
+        batch = dict(z0=torch.randn(batch_size, 4, latent, latent), mask_lat=torch.rand(batch_size, 1, latent, latent),
+                     masked_lat=torch.randn(batch_size, 4, latent, latent),
+                     prompt_idx=torch.ones(batch_size, dtype=torch.long))
+        ctx = torch.autocast("cpu", dtype=half) if half is not None else contextlib.nullcontext()
+        with ctx:
+            loss = m.training_loss(batch)
+        loss.backward()
+        del loss, batch
+        if tracker is not None:
+            fwd_bwd = max(fwd_bwd, tracker.peak)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return fwd_bwd
+
+
+def estimate(setting: dict, scale: int = 1) -> dict:
+    """Peak bytes of one training step of ``setting`` on fake tensors (no memory allocated)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = build_model(setting["model"], scale, "meta", setting["finetune"], setting["gradient_checkpointing"],
+                    setting["precision"])
+    tracker = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        _materialize_fake(m)
+        tracker.track_module(m)
+        trained = m.trainable_parameters()
+        frozen = sum(t.untyped_storage().nbytes() for n, t in m.named_parameters()
+                     if not n.startswith("unet.") and not t.requires_grad)
+        name = setting.get("optimizer", "adamw")
+        opt = ModelledAdamW(trained, bits=8 if name == "adamw8bit" else 32, fused=name == "adamw_fused")
+        fwd_bwd = run_steps(m, setting["precision"], opt, setting["resolution"] // 8, setting["batch_size"],
+                            tracker=tracker)
+    return dict(peak=tracker.max_peak, fwd_bwd=fwd_bwd, trainable=sum(p.numel() for p in trained), frozen=frozen,
+                ema=4 * sum(p.numel() for p in trained))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_real(setting: dict, scale: int) -> int:
+    """Run ``setting`` for real on the CPU (this process) and return its peak resident bytes above baseline."""
+    # load the kernels (oneDNN, autocast) once on a throwaway model, so the baseline includes them
+    warm = build_model("sd15", 10, "cpu", setting["finetune"], setting["gradient_checkpointing"], setting["precision"])
+    run_steps(warm, setting["precision"], torch.optim.AdamW(warm.trainable_parameters(), foreach=True), 8, 1, steps=1)
+    del warm
+    gc.collect()
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    m = build_model(setting["model"], scale, "cpu", setting["finetune"], setting["gradient_checkpointing"],
+                    setting["precision"])
+    fused = setting.get("optimizer") == "adamw_fused"
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-4, weight_decay=1e-2, foreach=not fused, fused=fused or None)
+    gc.collect()
+    # building made transient copies (fp32 weights cast to bf16): only the step's peak counts
+    rss_built = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run_steps(m, setting["precision"], opt, setting["resolution"] // 8, setting["batch_size"])
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def validate(setting: dict, scale: int) -> dict:
+    """Estimate and real measurement of ``setting`` on the width/``scale`` model (real run in a subprocess)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--measure", json.dumps(setting),
+                           "--val-scale", str(scale)], capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"real measurement of {setting} failed:\n{proc.stderr[-2000:]}")
+    measured = int(proc.stdout.strip().splitlines()[-1])
+    est = estimate(setting, scale)["peak"]
+    return dict(estimate=est, measured=measured, error=abs(est - measured) / measured)
+
+
+SETTINGS = [dict(model="sd15", finetune=f, gradient_checkpointing=c, precision=p, resolution=512, batch_size=1)
+            for f in ("lora", "full") for c in (False, True) for p in ("fp32", "bf16")]
+SETTINGS += [dict(model="sd15", finetune="full", gradient_checkpointing=True, precision="bf16", resolution=512,
+                  batch_size=1, optimizer=o) for o in ("adamw_fused", "adamw8bit")]
+SETTINGS += [dict(model="sdxl", finetune="lora", gradient_checkpointing=c, precision="bf16", resolution=1024,
+                  batch_size=1) for c in (False, True)]
+
+
+def _validation_key(s: dict) -> tuple:
+    # bitsandbytes needs CUDA: 8-bit AdamW rows reuse the validation of the same step with AdamW
+    # (only the modelled optimizer state differs), and say so
+    optimizer = s.get("optimizer", "adamw")
+    return s["finetune"], s["gradient_checkpointing"], s["precision"], "adamw" if optimizer == "adamw8bit" else optimizer
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--val-scale", type=int, default=5, help="width divisor of the validation model (5: 320->64)")
+    parser.add_argument("--only", default=None, help="run only settings whose model is this (sd15 | sdxl)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the real CPU runs (estimates only)")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one real run, in a subprocess
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(measure_real(json.loads(args.measure), args.val_scale))
+        return
+    checks: dict = {}
+    for s in SETTINGS:
+        if args.only and s["model"] != args.only:
+            continue
+        est = estimate(s)
+        key = _validation_key(s)
+        if not args.no_validate and key not in checks:
+            # the SDXL rows reuse the SD-1.5 validation of the same settings (same step, same method)
+            checks[key] = validate(dict(s, model="sd15", resolution=512, optimizer=key[3]), args.val_scale)
+        check = checks.get(key)
+        print(json.dumps(dict(
+            model=f"{s['model']}-inpainting", finetune=s["finetune"], gradient_checkpointing=s["gradient_checkpointing"],
+            precision=s["precision"] if s["precision"] == "fp32" else f"{s['precision']}-mixed",
+            optimizer=s.get("optimizer", "adamw"), resolution=s["resolution"], batch_size=s["batch_size"],
+            trainable_params=est["trainable"], peak_gib=round(est["peak"] / GIB, 2),
+            fwd_bwd_peak_gib=round(est["fwd_bwd"] / GIB, 2),
+            frozen_vae_text_gib=round(est["frozen"] / GIB, 2), ema_extra_gib=round(est["ema"] / GIB, 2),
+            validated_error=round(check["error"], 3) if check else None,
+            validation=dict(model=f"sd15-inpainting/{args.val_scale}", estimate_gib=round(check["estimate"] / GIB, 3),
+                            measured_gib=round(check["measured"] / GIB, 3),
+                            optimizer=key[3]) if check else None,
+        )), flush=True)
+
+
+if __name__ == "__main__":
+    main()
