@@ -141,18 +141,32 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
         tracking.log_data_inputs(cfg, datamodule)
     root = Path(cfg.artifacts_dir)
     result = PipelineResult()
+    from experiments.distributed import coordinator as launched
+
+    coordinator = launched(cfg.trainer.accelerator)
     for stage in todo:
         ups = upstream_of(cfg, stage)
         sig = signature(cfg, stage, {s: result.sigs[s] for s in ups})
         final, partial = root / stage / sig, root / stage / f"{sig}.partial"
-        with _stage_lock(root / stage / f"{sig}.lock"):  # workers sharing artifacts/ compute a stage once
-            metrics = None if stage in force else read_done(final)
-            result.cached[stage] = metrics is not None
-            if metrics is None:
-                metrics = _compute(cfg, stage, datamodule, partial, final,
-                                   {s: result.stage_dirs[s] for s in ups}, run, callbacks)
-            else:
-                print(f"[meddiffaug] stage {stage} ({sig}) cached at {final}", flush=True)
+        def read(stage=stage, final=final):
+            return None if stage in force else read_done(final)
+
+        def compute(finish, stage=stage, partial=partial, final=final, ups=ups):
+            return _compute(cfg, stage, datamodule, partial, final, {s: result.stage_dirs[s] for s in ups},
+                            run, callbacks, finish=finish)
+
+        lock = root / stage / f"{sig}.lock"
+        if coordinator is not None:  # under torchrun/srun: rank 0 decides, every rank trains
+            metrics, result.cached[stage] = coordinator.run_stage(
+                stage, lock, read, compute, lambda m, p=partial, f=final: _finish(p, f, m))
+        else:
+            with _stage_lock(lock):  # workers sharing artifacts/ compute a stage once
+                metrics = read()
+                result.cached[stage] = metrics is not None
+                if metrics is None:
+                    metrics = compute(True)
+        if result.cached[stage]:
+            print(f"[meddiffaug] stage {stage} ({sig}) cached at {final}", flush=True)
         result.sigs[stage], result.stage_dirs[stage] = sig, final
         result.metrics.update(metrics)
         if run is not None:
@@ -162,7 +176,7 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
 
 
 def _compute(cfg: DictConfig, stage: str, datamodule: Any, partial: Path, final: Path,
-             upstream: Dict[str, Path], run: Any, callbacks: Iterable[Any] = ()) -> Dict[str, float]:
+             upstream: Dict[str, Path], run: Any, callbacks: Iterable[Any] = (), finish: bool = True) -> Dict[str, float]:
     partial.mkdir(parents=True, exist_ok=True)
     start = time.time()
     print(f"[meddiffaug] stage {stage} ({final.name}) running in {partial}", flush=True)
@@ -172,7 +186,7 @@ def _compute(cfg: DictConfig, stage: str, datamodule: Any, partial: Path, final:
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics[f"time/{stage}_s"] = round(time.time() - start, 2)
     print(f"[meddiffaug] stage {stage} ({final.name}) done in {metrics[f'time/{stage}_s']:.1f} s", flush=True)
-    if tracking.is_rank_zero():
+    if finish:
         _finish(partial, final, metrics)
     return metrics
 

@@ -38,6 +38,11 @@ def build_trainer(cfg: DictConfig, workdir: str | Path, logger: Any = None, call
     )
     if t.val_check_interval:  # step-based validation: same schedule whatever the epoch length
         kwargs.update(val_check_interval=t.val_check_interval, check_val_every_n_epoch=None)
+    from experiments.distributed import launcher_devices
+
+    launched = launcher_devices()
+    if launched is not None:  # under torchrun/srun every rank joins: the launcher sets the world
+        kwargs.update(devices=launched[0], num_nodes=launched[1], strategy="ddp")
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
 
@@ -49,7 +54,6 @@ def _strategy(name: str) -> str:
     pipeline's non-training stages in every process; spawning inside ``fit`` keeps the pipeline
     single-process, so only the training step is distributed and only rank 0 writes artifacts.
     """
-    import os
+    from experiments.distributed import launcher
 
-    launched = "LOCAL_RANK" in os.environ or "SLURM_PROCID" in os.environ
-    return "ddp_spawn" if name == "ddp" and not launched else name
+    return "ddp_spawn" if name == "ddp" and launcher() is None else name

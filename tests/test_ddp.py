@@ -30,3 +30,65 @@ def test_segment_stage_under_ddp_two_cpu_processes(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["procedural_polyp_baseline"])
     assert len(runs) == 1, "only rank 0 opens an MLflow run"
+
+
+def _tiny_pipeline(tmp_path):
+    """Overrides for the whole diffusion pipeline on tiny data, with its stores in tmp_path."""
+    from lightning_modules.tiny_base import build_tiny_components, save_components
+
+    base = tmp_path / "base"
+    save_components(build_tiny_components(tmp_path / "tok", width="test", image_size=32), base)
+    return ["experiments/configs/procedural_polyp_diffaug.yaml", "trainer.strategy=ddp",
+            f"diffusion.base_model={base}", "diffusion.steps=2", "diffusion.batch_size=2", "data.image_size=32",
+            "data.n_procedural=40", "data.n_real=4", "data.batch_size=2", "generation.n_samples=8",
+            "generation.steps=2", "generation.batch_size=4", "validator.train_steps=2", "trainer.max_steps=2",
+            "trainer.val_check_interval=1", f"artifacts_dir={tmp_path}/artifacts", f"output_dir={tmp_path}/outputs",
+            f"data.cache_dir={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+
+
+def _check_one_finished_pipeline(tmp_path):
+    import mlflow
+
+    artifacts = tmp_path / "artifacts"
+    for stage in ("finetune", "generate", "validate", "segment"):
+        assert len(list((artifacts / stage).glob("*/DONE"))) == 1, stage
+    leftovers = [p.name for p in artifacts.glob("*/*") if p.name.endswith((".partial", ".lock"))]
+    assert not leftovers, leftovers
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["procedural_polyp_diffaug"], output_format="list")
+    assert run.info.status == "FINISHED" and "test/dice" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_whole_pipeline_under_torchrun_two_cpu_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "experiments.cli", "run", *_tiny_pipeline(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    for rank in (0, 1):  # both training stages ran on both ranks
+        assert done.stdout.count(f"rank {rank}/2 joins training (gloo)") == 2, done.stdout[-3000:]
+    _check_one_finished_pipeline(tmp_path)
+
+
+@pytest.mark.slow
+def test_whole_pipeline_with_slurm_variables_two_cpu_tasks(tmp_path):
+    """What ``srun --ntasks-per-node 2`` sets, by hand: Lightning's SLURMEnvironment drives the ranks."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLFLOW_TRACKING_URI"))}
+    env.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1",
+               SLURM_NODEID="0", SLURM_JOB_NAME="meddiffaug-test", SLURM_JOB_ID="4242",
+               SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(port))
+    command = [sys.executable, "-m", "experiments.cli", "run", *_tiny_pipeline(tmp_path)]
+    tasks = [subprocess.Popen(command, env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [t.communicate(timeout=900)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    for rank, output in enumerate(outputs):  # both training stages ran on both ranks
+        assert output.count(f"rank {rank}/2 joins training (gloo)") == 2, output[-3000:]
+    _check_one_finished_pipeline(tmp_path)
