@@ -176,11 +176,14 @@ def finished_cells(cells: Sequence[Cell]) -> Dict[str, str]:
 
     if not cells:
         return {}
+    from experiments.reporting.run_records import exported_cells
+
+    wanted = {c.sig: c.identity() for c in cells}
+    # Cells in the committed run records are done on any machine (the MLflow store is not committed).
+    done: Dict[str, str] = exported_cells(cells[0].grid, wanted)
     experiment_id = _mlflow_experiment(cells)
     if experiment_id is None:
-        return {}
-    wanted = {c.sig: c.identity() for c in cells}
-    done: Dict[str, str] = {}
+        return done
     token = None
     while True:  # paginate: a grid can hold more cells than one page
         page = MlflowClient().search_runs([experiment_id], max_results=1000, page_token=token,
@@ -249,6 +252,9 @@ class _CellRunner:
                 self.dm_key, self.datamodule = key, pipeline.build_datamodule(cfg)
             result = pipeline.run_pipeline(cfg, run_name=cell.label, tags=cell.tags, experiment=cell.grid,
                                            datamodule=self.datamodule)
+            from experiments.reporting.run_records import export_cell
+
+            export_cell(cfg, cell.grid, cell.sig, cell.tags, result)  # the record that outlives this machine
             return float(result.metrics.get(cell.identity()[2], 0.0))
         except KeyboardInterrupt:
             raise

@@ -18,6 +18,12 @@ from PIL import Image  # noqa: E402
 W, H = 20, 24
 
 
+@pytest.fixture(autouse=True)
+def _run_records_in_tmp(tmp_path, monkeypatch):
+    """Grids export finished cells to sweeps/records/ of the checkout; tests export to their tmp_path."""
+    monkeypatch.setenv("MEDDIFFAUG_RECORDS_DIR", str(tmp_path / "records"))
+
+
 def _image(seed: int, w: int = W, h: int = H) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -56,3 +56,41 @@ def test_paired_difference_skips_missing_values():
 def test_fmt():
     assert fmt(0.1234) == "0.123" and fmt(0.05, ".3f", signed=True) == "+0.050"
     assert fmt(float("nan")) == "n/a" and fmt(None) == "n/a"
+
+
+def test_holm_on_a_constructed_family():
+    from experiments.reporting.stats import holm
+
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 -> max(0.06, 0.04) = 0.06
+    adjusted = holm([0.01, 0.04, 0.03, None, 0.005])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and adjusted[4] == pytest.approx(0.02)
+    assert math.isnan(adjusted[3])  # untestable: not counted in m
+    assert [p <= 0.05 for p in adjusted] == [True, False, False, False, True]
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0]) and holm([0.6, 0.7, 0.8]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_mde_matches_the_textbook_and_a_simulation():
+    import numpy as np
+
+    from experiments.reporting.stats import mde_paired
+
+    # G*Power (t test, one sample / matched pairs, two-tailed α = .05, power .8): dz = 0.996 at n = 10,
+    # 0.660 at n = 20; large n approaches the normal figure (z_.975 + z_.8) = 2.8016 SD / √n.
+    assert mde_paired(1.0, 10) == pytest.approx(0.996, abs=0.001)
+    assert mde_paired(1.0, 20) == pytest.approx(0.660, abs=0.001)
+    assert mde_paired(2.0, 10) == pytest.approx(2 * mde_paired(1.0, 10))
+    assert mde_paired(1.0, 400) * 20 == pytest.approx(2.8016, abs=0.01)
+    # simulated paired experiments at exactly the MDE are found significant 80 % of the time
+    rng = np.random.default_rng(0)
+    n, sd = 10, 0.05
+    samples = rng.normal(mde_paired(sd, n), sd, size=(20000, n))
+    p = st.ttest_1samp(samples, 0.0, axis=1).pvalue
+    assert (p < 0.05).mean() == pytest.approx(0.80, abs=0.01)
+    assert math.isnan(mde_paired(0.1, 1)) and mde_paired(0.0, 5) == 0.0
+
+
+def test_paired_difference_carries_p_and_mde():
+    d = paired_difference({0: 0.6, 1: 0.7, 2: 0.65}, {0: 0.5, 1: 0.55, 2: 0.6})
+    diffs = [0.1, 0.15, 0.05]
+    assert d["p"] == pytest.approx(st.ttest_1samp(diffs, 0).pvalue)
+    assert d["mde80"] > 0

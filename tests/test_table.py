@@ -135,7 +135,9 @@ def test_paired_difference_by_seed(outputs):
     assert diff["ci95_low"] == pytest.approx(0.06 - half)
     assert diff["ci95_high"] == pytest.approx(0.06 + half)
     row = _md_row(text, "Diffusion + quality filter")
-    assert f"**+0.060** ▲ [+{0.06 - half:.3f}, +{0.06 + half:.3f}] (n=4)" in row
+    # significant after Holm over the table's comparisons; every Δ prints its MDE at 80 % power
+    assert f"**+0.060** ▲ [+{0.06 - half:.3f}, +{0.06 + half:.3f}] (n=4; MDE " in row
+    assert diff["significant"] and diff["p_holm"] >= diff["p"]
     assert "reference" in _md_row(text, "Real only")
 
 
@@ -192,12 +194,14 @@ def test_headline(outputs):
 def test_ablation_filter_rows_and_plots(outputs):
     text, result, out = outputs
     theta = _rows(result, "diffaug_ablation_theta")
-    assert list(theta) == ["0.5", "0.7", "0.9"] and all(r["n"] == 3 for r in theta.values())
+    # declared rows show up before their runs exist (θ = 0.6 and 0.8 have none in this store)
+    assert list(theta) == ["0.5", "0.6", "0.7", "0.8", "0.9"]
+    assert [r["n"] for r in theta.values()] == [3, 0, 3, 0, 3]
     # filter variant: theta (ratio 3): dice = 0.5 + θ/10 + 0.06 + seed/100
     assert theta["0.7"]["metrics"]["test/dice"]["mean"] == pytest.approx(0.64)
-    assert _md_row(text, "0.7 (DiffAug)")
+    assert _md_row(text, "0.7 (DiffAug's θ)")
     ratio = _rows(result, "diffaug_ablation_ratio")
-    assert list(ratio) == ["1", "3"]
+    assert [k for k, r in ratio.items() if r["n"]] == ["1", "3"]
     assert (out / "diffaug_ablation_theta.png").stat().st_size > 1000
     assert (out / "diffaug_ablation_ratio.png").is_file()
     assert "![DiffAug ablation: validator IoU threshold θ (ratio 3)](diffaug_ablation_theta.png)" in text
@@ -256,7 +260,7 @@ def test_composite_rows_pair_within_the_same_architecture(outputs):
 def test_copy_sample_grid_picks_the_lowest_seed_of_the_variant(tmp_path):
     import pandas as pd
 
-    from experiments.reporting.table import copy_sample_grid
+    from experiments.reporting.headlines import copy_sample_grid
 
     for sig in ("gen_a", "gen_b"):
         (tmp_path / "art" / "generate" / sig).mkdir(parents=True)
@@ -275,7 +279,10 @@ def test_diff_cell_never_fakes_a_ci():
     col = {"metric": "test/dice", "format": ".3f", "higher_is_better": True}
     one = {"mean": 0.1, "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1}
     assert _diff_cell(one, col, False) == "+0.100 (n=1 pair; CI undefined)"
-    worse = {"mean": 0.1, "ci95_low": 0.05, "ci95_high": 0.15, "n": 3}
+    worse = {"mean": 0.1, "ci95_low": 0.05, "ci95_high": 0.15, "n": 3, "significant": True, "mde80": 0.04}
+    assert "(n=3; MDE 0.040)" in _diff_cell(worse, col, False)
+    # a CI that excludes 0 is not bold unless the comparison survives Holm's correction
+    assert "**" not in _diff_cell({**worse, "significant": False}, col, False)
     assert "▼" in _diff_cell(worse, {**col, "metric": "test/fnr", "higher_is_better": False}, False)
     assert _diff_cell(None, col, False) == "no paired seeds"
 

@@ -82,6 +82,31 @@ def twin_plot(left: Points, right: Points, path: Path, x_label: str, left_label:
     return _save(fig, path)
 
 
+def budget_plot(series: Dict[str, Points], path: Path, x_label: str, y_label: str, title: str = "") -> Path:
+    """Mean ± 95 % CI of one metric against the label budget on a log axis, one line per arm.
+
+    Args:
+        series: arm label -> points ``(budget, summarize(...))`` sorted by budget.
+        path: PNG to write.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, points) in enumerate(series.items()):
+        if points:
+            _errorbar(ax, points, colors[i % len(colors)], label, marker="os^vD"[i % 5])
+    budgets = sorted({p[0] for points in series.values() for p in points})
+    ax.set_xscale("log")
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([f"{b:g}" for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel(f"{x_label} (log scale)")
+    ax.set_ylabel(f"{y_label} (mean, 95 % CI)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_from_spec(plot: Dict[str, Any], columns: Dict[str, Sequence[Any]], path: Path,
                    title: str = "", labels: Optional[Dict[str, str]] = None) -> Optional[Path]:
     """Draw the figure a table YAML declares.

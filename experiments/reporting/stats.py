@@ -9,7 +9,7 @@ interval that would look like certainty.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import stats as _st
@@ -82,8 +82,10 @@ def paired_difference(a_by_seed: Mapping[Any, Any], b_by_seed: Mapping[Any, Any]
         level: confidence level.
 
     Returns:
-        ``{mean, std, ci95_low, ci95_high, n, seeds}`` where ``n`` is the number of pairs and
-        ``seeds`` the paired seeds (sorted). The CI is NaN when ``n < 2``.
+        ``{mean, std, ci95_low, ci95_high, n, seeds, p, mde80}`` where ``n`` is the number of
+        pairs, ``seeds`` the paired seeds (sorted), ``p`` the paired t-test's two-sided p and
+        ``mde80`` the minimum detectable effect at 80 % power (:func:`mde_paired`). The CI, p and
+        MDE are NaN when ``n < 2``.
     """
     a = {str(k): v for k, v in a_by_seed.items()}
     b = {str(k): v for k, v in b_by_seed.items()}
@@ -95,6 +97,8 @@ def paired_difference(a_by_seed: Mapping[Any, Any], b_by_seed: Mapping[Any, Any]
             diffs.append(pair[0] - pair[1])
     result: Dict[str, Any] = summarize(diffs, level)
     result["seeds"] = seeds
+    result["p"] = paired_p_value(diffs)  # paired t-test; tables correct it with Holm per table
+    result["mde80"] = mde_paired(result["std"], result["n"])
     return result
 
 
@@ -124,3 +128,84 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(float(value)) else None
     return value
+
+
+def paired_p_value(diffs: Iterable[Any]) -> float:
+    """Two-sided p of a paired t-test on per-seed differences (H0: mean difference 0).
+
+    Args:
+        diffs: one ``a - b`` per paired seed; None/NaN dropped.
+
+    Returns:
+        The p-value; NaN for fewer than two pairs. Identical differences (zero spread) give
+        0 when they are not all 0 and 1 when they are (the t statistic is ±inf or 0/0 there).
+    """
+    arr = _finite(diffs)
+    if arr.size < 2:
+        return NAN
+    if np.all(arr == arr[0]):
+        return 1.0 if arr[0] == 0 else 0.0
+    return float(_st.ttest_1samp(arr, 0.0).pvalue)
+
+
+def holm(p_values: Sequence[Optional[float]]) -> List[float]:
+    """Holm's step-down adjusted p-values (family-wise error control, any dependence).
+
+    scipy has no Holm correction (``scipy.stats.false_discovery_control`` controls the false
+    discovery rate, Benjamini-Hochberg/-Yekutieli, a weaker promise) and statsmodels is not a
+    dependency, so it is written out: sort the m p-values, multiply the i-th smallest by
+    ``m - i`` (i from 0), carry the running maximum so the adjusted values keep the order, cap at 1.
+    A comparison is significant at family-wise level α when its adjusted p is ≤ α.
+
+    Args:
+        p_values: one p per comparison of the family; None/NaN entries (untestable
+            comparisons) are not counted in m and come back as NaN.
+
+    Returns:
+        The adjusted p-values in the input order.
+    """
+    valid = [(p, i) for i, p in enumerate(p_values) if p is not None and math.isfinite(float(p))]
+    out = [NAN] * len(p_values)
+    running, m = 0.0, len(valid)
+    for rank, (p, i) in enumerate(sorted(valid)):
+        running = max(running, min(1.0, (m - rank) * float(p)))
+        out[i] = running
+    return out
+
+
+def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable effect of a two-sided paired t-test: the smallest true mean difference
+    found significant with probability ``power``, given the paired SD observed over ``n`` pairs.
+
+    The power of the test at effect δ is ``P(|T| > t_crit)`` with T noncentral t (df = n − 1,
+    noncentrality δ·√n / sd); the MDE solves power(δ) = ``power`` with a root finder. statsmodels'
+    ``TTestPower.solve_power`` does the same, but statsmodels is not a dependency of this suite.
+
+    Args:
+        sd: sample SD of the per-seed differences.
+        n: number of pairs.
+        alpha: two-sided significance level.
+        power: the wanted power.
+
+    Returns:
+        The MDE in the metric's units; NaN for ``n < 2`` or a non-finite SD, 0 for a zero SD.
+    """
+    if n < 2 or sd is None or not math.isfinite(float(sd)):
+        return NAN
+    if sd == 0:
+        return 0.0
+    from scipy.optimize import brentq
+
+    df, crit = n - 1, float(_st.t.ppf(1 - alpha / 2, n - 1))
+
+    def shortfall(d: float) -> float:  # d: effect in SD units (Cohen's d_z)
+        nc = d * math.sqrt(n)
+        reach = float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
+        if not math.isfinite(reach):  # scipy's nct gives NaN for large df and nc; T is normal there
+            reach = float(_st.norm.sf(crit - nc) + _st.norm.cdf(-crit - nc))
+        return reach - power
+
+    high = 1.0 / math.sqrt(n)
+    while shortfall(high) < 0:  # bracket the root: power grows with the effect
+        high *= 2
+    return float(brentq(shortfall, 0.0, high, xtol=1e-10)) * float(sd)

@@ -1,34 +1,33 @@
-"""``meddiffaug table``: the paper tables in ``results.md``, regenerated from MLflow runs.
+"""``meddiffaug table``: the paper tables in ``results.md``, regenerated from finished grid runs.
 
 A table is data (``experiments/tables/*.yaml``): which grid's runs to read, how to group them
 into rows, which metrics to show, which row every other row is compared with (paired by seed),
 and which rows are *pending* (real datasets that need a GPU and a data folder; they show the
-command that fills them, never a number no run produced). Only FINISHED runs count.
+command that fills them, never a number no run produced). Only FINISHED runs count. The runs come
+from MLflow, or with ``--runs`` from the run records the grid runner exports into the repository
+(:mod:`experiments.reporting.run_records`); both give the same bytes.
 
     meddiffaug table experiments/tables/diffaug_main.yaml [more.yaml ...] \
-        --write results.md --json results.json [--tracking-uri URI] [--no-log]
+        --write results.md --json results.json [--runs sweeps/records] [--tracking-uri URI] [--no-log]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shlex
-import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
-from experiments.reporting.stats import jsonable, paired_difference, summarize
-from experiments.reporting.table_render import (COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS,  # noqa: F401
-                                      render_markdown_table, render_section)
+from experiments.reporting import notes as note_tpl
+from experiments.reporting.stats import holm, paired_difference, summarize
+from experiments.reporting.table_render import COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS
 
-SPEC_KEYS = {"title", "grid", "command", "rows", "columns", "baseline", "compare", "filter",
-             "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes",
-             "gate_min_real_pass", "gate_min_real_reject", "samples"}
+SPEC_KEYS = {"title", "grid", "grids", "grid_key", "command", "rows", "columns", "baseline", "compare", "filter",
+             "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes", "note_metrics",
+             "gate_min_real_pass", "gate_min_real_reject", "samples", "summary", "efficiency"}
+SUMMARIES = {"headline_by_modality": {"by_modality"}, "data_efficiency": {"exchange"}}  # their note names
+ALPHA = 0.05  # family-wise level of the bold marks (Holm within each table)
 
 
 def canon(value: Any) -> str:
@@ -50,15 +49,20 @@ def column_of(key: str) -> str:
 
 
 def load_table(path: str | Path) -> Dict[str, Any]:
-    """Read and normalise a table YAML; unknown keys are errors (a typo must not pass)."""
+    """Read and normalise a table YAML; unknown keys and unknown note names are errors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Table file '{path}' does not exist; see experiments/tables/*.yaml.")
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
     unknown = sorted(set(spec) - SPEC_KEYS)
-    if unknown or "grid" not in spec or "columns" not in spec:
-        raise ConfigError(f"{path}: unknown keys {unknown} or missing 'grid'/'columns'; "
+    if unknown or not ("grid" in spec or "grids" in spec) or "columns" not in spec:
+        raise ConfigError(f"{path}: unknown keys {unknown} or missing 'grid' (or 'grids')/'columns'; "
                           f"valid keys: {', '.join(sorted(SPEC_KEYS))}.")
+    if spec.get("summary") is not None and spec["summary"] not in SUMMARIES:
+        raise ConfigError(f"{path}: summary '{spec['summary']}' is unknown; use one of {', '.join(SUMMARIES)}.")
+    grids = spec.get("grids")  # {label: grid}: one table over several grids, e.g. one per modality
+    spec["sources"] = [(str(k), str(v)) for k, v in grids.items()] if grids else [(None, str(spec["grid"]))]
+    spec.setdefault("grid", ", ".join(g for _, g in spec["sources"]))
     rows = spec.get("rows") or {"by": "variant"}
     rows = {"by": rows} if isinstance(rows, str) else dict(rows)
     by = [rows["by"]] if isinstance(rows["by"], str) else list(rows["by"])
@@ -75,25 +79,65 @@ def load_table(path: str | Path) -> Dict[str, Any]:
     spec["baselines"] = [b if isinstance(b, dict) else {by[-1]: b} for b in base]
     spec["compare"] = spec.get("compare") or [spec["columns"][0]["metric"]]
     spec.setdefault("title", spec["grid"])
-    spec.setdefault("command", f"meddiffaug grid sweeps/grids/{spec['grid']}.yaml && "
-                               f"meddiffaug table {path} --write results.md")
-    spec["id"] = path.stem
+    grid_cmd = " && ".join(f"meddiffaug grid sweeps/grids/{g}.yaml" for _, g in spec["sources"])
+    spec.setdefault("command", f"{grid_cmd} && meddiffaug table {path} --write results.md")
+    spec["id"], spec["path"] = path.stem, str(path)
+    _check_note_names(spec)
     return spec
 
 
-def collect_runs(grid: str, tracking_uri: Optional[str] = None,
-                 filter: Optional[Dict[str, Any]] = None) -> pd.DataFrame:
+def table_metrics(spec: Dict[str, Any]) -> List[str]:
+    """Every metric a table aggregates: columns, compared, note-only, gate and collapse metrics."""
+    return list(dict.fromkeys([c["metric"] for c in spec["columns"]] + spec["compare"]
+                              + list(spec.get("note_metrics") or [])
+                              + [GATE_METRIC, *GATE_REJECT_METRICS, COLLAPSE_METRIC]))
+
+
+def _check_note_names(spec: Dict[str, Any]) -> None:
+    metrics = table_metrics(spec)
+    known = note_tpl.BASE_NAMES | {a for m in metrics if (a := note_tpl.metric_alias(m, metrics))}
+    known |= SUMMARIES.get(spec.get("summary"), set())
+    bad = sorted(note_tpl.field_roots(spec.get("notes") or "") - known)
+    if bad:
+        raise ConfigError(f"{spec['path']}: notes use unknown names {bad}; known: {', '.join(sorted(known))} "
+                          f"(add a metric to note_metrics to quote it).")
+
+
+def select_runs(df: pd.DataFrame, filter: Optional[Dict[str, Any]] = None) -> pd.DataFrame:
+    """What the tables keep of a grid's FINISHED runs, from MLflow or from records alike: runs with the
+    final metric, matching ``filter``, the latest run per cell, ordered by start time then run id."""
+    if "metrics.test/dice" in df:  # a status is a claim; the final stage's metric is the fact
+        df = df[df["metrics.test/dice"].notna()]
+    for key, value in (filter or {}).items():  # numeric YAML values match "0.7" == "0.70"
+        col = column_of(key)
+        df = df[df[col].map(canon) == canon(value)] if col in df else df.iloc[0:0]
+    if len(df) and "start_time" in df:  # one order for both sources: means then agree to the last bit
+        df = df.sort_values(["start_time", "run_id"], kind="mergesort")
+    if "tags.cell" in df and len(df):
+        df = df.drop_duplicates("tags.cell", keep="last")
+    return df.reset_index(drop=True)
+
+
+def collect_runs(grid: str, tracking_uri: Optional[str] = None, filter: Optional[Dict[str, Any]] = None,
+                 records: Optional[Sequence[Dict[str, Any]]] = None) -> pd.DataFrame:
     """FINISHED runs of a grid (tag ``grid=<name>`` in the experiment ``<name>``).
 
     Args:
         grid: grid name (MLflow experiment and ``grid`` tag).
         tracking_uri: MLflow store; default ``$MLFLOW_TRACKING_URI`` or the config default.
         filter: key -> value every run must match (tags by default; see :func:`column_of`).
+        records: run records (:func:`~experiments.reporting.run_records.read_records`); when
+            given, MLflow is not read.
 
     Returns:
         One row per run as ``mlflow.search_runs`` gives it (``tags.*``, ``metrics.*``,
         ``params.*``); when a cell was rerun only its latest run is kept. Empty if none.
     """
+    if records is not None:
+        from experiments.reporting.run_records import runs_frame
+
+        df = runs_frame(records, grid)  # records hold FINISHED runs of their grid only
+        return select_runs(df, filter)
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
@@ -107,12 +151,21 @@ def collect_runs(grid: str, tracking_uri: Optional[str] = None,
             clauses.append(f"{kind}.`{name}` = '{value}'")
     df = mlflow.search_runs(experiment_names=[grid], filter_string=" and ".join(clauses),
                             output_format="pandas")
-    for key, value in (filter or {}).items():  # numeric YAML values match "0.7" == "0.70"
-        col = column_of(key)
-        df = df[df[col].map(canon) == canon(value)] if col in df else df.iloc[0:0]
-    if "tags.cell" in df and len(df):
-        df = df.sort_values("start_time").drop_duplicates("tags.cell", keep="last")
-    return df.reset_index(drop=True)
+    return select_runs(df, filter)
+
+
+def gather_runs(spec: Dict[str, Any], tracking_uri: Optional[str] = None,
+                records: Optional[Sequence[Dict[str, Any]]] = None) -> pd.DataFrame:
+    """The runs of every grid a table reads; with ``grids:`` each run gets the tag ``grid_key``
+    (e.g. ``modality``) set to its grid's label, so rows can group by it."""
+    frames = []
+    for label, grid in spec["sources"]:
+        df = collect_runs(grid, tracking_uri, spec.get("filter"), records)
+        if label is not None and len(df):
+            df = df.assign(**{f"tags.{spec.get('grid_key', 'group')}": label})
+        frames.append(df)
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0] if frames else pd.DataFrame()
 
 
 def default_tracking_uri() -> str:
@@ -144,22 +197,41 @@ def _row_sort(spec: Dict[str, Any], key: tuple) -> tuple:
     return tuple(out)
 
 
+def validator_of(frame: pd.DataFrame) -> Optional[str]:
+    """Which latent validator a row's runs used: ``prompted`` (this suite's, lesion prompt) or ``plain``
+    (DiffAug's), ``mixed``, or None when no latent gate ran (or the runs do not say).
+
+    The gate's own metric ``gen/validator_prompted`` wins; else the ``validator.prompted`` param.
+    """
+    mode, method = frame.get("params.validator.mode"), frame.get("params.augment.method")
+    if mode is None or (mode.astype(str) == "none").any() or (method is not None and (method == "standard").any()):
+        return None
+    flags = frame.get("metrics.gen/validator_prompted")
+    if flags is not None and flags.notna().any():
+        values = [bool(v >= 0.5) for v in flags.dropna()]
+    elif "params.validator.prompted" in frame:
+        values = [str(v).strip().lower() == "true" for v in frame["params.validator.prompted"].dropna()]
+    else:
+        return None
+    return None if not values else "prompted" if all(values) else "plain" if not any(values) else "mixed"
+
+
 def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
-    """Aggregate runs into rows: per-metric summaries, collapse counts, gate flags, Δs.
+    """Aggregate runs into rows: per-metric summaries, collapse counts, gate flags, Δs with Holm.
 
     Args:
         spec: a table spec from :func:`load_table`.
-        runs: the grid's runs from :func:`collect_runs`.
+        runs: the grid's runs from :func:`collect_runs` (or :func:`gather_runs`).
 
     Returns:
-        ``{id, title, grid, command, n_runs, rows, baseline_names, pooled, pending, notes}``;
-        each row holds ``key``, ``label``, ``n``, ``seeds``, ``metrics`` (metric ->
-        :func:`~experiments.reporting.stats.summarize`), ``by_seed``, ``collapsed``, ``gate_warning`` and
-        ``vs`` (one entry per baseline: its label and the paired differences per metric).
+        ``{id, title, grid, command, n_runs, rows, baseline_names, pooled, pending, notes,
+        holm_family}``; each row holds ``key``, ``label``, ``n``, ``seeds``, ``metrics`` (metric ->
+        :func:`~experiments.reporting.stats.summarize`), ``by_seed``, ``collapsed``, ``gate_warning``,
+        ``validator`` and ``vs`` (one entry per baseline: its label and key and the paired
+        differences per metric, each with ``p``, Holm's ``p_holm``, ``significant`` and ``mde80``).
     """
     by_cols = [column_of(b) for b in spec["rows"]["by"]]
-    metrics = list(dict.fromkeys([c["metric"] for c in spec["columns"]] + spec["compare"]
-                                 + [GATE_METRIC, *GATE_REJECT_METRICS, COLLAPSE_METRIC]))
+    metrics = table_metrics(spec)
     if len(runs) and all(c in runs for c in by_cols):
         runs = runs.dropna(subset=by_cols)  # e.g. a parent run of the grid has no row tag
     else:
@@ -175,7 +247,7 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
     for key in sorted(groups, key=lambda k: _row_sort(spec, k)):
         frame = pd.DataFrame(groups[key])
         seeds = [canon(s) for s in frame.get("tags.seed", pd.Series([None] * len(frame)))]
-        row = {"key": list(key), "label": _label(spec, key), "n": len(frame),
+        row = {"key": list(key), "label": _label(spec, key), "n": len(frame), "validator": validator_of(frame),
                "seeds": sorted(set(seeds), key=lambda s: (len(s), s)), "metrics": {}, "by_seed": {}}
         pooled |= len(set(seeds)) < len(seeds)
         for m in metrics:
@@ -201,15 +273,37 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
             diffs = {m: paired_difference(row["by_seed"][m], ref["by_seed"][m]) if ref else None
                      for m in spec["compare"]}
             row.setdefault("vs", []).append({"baseline": ref["label"] if ref else None,
+                                             "baseline_key": "/".join(canon(v) for v in base.values()),
+                                             "ref_key": ref["key"] if ref else None,
                                              "is_baseline": ref is row, "diff": diffs})
     names = spec["rows"]["names"]
     baseline_names = [" · ".join(str({canon(k): v for k, v in (names.get(b) or {}).items()}
                                      .get(canon(v), v)) for b, v in base.items())
                       for base in spec["baselines"]]
     return {"id": spec["id"], "title": spec["title"], "grid": spec["grid"],
-            "baseline_names": baseline_names,
+            "baseline_names": baseline_names, "holm_family": _holm_marks(rows),
             "command": spec["command"], "n_runs": len(runs), "rows": rows, "pooled": pooled,
             "pending": spec.get("pending") or [], "notes": spec.get("notes")}
+
+
+def _holm_marks(rows: List[dict]) -> int:
+    """Holm-correct every paired Δ of one table together; returns the family size.
+
+    A comparison listed twice (A vs B and B vs A, when both are baselines) is one test, counted once.
+    """
+    family: Dict[tuple, list] = {}
+    for row in rows:
+        for vs in row.get("vs", []):
+            for metric, diff in vs["diff"].items():
+                if diff is not None and not vs["is_baseline"]:
+                    pair = frozenset([tuple(row["key"]), tuple(vs["ref_key"] or ())])
+                    family.setdefault((pair, metric), []).append(diff)
+    tests = list(family.values())
+    adjusted = holm([same[0]["p"] for same in tests])
+    for same, p in zip(tests, adjusted):
+        for diff in same:
+            diff["p_holm"], diff["significant"] = p, bool(p == p and p <= ALPHA)
+    return sum(p == p for p in adjusted)
 
 
 def _baseline_row(spec: Dict[str, Any], rows: List[dict], row: dict,
@@ -219,128 +313,8 @@ def _baseline_row(spec: Dict[str, Any], rows: List[dict], row: dict,
     return next((r for r in rows if r["key"] == want and r["n"]), None)
 
 
-def headline(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
-    """The one-line answer: augmented vs real-only (and vs copy-paste), paired by seed."""
-    names = spec.get("headline_rows") or {}
-    find = lambda role: next((r for r in table["rows"]  # noqa: E731
-                              if "/".join(r["key"]) == canon(names.get(role, role))), None)
-    real, aug, cp = find("real_only"), find("augmented"), find("copy_paste")
-    dice, fnr = "test/dice", "test/fnr_small"
-    mean = lambda row, m: row["metrics"][m]["mean"] if row and m in row["metrics"] else None  # noqa: E731
-    pair = lambda a, b: paired_difference(a["by_seed"][dice], b["by_seed"][dice]) if a and b else None  # noqa: E731
-    gain, gain_cp = pair(aug, real), pair(aug, cp)
-    param = lambda k: runs[k].dropna().iloc[0] if k in runs and runs[k].notna().any() else None  # noqa: E731
-    n_real = param("params.data.n_real") or spec.get("n_real")
-    return jsonable({
-        "table": spec["id"], "dataset": param("params.data.name") or spec.get("dataset"),
-        "n_real": int(n_real) if str(n_real).isdigit() else n_real,
-        "seeds": gain["n"] if gain else 0,
-        "dice_real_only": mean(real, dice), "dice_augmented": mean(aug, dice),
-        "gain": gain["mean"] if gain else None,
-        "gain_ci95": [gain["ci95_low"], gain["ci95_high"]] if gain else [None, None],
-        "small_lesion_fnr_real_only": mean(real, fnr), "small_lesion_fnr_augmented": mean(aug, fnr),
-        "dice_copy_paste": mean(cp, dice), "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None,
-        "gain_vs_copy_paste_ci95": [gain_cp["ci95_low"], gain_cp["ci95_high"]] if gain_cp else [None, None],
-    })
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _log_to_mlflow(paths: List[Path], uri: str) -> None:
-    """Log the generated files to a run named "tables" in the experiment "tables"."""
-    import mlflow
-
-    from experiments.config import load_config
-
-    mlflow.set_tracking_uri(uri)  # the store the tables were read from, even if env differs
-    if mlflow.get_experiment_by_name("tables") is None:
-        root = Path(load_config().tracking.artifact_root).resolve().as_uri()
-        try:
-            mlflow.create_experiment("tables", artifact_location=f"{root}/tables")
-        except Exception:  # another process created it between the check and the create
-            pass
-    mlflow.set_experiment("tables")
-    with mlflow.start_run(run_name="tables", tags={"stage": "table"}):
-        for path in paths:
-            mlflow.log_artifact(str(path))
-
-
-def copy_sample_grid(spec: Dict[str, Any], runs: pd.DataFrame, dest: Path) -> Optional[Path]:
-    """Copy the generate stage's ``grid.png`` (source | mask | generated | overlay) of one run next to
-    ``results.md``: the lowest-seed finished run whose tags match ``spec["samples"]`` (e.g.
-    ``{variant: synthetic_filtered}``). Returns the copy, or None when no such run or picture exists.
-    """
-    import shutil
-
-    chosen = runs
-    for key, value in spec["samples"].items():
-        col = column_of(key)
-        chosen = chosen[chosen[col].map(canon) == canon(value)] if col in chosen else chosen.iloc[0:0]
-    if "tags.sig_generate" not in chosen or not len(chosen):
-        return None
-    chosen = chosen.assign(_seed=pd.to_numeric(chosen.get("tags.seed"), errors="coerce")).sort_values("_seed")
-    for _, run in chosen.iterrows():
-        root = run.get("params.artifacts_dir")
-        root = root if isinstance(root, str) and root else "artifacts"
-        picture = Path(root) / "generate" / str(run["tags.sig_generate"]) / "grid.png"
-        if picture.is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(picture, dest)
-            return dest
-    return None
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    """``meddiffaug table TABLE.yaml [...] [--write results.md] [--json results.json]``."""
-    parser = argparse.ArgumentParser(prog="meddiffaug table", description=main.__doc__)
-    parser.add_argument("tables", nargs="+", help="table YAMLs, e.g. experiments/tables/diffaug_main.yaml")
-    parser.add_argument("--write", default=None, help="Markdown output (all tables, in order)")
-    parser.add_argument("--json", default=None, help="JSON output with every number")
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db")
-    parser.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
-    args = parser.parse_args(argv)
-    command = "meddiffaug table " + shlex.join(list(argv) if argv is not None else sys.argv[2:])
-    specs = [load_table(p) for p in args.tables]  # a bad YAML fails before any store is touched
-    uri = args.tracking_uri or default_tracking_uri()
-    out_dir = Path(args.write or args.json or ".").parent
-    sections, result, written = [], {"generated_by": command, "tables": {}}, []
-    for spec in specs:
-        runs = collect_runs(spec["grid"], uri, spec.get("filter"))
-        table = build_table(spec, runs)
-        plot = None
-        if spec.get("plot") and len(runs) and (args.write or args.json):
-            from experiments.reporting.plots import plot_from_spec
+    """``meddiffaug table TABLE.yaml [...] [--write results.md] [--json results.json] [--runs RECORDS ...]``."""
+    from experiments.reporting.table_cli import main as run
 
-            keys = [spec["plot"]["x"]] + list(spec["plot"]["y"] if isinstance(spec["plot"]["y"], list) else [spec["plot"]["y"]])
-            cols = {k: list(runs[column_of(k)]) if column_of(k) in runs else [] for k in keys}
-            labels = {c["metric"]: c.get("name", c["metric"]) for c in spec["columns"]}
-            labels[spec["rows"]["by"][0]] = spec["rows"]["header"]
-            png = plot_from_spec(spec["plot"], cols, out_dir / f"{spec['id']}.png", spec["title"], labels)
-            plot, written = (png.name, written + [png]) if png else (None, written)
-        samples = None
-        if spec.get("samples") and len(runs) and args.write:
-            png = copy_sample_grid(spec, runs, out_dir / f"{spec['id']}_samples.png")
-            samples, written = (png.name, written + [png]) if png else (None, written)
-        sections.append(render_section(spec, table, plot, samples))
-        result["tables"][spec["id"]] = jsonable({k: v for k, v in table.items()})
-        if spec.get("headline"):
-            result["headline"] = headline(spec, table, runs)
-    text = "\n".join([f"<!-- generated by {command} ; do not edit -->",
-                      f"Generated by `{command}` from MLflow runs; do not edit by hand.", ""]
-                     + sections)
-    if args.write:
-        _atomic_write(Path(args.write), text)
-        written.append(Path(args.write))
-    else:
-        print(text)
-    if args.json:
-        _atomic_write(Path(args.json), json.dumps(result, indent=2, sort_keys=False) + "\n")
-        written.append(Path(args.json))
-    if written and not args.no_log:
-        _log_to_mlflow(written, uri)
-    return 0
+    return run(argv)

@@ -25,13 +25,12 @@ def render_markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) 
     return "\n".join(lines)
 
 
-def _cell(summary: Dict[str, float], col: Dict[str, Any], collapsed: int, best: bool,
-          n_runs: int) -> str:
+def _cell(summary: Dict[str, float], col: Dict[str, Any], collapsed: int, n_runs: int) -> str:
+    # No "best mean" is bolded: an untested ranking of means would look like a finding.
     spec = col.get("format", ".3f")
     if not summary["n"]:
         return "not logged" if n_runs else "no runs yet"
     text = fmt(summary["mean"], spec)
-    text = f"**{text}**" if best else text
     if summary["n"] >= 2:
         text += f" ± {fmt(summary['std'], spec)}"
         if col.get("ci"):
@@ -53,14 +52,18 @@ def _diff_cell(diff: Optional[Dict[str, Any]], col: Dict[str, Any], is_base: boo
     if diff["n"] < 2:
         return f"{text} (n=1 pair; CI undefined)"
     low, high = diff["ci95_low"], diff["ci95_high"]
-    if low > 0 or high < 0:  # the CI excludes zero: mark whether that is good news
-        good = (low > 0) == bool(col.get("higher_is_better", True))
+    if diff.get("significant"):  # Holm-corrected within the table, not the raw CI
+        good = (diff["mean"] > 0) == bool(col.get("higher_is_better", True))
         text = f"**{text}** {'▲' if good else '▼'}"
-    return f"{text} [{fmt(low, spec, True)}, {fmt(high, spec, True)}] (n={diff['n']})"
+    mde = f"; MDE {fmt(diff['mde80'], spec)}" if diff.get("mde80") is not None else ""
+    return f"{text} [{fmt(low, spec, True)}, {fmt(high, spec, True)}] (n={diff['n']}{mde})"
+
+
+VALIDATOR_NAMES = {"prompted": "prompted (this suite)", "plain": "plain (DiffAug)", "mixed": "mixed", None: "—"}
 
 
 def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[str] = None,
-                   samples: Optional[str] = None) -> str:
+                   samples: Optional[str] = None, extra: Optional[Dict[str, Any]] = None) -> str:
     """One ``results.md`` section: title, command, table, seeds, footnotes (and a figure).
 
     Args:
@@ -68,6 +71,8 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
         table: the output of :func:`experiments.reporting.table.build_table`.
         plot: file name of the table's figure, relative to ``results.md``, if any.
         samples: file name of a real-vs-generated sample grid, relative to ``results.md``, if any.
+        extra: a summary block (:mod:`experiments.reporting.summaries`): its Markdown goes under the
+            table, its pending rows into it, its names into the note template.
 
     Returns:
         Markdown text ending in a blank line.
@@ -75,7 +80,10 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
     out = [f"## {table['title']}", "", f"Filled by: `{table['command']}`", ""]
     cols = spec["columns"]
     by_metric = {c["metric"]: c for c in cols}
-    header = [spec["rows"]["header"]] + [c.get("name", c["metric"]) for c in cols] + ["n"]
+    extra = extra or {}
+    validators = any(r.get("validator") for r in table["rows"])  # rows name the latent validator they use
+    header = ([spec["rows"]["header"]] + (["Validator"] if validators else [])
+              + [c.get("name", c["metric"]) for c in cols] + ["n"])
     for name in table["baseline_names"]:
         header += [f"Δ {by_metric.get(m, {'name': m}).get('name', m)} vs {name} (paired, 95 % CI)"
                    for m in spec["compare"]]
@@ -83,21 +91,13 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
     if not table["n_runs"]:
         out += [f"No runs yet: run `{table['command']}`.", ""]
     else:
-        best = {}
-        for c in cols:
-            means = [r["metrics"][c["metric"]]["mean"] for r in table["rows"] if r["n"]]
-            means = [m for m in means if m == m]
-            top = (max(means) if c.get("higher_is_better") else min(means)) if means else None
-            if len(means) > 1 and c.get("higher_is_better") is not None and means.count(top) == 1:
-                best[c["metric"]] = top  # bold a unique best only: a tie singles out nothing
         for r in table["rows"]:
             label = ("⚠ " if r["gate_warning"] else "") + r["label"]
-            cells = [_cell(r["metrics"][c["metric"]], c, r["collapsed"],
-                           best.get(c["metric"]) == r["metrics"][c["metric"]]["mean"], r["n"])
-                     for c in cols]
+            cells = [_cell(r["metrics"][c["metric"]], c, r["collapsed"], r["n"]) for c in cols]
             diffs = [_diff_cell(v["diff"][m], by_metric.get(m, {}), v["is_baseline"])
                      for v in r.get("vs", []) for m in spec["compare"]]
-            body.append([label] + cells + [str(r["n"])] + diffs)
+            body.append([label] + ([VALIDATOR_NAMES[r.get("validator")]] if validators else [])
+                        + cells + [str(r["n"])] + diffs)
             if r["gate_warning"]:
                 rate = r["metrics"][GATE_METRIC]["mean"]
                 if rate < spec.get("gate_min_real_pass", 0.8):
@@ -115,7 +115,7 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
         if table["pooled"]:
             notes.append("Some rows hold several cells per seed (an axis not fixed by the "
                          "table's filter); they are averaged per seed before pairing.")
-    for p in table["pending"]:
+    for p in list(table["pending"]) + list(extra.get("pending") or []):
         body.append([f"{p['dataset']} (pending)", f"pending: {p.get('needs', '')}; run `{p['command']}`"]
                     + ["pending"] * (len(header) - 2))
     if body:
@@ -126,10 +126,18 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
         n_text = str(ns[0]) if ns[0] == ns[-1] else f"{ns[0]}–{ns[-1]}"
         out += [f"n = {n_text} seeds per row (seeds {', '.join(seeds)}); cells are mean ± std over seeds"
                 + (", [95 % t-CI]" if any(c.get("ci") for c in cols) else "")
-                + ("; Δ columns are paired by seed (mean difference, 95 % t-CI, number of pairs); "
-                   "**bold** Δ: the CI excludes 0 (▲ better, ▼ worse)" if spec["baselines"] else "")
+                + ("; Δ columns are paired by seed (mean difference, unadjusted 95 % t-CI, number of pairs, "
+                   "MDE: the smallest true Δ a paired t-test finds with 80 % power at two-sided α = 0.05, from "
+                   f"the observed paired SD); **bold** Δ: significant after Holm's correction over the "
+                   f"{table.get('holm_family', 0)} paired comparisons of this table (paired t-tests, family-wise "
+                   "α = 0.05; ▲ better, ▼ worse)" if spec["baselines"] else "")
                 + ".", ""]
-    notes += [spec["notes"]] if spec.get("notes") else []
+    out += list(extra.get("markdown") or [])
+    if table["n_runs"] and spec.get("notes"):  # numbers in notes come from the table, never typed
+        from experiments.reporting.notes import declared_keys, render
+
+        notes.append(render(spec["notes"], table, spec.get("path", spec["id"]), _names(extra.get("notes")),
+                            declared_keys(spec)))
     out += [f"{i}. {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
     if plot:
         out += [f"![{table['title']}]({plot})", ""]
@@ -138,3 +146,19 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                 "lowest seed; columns: source | mask | generated | overlay):", "",
                 f"![real vs generated samples]({samples})", ""]
     return "\n".join(out)
+
+
+def _names(values: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Summary values for the note template: dicts become attribute nodes, numbers format like floats."""
+    from experiments.reporting.notes import Interval, Num, _Node
+
+    def wrap(value: Any, what: str) -> Any:
+        if isinstance(value, dict):
+            return _Node({str(k): wrap(v, f"{what}.{k}") for k, v in value.items()}, what)
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float, type(None))) for v in value):
+            return Interval(*value)
+        if isinstance(value, float) or value is None:
+            return Num(value)
+        return value
+
+    return {k: wrap(v, k) for k, v in (values or {}).items()}

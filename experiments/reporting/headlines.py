@@ -1,0 +1,140 @@
+"""The one-line answers of ``results.json``: the main table's ``headline`` and ``headline_by_modality``,
+and the sample picture copied next to ``results.md``."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pandas as pd
+
+from experiments.reporting.stats import fmt, jsonable, paired_difference
+from experiments.reporting.table import canon, column_of
+from experiments.reporting.table_render import render_markdown_table
+
+DICE, FNR = "test/dice", "test/fnr_small"
+
+
+def _find(table: Dict[str, Any], key: str, prefix: tuple = ()) -> Optional[dict]:
+    want = list(prefix) + [canon(key)]
+    return next((r for r in table["rows"] if r["key"] == want and r["n"]), None)
+
+
+def _mean(row: Optional[dict], metric: str) -> Optional[float]:
+    return row["metrics"][metric]["mean"] if row and metric in row["metrics"] else None
+
+
+def _pair(a: Optional[dict], b: Optional[dict], metric: str = DICE) -> Optional[Dict[str, Any]]:
+    if not (a and b and metric in a["by_seed"] and metric in b["by_seed"]):
+        return None
+    return paired_difference(a["by_seed"][metric], b["by_seed"][metric])
+
+
+def _ci(diff: Optional[Dict[str, Any]]) -> List[Optional[float]]:
+    return [diff["ci95_low"], diff["ci95_high"]] if diff else [None, None]
+
+
+def headline(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
+    """The one-line answer: augmented vs real-only (and vs copy-paste), paired by seed, with the
+    minimum detectable effect (80 % power) of each comparison."""
+    names = spec.get("headline_rows") or {}
+    real, aug, cp = (_find(table, names.get(role, role)) for role in ("real_only", "augmented", "copy_paste"))
+    gain, gain_cp, fnr = _pair(aug, real), _pair(aug, cp), _pair(aug, real, FNR)
+    param = lambda k: runs[k].dropna().iloc[0] if k in runs and runs[k].notna().any() else None  # noqa: E731
+    n_real = param("params.data.n_real") or spec.get("n_real")
+    return jsonable({
+        "table": spec["id"], "dataset": param("params.data.name") or spec.get("dataset"),
+        "n_real": int(n_real) if str(n_real).isdigit() else n_real,
+        "seeds": gain["n"] if gain else 0,
+        "dice_real_only": _mean(real, DICE), "dice_augmented": _mean(aug, DICE),
+        "gain": gain["mean"] if gain else None, "gain_ci95": _ci(gain),
+        "mde80_vs_real_only": gain["mde80"] if gain else None,
+        "small_lesion_fnr_real_only": _mean(real, FNR), "small_lesion_fnr_augmented": _mean(aug, FNR),
+        "small_lesion_fnr_change": fnr["mean"] if fnr else None, "small_lesion_fnr_change_ci95": _ci(fnr),
+        "dice_copy_paste": _mean(cp, DICE), "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None,
+        "gain_vs_copy_paste_ci95": _ci(gain_cp), "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None,
+    })
+
+
+def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
+    """``headline_by_modality``: per modality the seeds, the three headline arms' Dice, the paired gains
+    with 95 % CIs and the MDE at 80 % power; ``frozen_code`` (the commit all runs share) and
+    ``seed_block`` (the block's first seed) beside them. Also the Markdown summary and pending rows.
+
+    Returns:
+        ``{"json": {...}, "markdown": [...], "pending": [...], "notes": {"by_modality": {...}}}``.
+    """
+    arms = {"real_only": "real_only", "copy_paste": "copy_paste", "diffusion": "diffusion_gate",
+            **(spec.get("headline_rows") or {})}
+    key = spec.get("grid_key", "group")
+    out: Dict[str, Any] = {}
+    body, pending = [], []
+    for label, grid in spec["sources"]:
+        real, cp, diff = (_find(table, arms[a], (canon(label),)) for a in ("real_only", "copy_paste", "diffusion"))
+        gain, gain_cp = _pair(diff, real), _pair(diff, cp)
+        mine = runs[runs[f"tags.{key}"] == label] if f"tags.{key}" in runs else runs.iloc[0:0]
+        seeds = sorted({int(float(s)) for s in mine.get("tags.seed", pd.Series(dtype=object)).dropna()})
+        entry = {"grid": grid, "seeds": seeds, "n_seeds": len(seeds),
+                 "dice_real_only": _mean(real, DICE), "dice_copy_paste": _mean(cp, DICE),
+                 "dice_diffusion": _mean(diff, DICE), "diffusion_arm": arms["diffusion"],
+                 "gain_vs_real_only": gain["mean"] if gain else None, "gain_vs_real_only_ci95": _ci(gain),
+                 "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None,
+                 "gain_vs_copy_paste_ci95": _ci(gain_cp),
+                 "mde80_vs_real_only": gain["mde80"] if gain else None,
+                 "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None}
+        for r in table["rows"]:  # every arm's Dice, e.g. dice_diffusion_base_only
+            if r["key"][0] == canon(label) and r["n"]:
+                entry[f"dice_{r['key'][-1]}"] = _mean(r, DICE)
+        out[label] = entry
+        if not len(mine):
+            pending.append({"dataset": f"{label} ({grid})", "needs": "no runs yet",
+                            "command": f"meddiffaug grid sweeps/grids/{grid}.yaml"})
+            continue
+        d = lambda x: fmt(x["mean"], ".3f", True) + " " + f"[{fmt(x['ci95_low'], '.3f', True)}, {fmt(x['ci95_high'], '.3f', True)}]" if x else "n/a"  # noqa: E731
+        body.append([label, str(len(seeds)), fmt(entry["dice_real_only"]), fmt(entry["dice_copy_paste"]),
+                     fmt(entry["dice_diffusion"]), d(gain), d(gain_cp),
+                     fmt(entry["mde80_vs_real_only"]), fmt(entry["mde80_vs_copy_paste"])])
+    shas = sorted(set(runs["tags.git_sha"].dropna())) if "tags.git_sha" in runs else []
+    all_seeds = sorted({s for e in out.values() for s in e["seeds"]})
+    frozen = shas[0] if len(shas) == 1 else (shas or None)
+    block = all_seeds[0] if all_seeds else None
+    out.update({"frozen_code": frozen, "seed_block": block})
+    markdown = []
+    if body:
+        header = ["Modality", "seeds", "Dice real only", "Dice copy-paste", f"Dice {arms['diffusion']}",
+                  "Δ vs real only [95 % CI]", "Δ vs copy-paste [95 % CI]", "MDE80 vs real only", "MDE80 vs copy-paste"]
+        code = ", ".join(f"`{s}`" for s in shas) or "unknown"
+        markdown = [render_markdown_table(header, body), "",
+                    f"Headline arm: `{arms['diffusion']}`. Code: {code}"
+                    + (" ⚠ the runs come from several commits; a frozen block has one" if len(shas) > 1 else "")
+                    + f"; seed block from {block}. MDE80: the smallest true paired Δ Dice found with 80 % power "
+                      "(paired t-test, two-sided α = 0.05, the observed paired SD).", ""]
+    return {"json": {"headline_by_modality": out, "frozen_code": frozen, "seed_block": block},
+            "markdown": markdown, "pending": pending, "notes": {"by_modality": out}}
+
+
+def copy_sample_grid(spec: Dict[str, Any], runs: pd.DataFrame, dest: Path) -> Optional[Path]:
+    """Copy the generate stage's ``grid.png`` (source | mask | generated | overlay) of one run next to
+    ``results.md``: the lowest-seed finished run whose tags match ``spec["samples"]`` (e.g.
+    ``{variant: synthetic_filtered}``).
+
+    Returns:
+        The copy; the copy already beside ``results.md`` when the stage folders are gone (a fresh
+        clone tabulating exported records keeps the committed picture); None when neither exists.
+    """
+    chosen = runs
+    for key, value in spec["samples"].items():
+        col = column_of(key)
+        chosen = chosen[chosen[col].map(canon) == canon(value)] if col in chosen else chosen.iloc[0:0]
+    if "tags.sig_generate" not in chosen or not len(chosen):
+        return None
+    chosen = chosen.assign(_seed=pd.to_numeric(chosen.get("tags.seed"), errors="coerce")).sort_values("_seed")
+    for _, run in chosen.iterrows():
+        root = run.get("params.artifacts_dir")
+        root = root if isinstance(root, str) and root else "artifacts"
+        picture = Path(root) / "generate" / str(run["tags.sig_generate"]) / "grid.png"
+        if picture.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(picture, dest)
+            return dest
+    return dest if dest.is_file() else None

@@ -1,0 +1,138 @@
+"""The ``meddiffaug table`` command: specs -> runs (MLflow or records) -> results.md and results.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from experiments.reporting.stats import jsonable
+from experiments.reporting.table import build_table, column_of, default_tracking_uri, gather_runs, load_table
+from experiments.reporting.table_render import render_section
+
+# Options that say where the runs come from, not what is generated: left out of the command shown in
+# results.md, so the MLflow store and the exported records give the same bytes.
+SOURCE_OPTIONS = {"--runs": "many", "--tracking-uri": 1, "--no-log": 0}
+
+
+def shown_command(argv: List[str]) -> str:
+    """``meddiffaug table …`` as results.md shows it: ``argv`` without the source options."""
+    kept, skip_many, i = [], False, 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if name in SOURCE_OPTIONS:
+            n = SOURCE_OPTIONS[name]
+            skip_many = n == "many" and "=" not in token
+            i += 1 + (n if isinstance(n, int) and "=" not in token else 0)
+            continue
+        if skip_many and not token.startswith("-"):
+            i += 1
+            continue
+        skip_many = False
+        kept.append(token)
+        i += 1
+    return "meddiffaug table " + shlex.join(kept)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _log_to_mlflow(paths: List[Path], uri: str) -> None:
+    """Log the generated files to a run named "tables" in the experiment "tables"."""
+    import mlflow
+
+    from experiments.config import load_config
+
+    mlflow.set_tracking_uri(uri)  # the store the tables were read from, even if env differs
+    if mlflow.get_experiment_by_name("tables") is None:
+        root = Path(load_config().tracking.artifact_root).resolve().as_uri()
+        try:
+            mlflow.create_experiment("tables", artifact_location=f"{root}/tables")
+        except Exception:  # another process created it between the check and the create
+            pass
+    mlflow.set_experiment("tables")
+    with mlflow.start_run(run_name="tables", tags={"stage": "table"}):
+        for path in paths:
+            mlflow.log_artifact(str(path))
+
+
+def _plot(spec: Dict[str, Any], runs: Any, out_dir: Path) -> Optional[Path]:
+    from experiments.reporting.plots import plot_from_spec
+
+    keys = [spec["plot"]["x"]] + list(spec["plot"]["y"] if isinstance(spec["plot"]["y"], list) else [spec["plot"]["y"]])
+    cols = {k: list(runs[column_of(k)]) if column_of(k) in runs else [] for k in keys}
+    labels = {c["metric"]: c.get("name", c["metric"]) for c in spec["columns"]}
+    labels[spec["rows"]["by"][0]] = spec["rows"]["header"]
+    return plot_from_spec(spec["plot"], cols, out_dir / f"{spec['id']}.png", spec["title"], labels)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``meddiffaug table TABLE.yaml [...] [--write results.md] [--json results.json] [--runs RECORDS ...]``."""
+    parser = argparse.ArgumentParser(prog="meddiffaug table", description=main.__doc__)
+    parser.add_argument("tables", nargs="+", help="table YAMLs, e.g. experiments/tables/diffaug_main.yaml")
+    parser.add_argument("--write", default=None, help="Markdown output (all tables, in order)")
+    parser.add_argument("--json", default=None, help="JSON output with every number")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RECORDS",
+                        help="read the runs from exported run records (sweeps/records/<grid>.jsonl files or "
+                             "the folder sweeps/records) instead of MLflow; nothing is logged to MLflow then")
+    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db")
+    parser.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
+    args = parser.parse_args(argv)
+    command = shown_command(list(argv) if argv is not None else sys.argv[2:])
+    specs = [load_table(p) for p in args.tables]  # a bad YAML fails before any store is touched
+    records = None
+    if args.runs:
+        from experiments.reporting.run_records import read_records
+
+        records = read_records(args.runs)
+    uri = None if records is not None else args.tracking_uri or default_tracking_uri()
+    out_dir = Path(args.write or args.json or ".").parent
+    sections, result, written = [], {"generated_by": command, "tables": {}}, []
+    for spec in specs:
+        runs = gather_runs(spec, uri, records)
+        table = build_table(spec, runs)
+        plot, samples, extra = None, None, None
+        if spec.get("summary"):
+            from experiments.reporting import summaries
+
+            extra = summaries.build(spec, table, runs, out_dir if (args.write or args.json) else None)
+            result.update(extra["json"])
+            if extra.get("plot"):
+                plot, written = extra["plot"].name, written + [extra["plot"]]
+        elif spec.get("plot") and len(runs) and (args.write or args.json):
+            png = _plot(spec, runs, out_dir)
+            plot, written = (png.name, written + [png]) if png else (None, written)
+        if spec.get("samples") and len(runs) and args.write:
+            from experiments.reporting.headlines import copy_sample_grid
+
+            png = copy_sample_grid(spec, runs, out_dir / f"{spec['id']}_samples.png")
+            samples, written = (png.name, written + [png]) if png else (None, written)
+        sections.append(render_section(spec, table, plot, samples, extra))
+        result["tables"][spec["id"]] = jsonable({k: v for k, v in table.items()})
+        if spec.get("headline"):
+            from experiments.reporting.headlines import headline
+
+            result["headline"] = headline(spec, table, runs)
+    text = "\n".join([f"<!-- generated by {command} ; do not edit -->",
+                      f"Generated by `{command}` from the finished grid runs (the MLflow store, or the same "
+                      "runs exported to `sweeps/records/`: add `--runs sweeps/records`); do not edit by hand.", ""]
+                     + sections)
+    if args.write:
+        _atomic_write(Path(args.write), text)
+        written.append(Path(args.write))
+    else:
+        print(text)
+    if args.json:
+        _atomic_write(Path(args.json), json.dumps(jsonable(result), indent=2, sort_keys=False) + "\n")
+        written.append(Path(args.json))
+    if written and not args.no_log and uri is not None:
+        _log_to_mlflow(written, uri)
+    return 0

@@ -1,0 +1,115 @@
+"""Run records: a grid exports each finished cell; tables from the records equal tables from MLflow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fakes as fake_stages
+from experiments.config import ConfigError
+from experiments.reporting import run_records as rr
+
+TABLE = {"title": "t", "grid": "t_grid", "rows": {"by": "variant", "order": ["real", "diffusion", "copy_paste"]},
+         "columns": [{"metric": "test/dice", "name": "Dice", "format": ".3f", "higher_is_better": True, "ci": True}],
+         "baseline": ["real", "copy_paste"], "compare": ["test/dice"], "headline": True,
+         "headline_rows": {"real_only": "real", "augmented": "diffusion", "copy_paste": "copy_paste"},
+         "notes": "Diffusion vs real: {diff.dice.diffusion.real.mean:+.4f} {diff.dice.diffusion.real.ci:+.4f} "
+                  "({diff.dice.diffusion.real.holm}); real {dice.real.mean:.3f}, {n_seeds} seeds."}
+
+
+def _grid(tmp_path: Path) -> Path:
+    spec = {"name": "t_grid", "base_config": "experiments/configs/procedural_polyp_diffaug.yaml",
+            "overrides": [f"output_dir={tmp_path}/out", f"artifacts_dir={tmp_path}/artifacts",
+                          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/mlruns"],
+            "variants": {"real": ["augment.method=standard"], "diffusion": ["augment.method=diffusion"],
+                         "copy_paste": ["augment.method=copy_paste"]},
+            "seeds": [0, 1]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_export_then_table_is_byte_identical_to_mlflow(tmp_path, fakes, monkeypatch, capsys):
+    from experiments.reporting.table import main as table
+    from sweeps.grid import main as grid
+
+    assert grid([str(_grid(tmp_path))]) == 0
+    records = Path(rr.records_dir()) / "t_grid.jsonl"
+    lines = records.read_text().splitlines()
+    assert len(lines) == 6  # one line per finished cell
+    record = json.loads(lines[0])
+    assert {"grid", "cell", "seed", "variant", "run_id", "start_time", "git_sha", "tags", "params", "metrics",
+            "sigs"} <= set(record)
+    assert record["sigs"]["segment"] == record["tags"]["sig"] and "test/dice" in record["metrics"]
+    assert not any(k.startswith("tracking.") for k in record["params"])
+
+    spec = tmp_path / "t.yaml"
+    spec.write_text(yaml.safe_dump(TABLE, allow_unicode=True))
+    outputs = {}
+    for source, extra in (("mlflow", ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-log"]),
+                          ("records", ["--runs", str(records)])):
+        folder = tmp_path / f"from_{source}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)  # the same relative output names: the command in results.md is the same
+        assert table([str(spec), "--write", "results.md", "--json", "results.json"] + extra) == 0
+        outputs[source] = ((folder / "results.md").read_bytes(), (folder / "results.json").read_bytes())
+    assert outputs["mlflow"] == outputs["records"]
+    text = outputs["records"][0].decode()
+    assert "Diffusion vs real: " in text and "{" not in text.split("Diffusion vs real")[1]
+    first = text.splitlines()[0]  # the command shown leaves out where the runs came from
+    assert "--runs" not in first and "--tracking-uri" not in first and "--write results.md" in first
+
+    # a fresh machine: no MLflow store, no stage cache; exported cells are done and not rerun
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    (tmp_path / "mlflow.db").unlink()
+    before = fake_stages.calls(fakes, "segment")
+    capsys.readouterr()
+    assert grid([str(tmp_path / "grid.yaml"), "--dry-run"]) == 0
+    assert "6 cells: 6 done, 0 todo" in capsys.readouterr().out
+    assert grid([str(tmp_path / "grid.yaml")]) == 0
+    assert fake_stages.calls(fakes, "segment") == before
+
+
+def _record(cell: str, run_id: str, start: int, dice: float) -> dict:
+    return rr.make_record("g", cell, run_id, start, "FINISHED", {"grid": "g", "cell": cell, "seed": "0", "sig": "s"},
+                          {"data.n_real": "16", "tracking.uri": "sqlite:///x"}, {"test/dice": dice, "x": float("nan")})
+
+
+def test_a_cell_exported_twice_appears_once_and_the_latest_run_wins(tmp_path):
+    path = tmp_path / "g.jsonl"
+    rr.write_record(_record("a", "r1", 100, 0.5), path)
+    rr.write_record(_record("a", "r1", 100, 0.5), path)  # the same run again: no change
+    rr.write_record(_record("b", "r2", 110, 0.6), path)
+    assert len(path.read_text().splitlines()) == 2
+    rr.write_record(_record("a", "r3", 200, 0.7), path)  # a rerun of cell a replaces it
+    rr.write_record(_record("a", "r0", 50, 0.1), path)  # an older run never does
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["cell"], r["run_id"]) for r in lines] == [("b", "r2"), ("a", "r3")]
+    assert lines[1]["metrics"] == {"test/dice": 0.7, "x": None}  # strict JSON
+    assert "tracking.uri" not in lines[1]["params"]
+    # a union merge of two branches leaves duplicate cells: readers keep the latest
+    with open(path, "a") as handle:
+        handle.write(json.dumps(_record("b", "r9", 300, 0.9)) + "\n")
+    latest = {r["cell"]: r["run_id"] for r in rr.read_records([tmp_path])}
+    assert latest == {"a": "r3", "b": "r9"}
+    assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob(".*lock"))
+
+
+def test_bad_records_name_the_file_and_line(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(_record("a", "r1", 1, 0.5)) + "\nnot json\n")
+    with pytest.raises(ConfigError, match=r"g.jsonl:2 is not a run record"):
+        rr.read_records([path])
+    with pytest.raises(ConfigError, match="do not exist"):
+        rr.read_records([tmp_path / "missing.jsonl"])
+
+
+def test_exported_cells_need_the_current_signature_and_the_final_metric(tmp_path):
+    path = tmp_path / "g.jsonl"
+    rr.write_record(_record("a", "r1", 1, 0.5), path)
+    rr.write_record(rr.make_record("g", "b", "r2", 2, "FINISHED", {"sig": "s"}, {}, {"other": 1.0}), path)
+    assert rr.exported_cells("g", {"a": ("segment", "s", "test/dice")}, path) == {"a": "r1"}
+    assert rr.exported_cells("g", {"a": ("segment", "new", "test/dice")}, path) == {}  # a stage changed
+    assert rr.exported_cells("g", {"b": ("segment", "s", "test/dice")}, path) == {}  # no final metric

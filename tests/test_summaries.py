@@ -1,0 +1,135 @@
+"""Exchange rates, templated notes, and the headline_by_modality / data_efficiency blocks from run records."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.config import ConfigError
+from experiments.reporting import efficiency as eff
+from experiments.reporting import run_records as rr
+
+TABLES = Path(__file__).resolve().parents[1] / "experiments" / "tables"
+BUDGETS = [8, 16, 32, 64]
+
+
+def test_n_equivalent_interpolates_in_log_n_and_never_extrapolates():
+    curve = [0.30, 0.40, 0.50, 0.60]
+    assert eff.n_equivalent(0.40, BUDGETS, curve) == 16
+    assert eff.n_equivalent(0.45, BUDGETS, curve) == pytest.approx(math.sqrt(16 * 32))  # halfway in log n
+    assert eff.n_equivalent(0.61, BUDGETS, curve) == math.inf  # "more than 64"
+    assert eff.n_equivalent(0.29, BUDGETS, curve) == 0.0  # "less than 8"
+    flat = [0.30, 0.40, 0.40, 0.50]  # a plateau: the segment that actually reaches the target
+    assert eff.n_equivalent(0.40, BUDGETS, flat) == 16
+    assert eff.n_equivalent(0.45, BUDGETS, flat) == pytest.approx(math.sqrt(32 * 64))
+
+
+def _dice(seeds=10, dip=False, gain=0.08):
+    rng = np.random.default_rng(1)
+    base = {8: 0.30, 16: 0.40, 32: 0.38 if dip else 0.50, 64: 0.60}
+    noise = {s: rng.normal(0, 0.01) for s in map(str, range(seeds))}
+    return {"real_only": {n: {s: base[n] + e for s, e in noise.items()} for n in BUDGETS},
+            "diffusion": {n: {s: base[n] + gain + e + rng.normal(0, 0.005) for s, e in noise.items()} for n in BUDGETS}}
+
+
+def test_exchange_rate_bootstrap_inside_and_outside_the_range():
+    out = eff.exchange_rates(_dice(), "real_only", BUDGETS, n_boot=500)
+    assert len(out["seeds"]) == 10 and out["monotone_fixed"] == []
+    at8, at64 = out["rates"]["diffusion"][8], out["rates"]["diffusion"][64]
+    assert 8 < at8["n_equivalent"] < 16 and at8["ci95"][0] <= at8["n_equivalent"] <= at8["ci95"][1]
+    assert at8["rate"] == pytest.approx(at8["n_equivalent"] / 8) and at8["supported_above_1"]
+    assert at64["n_equivalent"] == "more than 64" and at64["rate"] == "more than 1"
+    again = eff.exchange_rates(_dice(), "real_only", BUDGETS, n_boot=500)
+    assert again == out  # a fixed bootstrap seed: the same runs give the same bytes
+    worse = eff.exchange_rates(_dice(gain=-0.15), "real_only", BUDGETS, n_boot=200)
+    assert worse["rates"]["diffusion"][8]["n_equivalent"] == "less than 8"
+    assert eff.sentence(worse["rates"], {}).startswith("No exchange rate above 1 is supported")
+    assert "diffusion at n = 8" in eff.sentence(out["rates"], {})
+
+
+def test_a_dipping_real_only_curve_is_made_monotone_and_said_so():
+    out = eff.exchange_rates(_dice(dip=True), "real_only", BUDGETS, n_boot=100)
+    assert out["monotone_fixed"] == [32]
+
+
+def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc1234"):
+    records = []
+    for seed in seeds:
+        for n in budgets:
+            for i, variant in enumerate(variants):
+                value = (dice or (lambda v, n, s, i: 0.3 + 0.05 * i + 0.1 * math.log2(n / 8) + 0.003 * (s % 5)))(variant, n, seed, i)
+                cell = f"{variant}-{n}-{seed}"
+                tags = {"grid": grid, "cell": cell, "variant": variant, "seed": str(seed), "git_sha": sha, "sig": "s"}
+                records.append(rr.make_record(grid, cell, f"r-{cell}", 1000 + len(records), "FINISHED", tags,
+                                              {"data.n_real": str(n)}, {"test/dice": value, "test/fnr_small": 0.5 - value / 2}))
+    rr.write_records(records, tmp_path / f"{grid}.jsonl")
+
+
+def test_headline_by_modality_from_records_with_pending_modalities(tmp_path):
+    from experiments.reporting.table import main
+
+    arms = ["real_only", "copy_paste", "diffusion", "diffusion_gate", "diffusion_base_only"]
+    _records(tmp_path, "headline_polyp", arms, range(100, 120))
+    _records(tmp_path, "headline_skin", arms, range(100, 110))
+    assert main([str(TABLES / "headline_by_modality.yaml"), "--runs", str(tmp_path), "--write",
+                 str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    block = result["headline_by_modality"]
+    assert set(block) >= {"polyp", "skin", "fundus", "ultrasound", "frozen_code", "seed_block"}
+    polyp = block["polyp"]
+    assert polyp["seeds"] == list(range(100, 120)) and block["skin"]["n_seeds"] == 10
+    for key in ("dice_real_only", "dice_copy_paste", "dice_diffusion", "gain_vs_real_only_ci95",
+                "gain_vs_copy_paste_ci95", "mde80_vs_copy_paste"):
+        assert key in polyp
+    assert polyp["gain_vs_copy_paste"] == pytest.approx(0.10)  # diffusion_gate (i=3) - copy_paste (i=1)
+    assert result["frozen_code"] == block["frozen_code"] == "abc1234" and result["seed_block"] == 100
+    assert block["fundus"]["seeds"] == [] and block["fundus"]["dice_real_only"] is None
+    text = (tmp_path / "r.md").read_text()
+    assert "fundus (headline_fundus) (pending) | pending: no runs yet; run `meddiffaug grid sweeps/grids/headline_fundus.yaml`" in text
+    assert "polyp +0.100 [" in text and "{" not in text  # the note is filled from the numbers
+
+
+def test_data_efficiency_table_plot_and_exchange_rates(tmp_path):
+    from experiments.reporting.table import main
+
+    gains = {"real_only": 0.0, "copy_paste": 0.02, "diffusion": 0.08, "synthetic_only": -0.2}
+    _records(tmp_path, "data_efficiency", list(gains), range(100, 110), BUDGETS,
+             dice=lambda v, n, s, i: 0.3 + 0.1 * math.log2(n / 8) + gains[v] + 0.01 * ((s * 7 + i) % 3))
+    assert main([str(TABLES / "data_efficiency.yaml"), "--runs", str(tmp_path / "data_efficiency.jsonl"),
+                 "--write", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    block = json.loads((tmp_path / "r.json").read_text())["data_efficiency"]
+    assert block["n_real"] == BUDGETS and block["seeds"] == [str(s) for s in range(100, 110)]
+    assert set(block["dice"]) == set(gains) and len(block["dice"]["diffusion"]) == 4
+    rate = block["exchange_rate"]["diffusion"]["8"]
+    assert 8 < rate["n_equivalent"] < 16 and len(rate["ci95"]) == 2
+    assert block["exchange_rate"]["synthetic_only"]["8"]["n_equivalent"] == "less than 8"
+    text = (tmp_path / "r.md").read_text()
+    assert (tmp_path / "data_efficiency.png").stat().st_size > 1000 and "![" in text
+    assert "Exchange rates above 1 supported" in text and "Kvasir-SEG at 10 %, 25 %, 100 %" in text
+
+
+def test_note_placeholders_are_checked_and_filled(tmp_path):
+    from experiments.reporting.table import load_table
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: g\ncolumns: [test/dice]\nnotes: 'Dice {dcie.real_only.mean:.3f}'\n")
+    with pytest.raises(ConfigError, match="dcie"):
+        load_table(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("grid: g\nrows: {by: variant, order: [a, b]}\ncolumns: [test/dice]\nbaseline: a\n"
+                    "notes: 'Dice {dice.c.mean:.3f}'\n")
+    spec = load_table(typo)
+    from experiments.reporting.table import build_table
+    from experiments.reporting.table_render import render_section
+
+    import pandas as pd
+
+    runs = pd.DataFrame({"tags.variant": ["a", "a"], "tags.seed": ["0", "1"], "metrics.test/dice": [0.5, 0.6]})
+    with pytest.raises(ConfigError, match="has no 'c'"):
+        render_section(spec, build_table(spec, runs))
+    spec["notes"] = "a {dice.a.mean:.2f} {dice.a.ci:.2f}; b {dice.b.mean:.3f}; Δ {diff.dice.b.a.mean:+.3f}"
+    text = render_section(spec, build_table(spec, runs))
+    assert "a 0.55 [-0.09, 1.19]; b n/a; Δ n/a" in text  # b is declared but has no runs yet
