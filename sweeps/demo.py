@@ -32,6 +32,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from experiments.reporting import table
     from sweeps import grid
 
+    # The demo's run records sit beside its MLflow store under outputs/, not in the checkout's
+    # sweeps/records/ (which holds the committed records of the paper tables): deleting outputs/
+    # then reruns the demo instead of leaving records of runs whose store is gone.
+    os.environ.setdefault("MEDDIFFAUG_RECORDS_DIR", str(Path("outputs") / "records"))
     start = time.time()
     status = grid.main([args.grid, "--workers", str(args.workers)])
     out = Path(args.out)

@@ -1,0 +1,33 @@
+"""A diffusion base enters signatures by its content: re-pretraining it recomputes, moving it does not."""
+import shutil
+
+from experiments.base_identity import TINY_FOLDER, base_identity
+
+
+def _copy_base(tmp_path, name):
+    folder = tmp_path / name
+    shutil.copytree(TINY_FOLDER, folder)
+    return folder
+
+
+def test_same_content_at_another_path_is_the_same_base(tmp_path):
+    assert base_identity(str(_copy_base(tmp_path, "a"))) == base_identity(str(_copy_base(tmp_path, "b")))
+    assert base_identity(str(_copy_base(tmp_path, "c"))) == base_identity("tiny")
+
+
+def test_changed_weights_or_config_make_another_base(tmp_path):
+    original = base_identity(str(_copy_base(tmp_path, "a")))
+    retrained = _copy_base(tmp_path, "b")
+    weights = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other weights
+    weights.write_bytes(bytes(data))
+    changed = base_identity(str(retrained))
+    assert changed != original
+    (retrained / "MODEL_CARD.md").write_text("documentation only")  # the card is not the model
+    base_identity.cache_clear()
+    assert base_identity(str(retrained)) == changed
+
+
+def test_missing_folder_has_no_identity(tmp_path):
+    assert base_identity(str(tmp_path / "absent")) == {}
