@@ -62,7 +62,10 @@ def run_main(argv: Optional[List[str]] = None) -> int:
 
     datamodule = preflight(cfg)  # config, environment and data faults stop here, before MLflow
     result = run_pipeline(cfg, targets=stages, force=args.force, datamodule=datamodule)
-    print(json.dumps({"run_id": result.run_id, "sigs": result.sigs, "metrics": result.metrics}, indent=2))
+    from experiments.tracking import is_rank_zero
+
+    if is_rank_zero():  # under torchrun/srun every rank runs this command; one summary is enough
+        print(json.dumps({"run_id": result.run_id, "sigs": result.sigs, "metrics": result.metrics}, indent=2))
     return 0
 
 
