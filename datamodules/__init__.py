@@ -97,7 +97,7 @@ def create_datamodule(name: str, **cfg: Any):
 
 def _procedural(kind: str, **cfg: Any):
     # Imported lazily: datamodules/procedural.py is optional for file-based datasets.
-    from datamodules.base import ProceduralDataModule
+    from datamodules.procedural_data import ProceduralDataModule
 
     return ProceduralDataModule(kind=kind, **cfg)
 

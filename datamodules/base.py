@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from torch.utils.data import ConcatDataset, DataLoader, Dataset  # noqa: E402
 
 from datamodules.checks import mask_summary, raise_first, split_problems  # noqa: E402
+from datamodules.budget import pick_normal_pool  # noqa: E402
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.pairs import (IMAGE_EXTS, Layout, PairRecord, _atomic_write_bytes, binary_from_raw,  # noqa: E402,F401
                                list_files, load_pair, natural_key, pair_by_stem, read_image, read_raw_mask, report)
@@ -74,7 +75,12 @@ class SegmentationDataModule(L.LightningDataModule):
         transforms: Training augmentation preset, ``"standard"`` or ``"none"``.
         small_lesion_area: Lesion fraction under which a lesion counts as small (for metrics).
         split_file: JSON split to use when it exists (as written by ``write_split``).
-        n_procedural, procedural_seed: Accepted for config compatibility; used by procedural.
+        n_procedural, procedural_seed, test_pool: Accepted for config compatibility; used by
+            procedural data (``test_pool`` set for a file-based dataset is an error).
+        n_val: The label budget (:mod:`datamodules.budget`): validation pairs taken out of
+            ``n_real`` (a count, or a share of ``n_real``); ``None``: a validation split of its own.
+        n_normal: Size of the pool of lesion-free source images outside the budget (no masks
+            used), ``split_indices["normal"]``; 0: none.
     """
 
     def __init__(self, layout: Optional[Layout] = None, root: Optional[str] = None,
@@ -83,7 +89,8 @@ class SegmentationDataModule(L.LightningDataModule):
                  num_workers: int = 0, cache_dir: Optional[str] = "outputs/cache",
                  transforms: str = "standard", small_lesion_area: float = 0.02,
                  split_file: Optional[str] = None, n_procedural: int = 400,
-                 procedural_seed: int = 0):
+                 procedural_seed: int = 0, test_pool: Optional[int] = None,
+                 n_val: Optional[float] = None, n_normal: int = 0):
         super().__init__()
         self.layout = layout
         self.root = Path(root).expanduser() if root is not None else None
@@ -94,6 +101,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self.transforms, self.small_lesion_area = transforms, float(small_lesion_area)
         self.split_file = Path(split_file) if split_file else None
         self.n_procedural, self.procedural_seed = int(n_procedural), int(procedural_seed)
+        self.test_pool, self.n_val, self.n_normal = test_pool, n_val, int(n_normal)
+        if test_pool is not None and layout is not None:
+            raise DataError(f"data.test_pool is for procedural datasets (a fixed rendered test pool); "
+                            f"{layout.name} has its own test split: remove data.test_pool")
         if layout is not None:
             self.classes: tuple[str, ...] = tuple(layout.classes)
             self.prompt, self.modality = layout.prompt, layout.modality
@@ -161,16 +172,32 @@ class SegmentationDataModule(L.LightningDataModule):
                             f"the dataset has classes {self.classes}: pass matching classes")
         self.images, self.masks, self.ids = images, masks, list(ids)
         from_file = self.split_file is not None and self.split_file.exists()
+        fixed_normal = self._fixed_normal_pool()  # procedural: rendered lesion-free, outside the splits
+        lesion = dict(zip(self.ids, mask_summary(self.masks, len(self.classes))[0].tolist()))
         if from_file:
             names = read_split_file(self.split_file, self.ids)
         else:
-            names = make_splits(self.ids, groups, strata, official, self.split_seed,
-                                self.val_fraction, self.test_fraction, self.n_real)
+            keep = [k for k, i in enumerate(self.ids) if i not in set(fixed_normal or ())]
+            names = make_splits([self.ids[k] for k in keep], [groups[k] for k in keep],
+                                [strata[k] for k in keep], official, self.split_seed,
+                                self.val_fraction, self.test_fraction, self.n_real,
+                                n_val=self.n_val, lesion=lesion)
+        if self.n_normal > 0 and "normal" not in names:
+            names["normal"] = fixed_normal if fixed_normal is not None else pick_normal_pool(
+                sorted(set(names["train"]) - set(names["train_few"])), lesion, self.n_normal,
+                self.split_seed, self._dataset_name())
         self._check(names, groups, official_parts(official), from_file)
         pos = {k: i for i, k in enumerate(self.ids)}
         self.split_ids = names
         self.split_indices = {k: [pos[i] for i in v] for k, v in names.items()}
         self._ready = True
+
+    def _fixed_normal_pool(self) -> Optional[list]:
+        """Ids of images made lesion-free for the normal pool (kept out of every split), or None."""
+        return None
+
+    def _dataset_name(self) -> str:
+        return f"{self.layout.name} at {self.root}" if self.layout is not None else str(getattr(self, "kind", ""))
 
     def _check(self, names: dict, groups: Sequence, official: set, from_file: bool) -> None:
         """Refuse data that would give a meaningless run (the checks of ``data inspect``)."""
@@ -188,7 +215,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ splits & loaders
     def write_split(self, path) -> Path:
-        """Write ``{"train", "train_few", "val", "test"}`` id lists as JSON, atomically."""
+        """Write ``{"train", "train_few", "val", "test"[, "normal"]}`` id lists as JSON, atomically."""
         self.setup()
         path = Path(path)
         text = json.dumps(self.split_ids, indent=1).encode()
@@ -221,33 +248,3 @@ class SegmentationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), shuffle=False)
 
-
-class ProceduralDataModule(SegmentationDataModule):
-    """Embedded procedural data (``datamodules.procedural``), no files needed.
-
-    Args:
-        kind: ``polyp``, ``fundus``, ``skin`` or ``ultrasound``.
-        **kwargs: As for ``SegmentationDataModule`` (``root`` is ignored; ``n_procedural`` and
-            ``procedural_seed`` set the pool size and content).
-    """
-
-    def __init__(self, kind: str, **kwargs: Any):
-        super().__init__(layout=None, **kwargs)
-        from datamodules.procedural import PROCEDURAL_KINDS  # lazy: written concurrently
-
-        if kind not in PROCEDURAL_KINDS:
-            raise DataError(f"unknown procedural kind {kind!r}; use one of "
-                            f"{sorted(PROCEDURAL_KINDS)}")
-        spec = PROCEDURAL_KINDS[kind]
-        self.kind = kind
-        self.classes, self.prompt, self.modality = tuple(spec.classes), spec.prompt, spec.modality
-
-    def _load_source(self):
-        from datamodules.procedural import render_procedural
-
-        images, masks, _meta = render_procedural(self.kind, self.n_procedural, self.image_size,
-                                                 self.procedural_seed)
-        ids = [f"{self.kind}_{i:05d}" for i in range(len(images))]
-        # Stratify by lesion/normal so small pools keep both in every split.
-        strata = [str(int(m.any())) for m in masks]
-        return images, masks, ids, [None] * len(ids), strata, None

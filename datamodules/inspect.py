@@ -19,6 +19,7 @@ from PIL import Image
 from datamodules import get_layout
 from datamodules.base import (load_pair, make_splits, natural_key, official_parts, read_raw_mask,
                              read_split_file)
+from datamodules.budget import pick_normal_pool
 from datamodules.checks import split_problems
 from datamodules.errors import DataError
 
@@ -33,7 +34,7 @@ def _quantiles(x: Sequence[float]) -> dict:
 def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_seed: int = 0,
                     val_fraction: float = 0.15, test_fraction: float = 0.15,
                     small_lesion_area: float = 0.02, n_real: Optional[int] = None,
-                    split_file=None, **layout_kw: Any) -> dict:
+                    split_file=None, n_val=None, n_normal: int = 0, **layout_kw: Any) -> dict:
     """Decode every pair of a file-based dataset at its original size and summarise it.
 
     Args:
@@ -44,10 +45,13 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         small_lesion_area: Lesion fraction of the image under which a lesion counts as small.
         n_real: Few-shot subset size to check for a lesion (``None``: not checked).
         split_file: A split JSON to check instead of the seeded split (as ``data.split_file``).
+        n_val, n_normal: The label budget (``data.n_val``: validation pairs out of ``n_real``) and
+            the pool of lesion-free sources outside it (``data.n_normal``), as a run would use them.
         **layout_kw: Layout options (e.g. ``classes`` for ``folder``).
 
     Returns:
-        Dict with keys ``dataset``, ``root``, ``n_pairs``, ``splits`` (split -> count),
+        Dict with keys ``dataset``, ``root``, ``n_pairs``, ``splits`` (split -> count; with
+        ``n_val`` also ``train_few``, with ``n_normal`` also ``normal``),
         ``classes``, ``image_sizes``, ``mask_values`` (raw value -> pixel count),
         ``lesion_area`` and ``problems`` (list of messages; empty when all is well).
     """
@@ -100,10 +104,19 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         if official:  # drop ids whose files failed, so the split sizes stay truthful
             keep = set(ids)
             official = {k: [i for i in v if i in keep] for k, v in official.items()}
+        lesion_of = {r.id: a > 0 for r, a in zip(good, areas)}
         names = _splits(ids, good, official, split_seed, val_fraction, test_fraction, n_real,
-                        split_file, problems)
+                        split_file, problems, n_val, lesion_of)
+        if names is not None and n_normal and "normal" not in names:
+            try:
+                names["normal"] = pick_normal_pool(sorted(set(names["train"]) - set(names["train_few"])),
+                                                   lesion_of, int(n_normal), split_seed, f"{name} at {root}")
+            except DataError as e:
+                problems.append(str(e))
         if names is not None:
             splits = {k: len(names[k]) for k in ("train", "val", "test")}
+            splits.update({k: len(names[k]) for k in ("train_few", "normal")
+                           if k in names and (k != "train_few" or n_val is not None)})
             problems += split_problems(
                 names, {r.id: a > 0 for r, a in zip(good, areas)}, present, classes,
                 {r.id: r.group for r in good}, f"{name} at {root}", layout.group_kind,
@@ -132,13 +145,13 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
 
 
 def _splits(ids, good, official, seed, val_fraction, test_fraction, n_real, split_file,
-            problems: list) -> Optional[dict]:
+            problems: list, n_val=None, lesion=None) -> Optional[dict]:
     """The splits a run would use (``None``, with the reason in ``problems``, if none)."""
     try:
         if split_file is not None and Path(split_file).exists():
             return read_split_file(Path(split_file), ids)
         return make_splits(ids, [r.group for r in good], [r.stratum for r in good], official,
-                           seed, val_fraction, test_fraction, n_real)
+                           seed, val_fraction, test_fraction, n_real, n_val=n_val, lesion=lesion)
     except DataError as e:
         problems.append(str(e))
         return None
@@ -184,11 +197,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--n-real", type=int, default=None,
                     help="also check the seeded few-shot subset of this size (data.n_real)")
     ap.add_argument("--split-file", default=None, help="check this split JSON (data.split_file)")
+    ap.add_argument("--n-val", type=float, default=None,
+                    help="validation pairs taken out of --n-real (data.n_val: a count, or a share < 1)")
+    ap.add_argument("--n-normal", type=int, default=0,
+                    help="also draw the pool of lesion-free sources outside the budget (data.n_normal)")
     args = ap.parse_args(argv)
     try:
         result = inspect_dataset(args.dataset, args.root, args.image_size, args.split_seed,
                                  args.val_fraction, args.test_fraction, n_real=args.n_real,
-                                 split_file=args.split_file)
+                                 split_file=args.split_file, n_val=args.n_val, n_normal=args.n_normal)
     except DataError as e:  # unknown dataset name etc.
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -315,7 +315,8 @@ def _ultrasound(g, t, S, normal):
 _RENDERERS = {"polyp": _polyp, "fundus": _fundus, "skin": _skin, "ultrasound": _ultrasound}
 
 
-def render_procedural(kind: str, n: int, size: int, seed: int, normal_fraction: float = 0.15):
+def render_procedural(kind: str, n: int, size: int, seed: int, normal_fraction: float = 0.15,
+                      stream: str = ""):
     """Render ``n`` image–mask pairs of a procedural kind.
 
     Args:
@@ -324,6 +325,9 @@ def render_procedural(kind: str, n: int, size: int, seed: int, normal_fraction: 
         size: square side ``S`` in pixels.
         seed: content seed; sample ``i`` depends only on ``(kind, seed, i)``.
         normal_fraction: share of lesion-free images (ignored for ``fundus``: every retina has a disc).
+        stream: ``""`` (the content of ``data.procedural_seed``), or a named stream such as
+            :data:`TEST_STREAM` / :data:`NORMAL_STREAM`: its name enters every sample's seed, so no
+            sample of one stream equals a sample of another, whatever the seeds.
 
     Returns:
         ``images`` uint8 (n,S,S,3), ``masks`` uint8 (n,S,S) class indices, and one meta dict per
@@ -336,22 +340,58 @@ def render_procedural(kind: str, n: int, size: int, seed: int, normal_fraction: 
     if kind not in _RENDERERS:
         raise ValueError(f"Unknown procedural kind '{kind}'; choose one of {', '.join(_RENDERERS)}.")
     code = zlib.crc32(kind.encode())  # stable across processes (hash() is salted)
+    words = [code] + ([zlib.crc32(stream.encode())] if stream else [])  # "" keeps the old samples
     images = np.zeros((n, size, size, 3), np.uint8)
     masks = np.zeros((n, size, size), np.uint8)
     meta = []
     for i in range(n):
         # geometry and pixel texture use separate streams: the layout does not depend on size
-        geom, tex = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, i, code]).spawn(2))
+        geom, tex = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, i, *words]).spawn(2))
         normal = kind != "fundus" and bool(geom.random() < normal_fraction)
         img, mask, label, extra = _RENDERERS[kind](geom, tex, size, normal)
         images[i] = np.clip(np.moveaxis(img, 0, -1) * 255 + 0.5, 0, 255).astype(np.uint8)
         masks[i] = mask
         counts = np.bincount(label.ravel(), minlength=1)[1:] if kind != "fundus" else np.array([])
         areas = [float(c) / size ** 2 for c in counts if c > 0]
-        meta.append({"id": f"{kind}_s{seed}_{i:05d}", "kind": kind, "normal": not masks[i].any(),
+        meta.append({"id": f"{kind}_{stream + '_' if stream else ''}s{seed}_{i:05d}", "kind": kind, "normal": not masks[i].any(),
                      "n_lesions": len(areas) if kind != "fundus" else 1, "areas": areas
                      if kind != "fundus" else [float((masks[i] > 0).mean())], **extra})
     return images, masks, meta
+
+
+# Named content streams (see ``render_procedural``). The test pool is stream TEST_STREAM of content
+# seed TEST_POOL_SEED for every run; training, validation and normal-pool content use the run's own
+# ``data.procedural_seed`` on the default and NORMAL_STREAM streams, so the test pool is disjoint
+# from every training pool by construction.
+TEST_STREAM, NORMAL_STREAM, TEST_POOL_SEED = "test", "normal", 0
+
+
+@lru_cache(maxsize=4)
+def render_test_pool(kind: str, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed test pool of a kind: ``n`` samples of :data:`TEST_STREAM`, identical for every run.
+
+    Cached per process (a grid builds one datamodule per seed); the arrays are read-only.
+
+    Returns:
+        ``images`` uint8 (n,S,S,3) and ``masks`` uint8 (n,S,S) class indices.
+    """
+    images, masks, _ = render_procedural(kind, n, size, TEST_POOL_SEED, stream=TEST_STREAM)
+    images.flags.writeable = masks.flags.writeable = False
+    return images, masks
+
+
+def render_normal_pool(kind: str, n: int, size: int, seed: int) -> np.ndarray:
+    """``n`` lesion-free images of :data:`NORMAL_STREAM` of content seed ``seed``; uint8 (n,S,S,3).
+
+    Raises:
+        ValueError: ``kind`` has no lesion-free images (``fundus``: every retina has a disc and cup).
+    """
+    if kind == "fundus":
+        raise ValueError("procedural_fundus has no lesion-free images (every retina shows an optic disc "
+                         "and cup): set data.n_normal=0")
+    images, masks, _ = render_procedural(kind, n, size, seed, normal_fraction=1.0, stream=NORMAL_STREAM)
+    assert not masks.any(), "normal-pool images must hold no lesion"
+    return images
 
 
 def save_preview(kind: str, path: str, n: int = 16, size: int = 128, seed: int = 0) -> None:

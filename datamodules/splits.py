@@ -57,13 +57,18 @@ def official_parts(official) -> set:
     return official if {"train", "test"} <= official else set()
 
 
-def make_splits(ids, groups, strata, official, seed, val_fraction, test_fraction, n_real) -> dict:
+def make_splits(ids, groups, strata, official, seed, val_fraction, test_fraction, n_real,
+                n_val=None, lesion=None) -> dict:
     """Deterministic ``{"train", "train_few", "val", "test"}`` id lists.
 
     Official ``train``/``val``/``test`` are used as given; without ``val`` it is carved from the
     official train by seed; without an official test everything is split by group and stratum.
     ``train_few`` is a seeded prefix of a permutation of train (so smaller ``n_real`` subsets
     nest in larger ones) and never touches val/test.
+
+    With ``n_val`` (the label budget, :mod:`datamodules.budget`) no validation split is carved:
+    the ``n_real`` drawn pairs are the whole labelled budget, and ``val`` is ``n_val`` of them
+    (stratified by ``lesion``, id -> bool), ``train_few`` the rest; an official val joins train.
     """
     rng = np.random.default_rng([int(seed), 0])
     gmap, smap = dict(zip(ids, groups)), dict(zip(ids, strata))
@@ -72,6 +77,10 @@ def make_splits(ids, groups, strata, official, seed, val_fraction, test_fraction
         # An official train/val release without test labels: the official val is the held-out
         # set (never used for model selection), val is carved from train.
         official["test"] = official.pop("val")
+    if n_val is not None:  # validation comes out of the budget, not from a split of its own
+        val_fraction = 0.0
+        if "val" in official and "test" in official:
+            official["train"] = list(official.get("train", [])) + list(official.pop("val"))
     if "train" in official and "test" in official:
         train, test = list(official["train"]), list(official["test"])
         if "val" in official:
@@ -90,6 +99,11 @@ def make_splits(ids, groups, strata, official, seed, val_fraction, test_fraction
                             f"lower data.n_real or set it to null for all")
         perm = np.random.default_rng([int(seed), 1]).permutation(len(train))[: int(n_real)]
         few = sorted((train[k] for k in perm), key=natural_key)
+    if n_val is not None:
+        from datamodules.budget import resolve_n_val, split_budget
+
+        val, few = split_budget(few, gmap, dict(lesion or {}), resolve_n_val(n_val, n_real, len(train)), seed)
+        train = [i for i in train if i not in set(val)]
     return {"train": train, "train_few": few, "val": val, "test": test}
 
 
@@ -103,12 +117,15 @@ def read_split_file(path: Path, ids: Sequence[str]) -> dict:
         raise DataError(f"split file {path} must hold lists 'train', 'val' and 'test'")
     data.setdefault("train_few", data["train"])
     known = set(ids)
-    missing = sorted({i for k in ("train", "train_few", "val", "test") for i in data[k]} - known,
-                     key=natural_key)
+    parts = ("train", "train_few", "val", "test") + (("normal",) if "normal" in data else ())
+    missing = sorted({i for k in parts for i in data[k]} - known, key=natural_key)
     if missing:
         raise DataError(f"split file {path} names ids not in the dataset: {missing[:10]}"
                         f"{' ...' if len(missing) > 10 else ''}; delete the file to re-split")
     tr, va, te = (set(data[k]) for k in ("train", "val", "test"))
     if (tr & va) or (tr & te) or (va & te) or not set(data["train_few"]) <= tr:
         raise DataError(f"split file {path} has overlapping splits (or train_few outside train)")
-    return {k: list(data[k]) for k in ("train", "train_few", "val", "test")}
+    if set(data.get("normal", [])) & (set(data["train_few"]) | va | te):
+        raise DataError(f"split file {path} lists 'normal' (unlabelled source) ids that are also in "
+                        f"train_few, val or test: the normal pool must lie outside the label budget")
+    return {k: list(data[k]) for k in parts}

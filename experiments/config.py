@@ -38,6 +38,14 @@ class DataConfig:
     transforms: str = "standard"  # albumentations preset for training: standard | none
     small_lesion_area: float = 0.02  # lesions under this image fraction count as "small"
     split_file: Optional[str] = None  # your own split: JSON lists train, val, test (and train_few) of ids
+    # The label budget (README "Your own data"). Null/0 keep the behaviour from before these keys existed.
+    # Validation pairs taken out of n_real (n_real is then every labelled pair of the run): a count (4) or a
+    # share of n_real (0.25 -> n_real // 4, resolved to the count on loading); null: a validation split of its own
+    n_val: Any = None
+    n_normal: int = 0  # pool of lesion-free source images outside the budget (no masks used); 0 = none
+    # procedural only: the test split is this many pairs of a reserved test stream, the same for every
+    # seed and disjoint from every training pool; null: test is split from the run's own content
+    test_pool: Optional[int] = None
 
 
 @dataclass
@@ -151,6 +159,8 @@ class AugmentConfig:
     method: str = "standard"  # none | standard | copy_paste | diffusion
     ratio: float = 1.0  # synthetic : real
     seed: int = 0
+    # train on round(ratio * n_train_few) synthetic pairs alone (no real pair; validation stays real)
+    synthetic_only: bool = False
 
 
 @dataclass
@@ -269,6 +279,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
             raise ConfigError(f"Override '{item}' in {overrides_source} is not of the form key=value "
                               f"(e.g. trainer.max_epochs=5).")
         merged = _merge(merged, _dotlist(item, overrides_source), overrides_source)
+    _resolve_budget(merged)
     _validate(merged)
     return merged
 
@@ -324,6 +335,7 @@ def _validate(cfg: DictConfig) -> None:
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")
     if cfg.augment.ratio < 0:
         raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
+    _validate_budget(cfg)
     _validate_memory_options(cfg.diffusion)
     from experiments.config_ranges import check_ranges  # every count, size and ratio
 
@@ -337,6 +349,40 @@ def _validate_memory_options(d: DictConfig) -> None:
         raise ConfigError(f"'diffusion.grad_accum' is {d.grad_accum}; it must be >= 1 (batches per optimizer step).")
     if d.ema_decay is not None and not 0.0 < d.ema_decay < 1.0:
         raise ConfigError(f"'diffusion.ema_decay' is {d.ema_decay}; it must lie in (0, 1) (e.g. 0.999), or be null for no EMA.")
+
+
+def _resolve_budget(cfg: DictConfig) -> None:
+    """``data.n_val`` given as a share of ``data.n_real`` becomes its count (0.25 of 16 -> 4), so the
+    same budget reads the same in every config and stage signature."""
+    n_val, n_real = cfg.data.n_val, cfg.data.n_real
+    if isinstance(n_val, bool) or (n_val is not None and not isinstance(n_val, (int, float))):
+        raise ConfigError(f"'data.n_val' is {n_val!r}; give a count of validation pairs (e.g. 4), a share of "
+                          f"data.n_real in (0, 1) (e.g. 0.25), or null.")
+    if isinstance(n_val, float) and 0 < n_val < 1 and n_real is not None:
+        cfg.data.n_val = max(1, int(n_val * int(n_real)))
+    elif isinstance(n_val, float) and n_val >= 1 and n_val == int(n_val):
+        cfg.data.n_val = int(n_val)
+
+
+def _validate_budget(cfg: DictConfig) -> None:
+    d, a = cfg.data, cfg.augment
+    if d.n_val is not None:
+        if d.n_val <= 0 or (d.n_val >= 1 and d.n_val != int(d.n_val)):
+            raise ConfigError(f"'data.n_val' is {d.n_val}; give a count >= 1 or a share in (0, 1) of data.n_real.")
+        if d.n_real is not None and d.n_val >= d.n_real:
+            raise ConfigError(f"'data.n_val' ({d.n_val}) must be below 'data.n_real' ({d.n_real}): the validation "
+                              f"pairs come out of the n_real labelled pairs and train_few keeps the rest.")
+    if d.n_normal < 0:
+        raise ConfigError(f"'data.n_normal' is {d.n_normal}; it must be >= 0 (0 = no pool of lesion-free sources).")
+    if d.test_pool is not None:
+        if not str(d.name).startswith("procedural_"):
+            raise ConfigError(f"'data.test_pool' is for procedural datasets; '{d.name}' has its own test split: "
+                              f"remove data.test_pool.")
+        if d.test_pool < 1:
+            raise ConfigError(f"'data.test_pool' is {d.test_pool}; it must be >= 1 (or null).")
+    if a.synthetic_only and (a.method not in ("diffusion", "copy_paste") or a.ratio <= 0):
+        raise ConfigError("'augment.synthetic_only' trains on synthetic pairs alone: it needs augment.method "
+                          "diffusion or copy_paste and augment.ratio > 0.")
 
 
 def to_yaml(cfg: DictConfig) -> str:

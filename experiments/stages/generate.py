@@ -195,7 +195,8 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
     g = cfg.generation
     planner = Planner(images, masks, ids, datamodule.split_indices["train_few"], seed=int(g.seed),
                       n_samples=int(g.n_samples), scale_range=tuple(g.scale_range), elastic=float(g.elastic),
-                      mask_source=str(g.mask_source), source=str(g.source))
+                      mask_source=str(g.mask_source), source=str(g.source),
+                      normal_indices=getattr(datamodule, "split_indices", {}).get("normal"))
     manifest = workdir / "manifest.jsonl"
     done = {r["id"] for r in read_manifest(manifest)}
     pending = [i for i in range(int(cfg.generation.n_samples)) if sample_id(i) not in done]

@@ -5,7 +5,7 @@ control plan identical sources, masks and labels and differ only in the pixels i
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -31,16 +31,19 @@ class Planner:
 
     Args:
         images, masks, ids: Datamodule arrays, uint8 (N,S,S,3), uint8 (N,S,S), N ids.
-        train_indices: ``train_few`` rows: the only sources, mask shapes and donors.
+        train_indices: ``train_few`` rows: the sources, mask shapes and donors.
         seed, n_samples, scale_range, elastic, mask_source, source: the generation settings.
+        normal_indices: The normal pool's rows (``split_indices["normal"]``): with ``source`` =
+            ``normal`` the sources come from it instead of ``train_indices`` (shapes and donors do not).
     """
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, ids: list, train_indices: list, seed: int,
-                 n_samples: int, scale_range: tuple, elastic: float, mask_source: str, source: str):
+                 n_samples: int, scale_range: tuple, elastic: float, mask_source: str, source: str,
+                 normal_indices: Optional[list] = None):
         self.images, self.masks, self.ids, self.seed = images, masks, ids, int(seed)
         self.train = [int(i) for i in train_indices]
         self.generator = MaskGenerator(masks[self.train], None, tuple(scale_range), float(elastic), str(mask_source))
-        self.pool, self.kind = source_pool(masks, self.train, str(source))
+        self.pool, self.kind = source_pool(masks, self.train, str(source), normal_indices)
         # One balanced source order for the whole run, from its own stream of the seed.
         order_rng = np.random.default_rng([self.seed, 0])
         self.order = source_order(self.pool, int(n_samples), order_rng)

@@ -2,19 +2,21 @@
 
 Two modes, one per paper:
 
-* ``normal`` (DiffAug): lesion-free images of the training split. A few-shot subset often holds
-  none, so lesion-bearing images then serve their *lesion-free regions* (existing lesions are
-  blocked for placement and kept in the label).
+* ``normal`` (DiffAug): lesion-free images. With a normal pool (``data.n_normal``: lesion-free
+  images outside the label budget, ``split_indices["normal"]``) they come from it; else from the
+  training split. A few-shot subset often holds none, so lesion-bearing images then serve their
+  *lesion-free regions* (existing lesions are blocked for placement and kept in the label).
 * ``real`` (MedDiff-FT): any real training image; the new lesion goes elsewhere.
 
 Either way the label of the synthetic pair is the union of the source's existing lesions and the
-new one, so an existing lesion is never labelled background. Only ``train_few`` indices are ever
-sources: val/test images must not leak into training data.
+new one, so an existing lesion is never labelled background. Only ``train_few`` indices (and the
+normal pool, which lies outside every split) are ever sources: val/test images must not leak into
+training data.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -47,13 +49,16 @@ class Source:
         return self.existing > 0
 
 
-def source_pool(masks: np.ndarray, train_indices: Sequence[int], mode: str) -> tuple[list, str]:
+def source_pool(masks: np.ndarray, train_indices: Sequence[int], mode: str,
+                normal_indices: Optional[Sequence[int]] = None) -> tuple[list, str]:
     """Candidate source indices and their kind for ``mode``.
 
     Args:
         masks: uint8 (N,S,S) masks of the whole datamodule.
         train_indices: The few-shot training indices (``split_indices["train_few"]``).
         mode: ``normal`` or ``real``.
+        normal_indices: The normal pool (``split_indices["normal"]``), the sources of ``normal``
+            mode when non-empty; ``None`` or empty: lesion-free images of ``train_indices``.
 
     Returns:
         (indices, kind); raises ValueError when no training image exists.
@@ -65,6 +70,8 @@ def source_pool(masks: np.ndarray, train_indices: Sequence[int], mode: str) -> t
         raise ValueError("no training images to use as sources (split_indices['train_few'] is empty)")
     if mode == "real":
         return train, "real"
+    if normal_indices:
+        return [int(i) for i in normal_indices], "normal_image"
     normal = [i for i in train if not masks[i].any()]
     if normal:
         return normal, "normal_image"
@@ -132,5 +139,7 @@ def union_label(existing: np.ndarray, new: np.ndarray) -> np.ndarray:
 def sources_from_datamodule(datamodule, n: int, rng: np.random.Generator, mode: str = "real",
                             split: str = "train_few") -> list[Source]:
     """:func:`pick_sources` over a set-up ``SegmentationDataModule`` (only its ``split``)."""
-    return pick_sources(datamodule.images, datamodule.masks, datamodule.ids,
-                        datamodule.split_indices[split], n, rng, mode)
+    pool, kind = source_pool(datamodule.masks, datamodule.split_indices[split], mode,
+                             datamodule.split_indices.get("normal"))
+    return [make_source(datamodule.images, datamodule.masks, datamodule.ids, i, kind)
+            for i in source_order(pool, n, rng)]
