@@ -31,3 +31,22 @@ def test_changed_weights_or_config_make_another_base(tmp_path):
 
 def test_missing_folder_has_no_identity(tmp_path):
     assert base_identity(str(tmp_path / "absent")) == {}
+
+
+def test_finetune_signature_follows_the_base_content_not_its_path(tmp_path):
+    from experiments.config import load_config
+    from experiments.pipeline import signatures
+
+    def sig(base):
+        cfg = load_config("experiments/configs/procedural_polyp_diffaug.yaml",
+                          [f"diffusion.base_model={base}", "tracking.enabled=false"])
+        return signatures(cfg)["finetune"]
+
+    a, b = _copy_base(tmp_path, "a"), _copy_base(tmp_path, "b")
+    assert sig(a) == sig(b)
+    weights = b / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    base_identity.cache_clear()
+    assert sig(a) != sig(b)

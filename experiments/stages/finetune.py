@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from experiments.builders import build_diffusion
-from experiments.hashing import subtree
+from experiments.base_identity import base_identity
+from experiments.hashing import short_hash, subtree
 from experiments.trainer import build_trainer
 from lightning_modules.diffusion_bank import LatentBankDataset, build_inpainting_bank, variant_weights
 from lightning_modules.diffusion_memory import prepare_finetune
@@ -25,8 +26,16 @@ VERSION = 0
 
 
 def inputs(cfg: DictConfig) -> Dict[str, Any]:
-    """The config values this stage's result depends on (its part of the signature)."""
-    return {"data": subtree(cfg, "data"), "diffusion": subtree(cfg, "diffusion"), "precision": cfg.trainer.precision}
+    """The config values this stage's result depends on (its part of the signature).
+
+    The base enters by its content (:mod:`experiments.base_identity`): re-pretraining the shipped
+    ``tiny`` base recomputes every fine-tune, and a local base mounted at another path does not.
+    """
+    diffusion = subtree(cfg, "diffusion")
+    if diffusion["base_model"] != "tiny":
+        diffusion["base_model"] = "local folder"  # the path is not the model; its content is below
+    return {"data": subtree(cfg, "data"), "diffusion": diffusion, "precision": cfg.trainer.precision,
+            "base": short_hash(base_identity(cfg.diffusion.base_model))}
 
 
 def background_prompt_for(datamodule) -> str:
