@@ -55,7 +55,7 @@ def test_a_dipping_real_only_curve_is_made_monotone_and_said_so():
     assert out["monotone_fixed"] == [32]
 
 
-def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc1234"):
+def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc1234", val=None):
     records = []
     for seed in seeds:
         for n in budgets:
@@ -64,7 +64,8 @@ def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc
                 cell = f"{variant}-{n}-{seed}"
                 tags = {"grid": grid, "cell": cell, "variant": variant, "seed": str(seed), "git_sha": sha, "sig": "s"}
                 records.append(rr.make_record(grid, cell, f"r-{cell}", 1000 + len(records), "FINISHED", tags,
-                                              {"data.n_real": str(n)}, {"test/dice": value, "test/fnr_small": 0.5 - value / 2}))
+                                              {"data.n_real": str(n)}, {"test/dice": value, "test/fnr_small": 0.5 - value / 2,
+                                                                               "val/dice": (val or (lambda v, d: d))(variant, value)}))
     rr.write_records(records, tmp_path / f"{grid}.jsonl")
 
 
@@ -84,12 +85,28 @@ def test_headline_by_modality_from_records_with_pending_modalities(tmp_path):
     for key in ("dice_real_only", "dice_copy_paste", "dice_diffusion", "gain_vs_real_only_ci95",
                 "gain_vs_copy_paste_ci95", "mde80_vs_copy_paste"):
         assert key in polyp
-    assert polyp["gain_vs_copy_paste"] == pytest.approx(0.10)  # diffusion_gate (i=3) - copy_paste (i=1)
+    # the gate arm has the higher validation Dice, so the rule picks it: diffusion_gate (i=3) - copy_paste (i=1)
+    assert polyp["diffusion_arm"] == "diffusion_gate" and polyp["gain_vs_copy_paste"] == pytest.approx(0.10)
     assert result["frozen_code"] == block["frozen_code"] == "abc1234" and result["seed_block"] == 100
     assert block["fundus"]["seeds"] == [] and block["fundus"]["dice_real_only"] is None
     text = (tmp_path / "r.md").read_text()
     assert "fundus (headline_fundus) (pending) | pending: no runs yet; run `meddiffaug grid sweeps/grids/headline_fundus.yaml`" in text
     assert "polyp +0.100 [" in text and "{" not in text  # the note is filled from the numbers
+
+
+def test_headline_diffusion_arm_is_chosen_on_validation_never_on_test(tmp_path):
+    from experiments.reporting.headlines import chosen_arm
+    from experiments.reporting.table import main
+
+    arms = ["real_only", "copy_paste", "diffusion", "diffusion_gate", "diffusion_base_only"]
+    # test Dice favours the gate (i=3), validation Dice favours no gate: validation decides
+    _records(tmp_path, "headline_polyp", arms, range(100, 110), val=lambda v, d: d + (0.2 if v == "diffusion" else 0))
+    assert main([str(TABLES / "headline_by_modality.yaml"), "--runs", str(tmp_path), "--write",
+                 str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    polyp = json.loads((tmp_path / "r.json").read_text())["headline_by_modality"]["polyp"]
+    assert polyp["diffusion_arm"] == "diffusion" and polyp["gain_vs_copy_paste"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="never on test"):
+        chosen_arm({"choose_by": "test/dice", "among": ["diffusion", "diffusion_gate"]}, {"rows": []})
 
 
 def test_data_efficiency_table_plot_and_exchange_rates(tmp_path):

@@ -56,6 +56,20 @@ def headline(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) ->
     })
 
 
+def chosen_arm(choice: Any, table: Dict[str, Any], prefix: tuple = ()) -> str:
+    """The arm a headline reports: a fixed variant, or ``{choose_by: <val metric>, among: [...]}``:
+    the candidate with the best mean of that validation metric (higher is better), so the choice
+    is fixed before the block and never reads a test metric."""
+    if isinstance(choice, str):
+        return choice
+    metric = choice["choose_by"]
+    if metric.startswith("test/"):
+        raise ValueError(f"headline_rows chooses by {metric!r}: choose on validation metrics, never on test")
+    scored = [(_mean(_find(table, arm, prefix), metric), arm) for arm in choice["among"]]
+    scored = [(value, arm) for value, arm in scored if value is not None]
+    return max(scored)[1] if scored else choice["among"][0]
+
+
 def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
     """``headline_by_modality``: per modality the seeds, the three headline arms' Dice, the paired gains
     with 95 % CIs and the MDE at 80 % power; ``frozen_code`` (the commit all runs share) and
@@ -70,13 +84,14 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
     out: Dict[str, Any] = {}
     body, pending = [], []
     for label, grid in spec["sources"]:
-        real, cp, diff = (_find(table, arms[a], (canon(label),)) for a in ("real_only", "copy_paste", "diffusion"))
+        diffusion_arm = chosen_arm(arms["diffusion"], table, (canon(label),))
+        real, cp, diff = (_find(table, arm, (canon(label),)) for arm in (arms["real_only"], arms["copy_paste"], diffusion_arm))
         gain, gain_cp = _pair(diff, real), _pair(diff, cp)
         mine = runs[runs[f"tags.{key}"] == label] if f"tags.{key}" in runs else runs.iloc[0:0]
         seeds = sorted({int(float(s)) for s in mine.get("tags.seed", pd.Series(dtype=object)).dropna()})
         entry = {"grid": grid, "seeds": seeds, "n_seeds": len(seeds),
                  "dice_real_only": _mean(real, DICE), "dice_copy_paste": _mean(cp, DICE),
-                 "dice_diffusion": _mean(diff, DICE), "diffusion_arm": arms["diffusion"],
+                 "dice_diffusion": _mean(diff, DICE), "diffusion_arm": diffusion_arm,
                  "gain_vs_real_only": gain["mean"] if gain else None, "gain_vs_real_only_ci95": _ci(gain),
                  "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None,
                  "gain_vs_copy_paste_ci95": _ci(gain_cp),
@@ -92,7 +107,7 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
             continue
         d = lambda x: fmt(x["mean"], ".3f", True) + " " + f"[{fmt(x['ci95_low'], '.3f', True)}, {fmt(x['ci95_high'], '.3f', True)}]" if x else "n/a"  # noqa: E731
         body.append([label, str(len(seeds)), fmt(entry["dice_real_only"]), fmt(entry["dice_copy_paste"]),
-                     fmt(entry["dice_diffusion"]), d(gain), d(gain_cp),
+                     f"{fmt(entry['dice_diffusion'])} (`{diffusion_arm}`)", d(gain), d(gain_cp),
                      fmt(entry["mde80_vs_real_only"]), fmt(entry["mde80_vs_copy_paste"])])
     shas = sorted(set(runs["tags.git_sha"].dropna())) if "tags.git_sha" in runs else []
     all_seeds = sorted({s for e in out.values() for s in e["seeds"]})
@@ -101,16 +116,23 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
     out.update({"frozen_code": frozen, "seed_block": block})
     markdown = []
     if body:
-        header = ["Modality", "seeds", "Dice real only", "Dice copy-paste", f"Dice {arms['diffusion']}",
+        header = ["Modality", "seeds", "Dice real only", "Dice copy-paste", "Dice diffusion (arm)",
                   "Δ vs real only [95 % CI]", "Δ vs copy-paste [95 % CI]", "MDE80 vs real only", "MDE80 vs copy-paste"]
         code = ", ".join(f"`{s}`" for s in shas) or "unknown"
         markdown = [render_markdown_table(header, body), "",
-                    f"Headline arm: `{arms['diffusion']}`. Code: {code}"
+                    f"Diffusion arm: {_describe(arms['diffusion'])}. Code: {code}"
                     + (" ⚠ the runs come from several commits; a frozen block has one" if len(shas) > 1 else "")
                     + f"; seed block from {block}. MDE80: the smallest true paired Δ Dice found with 80 % power "
                       "(paired t-test, two-sided α = 0.05, the observed paired SD).", ""]
     return {"json": {"headline_by_modality": out, "frozen_code": frozen, "seed_block": block},
             "markdown": markdown, "pending": pending, "notes": {"by_modality": out}}
+
+
+def _describe(choice: Any) -> str:
+    if isinstance(choice, str):
+        return f"`{choice}`"
+    return (f"per modality, the one of {', '.join(f'`{a}`' for a in choice['among'])} with the higher mean "
+            f"{choice['choose_by']} (chosen on validation, before looking at test)")
 
 
 def copy_sample_grid(spec: Dict[str, Any], runs: pd.DataFrame, dest: Path) -> Optional[Path]:
