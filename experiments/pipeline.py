@@ -8,7 +8,6 @@ stable name, so checkpoints there let a killed run resume) and is renamed into p
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -208,7 +207,10 @@ def build_datamodule(cfg: DictConfig) -> Any:
     datamodule.setup()
     split_dir = Path(cfg.output_dir) / "splits"
     split_dir.mkdir(parents=True, exist_ok=True)
-    datamodule.write_split(split_dir / f"{name}_seed{cfg.data.split_seed}_n{cfg.data.n_real}.json")
+    # The readable part names the usual axes; the hash tells apart every other data setting
+    # (procedural content seed, label budget, test pool), so runs never overwrite each other's split.
+    datamodule.write_split(split_dir / f"{name}_seed{cfg.data.split_seed}_n{cfg.data.n_real}"
+                                       f"_{short_hash(subtree(cfg, 'data'), 8)}.json")
     return datamodule
 
 

@@ -111,7 +111,8 @@ def log_data_inputs(cfg: DictConfig, datamodule: Any) -> None:
     from mlflow.exceptions import MlflowException
 
     source = HTTPDatasetSource(url=_data_source_uri(cfg))
-    splits = ("train_few", "val", "test")
+    # "normal": the lesion-free source pool outside the label budget (data.n_normal), when there is one.
+    splits = tuple(s for s in ("train_few", "val", "test", "normal") if datamodule.split_indices.get(s))
     datasets = []
     for split in splits:
         ids = [datamodule.ids[i] for i in datamodule.split_indices.get(split, [])]
