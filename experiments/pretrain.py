@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--vae-from {args.vae_from}: '{source / 'vae'}' is not a diffusers VAE folder")
         comps["vae"] = AutoencoderKL.from_pretrained(source / "vae")
         state.update(vae=comps["vae"].state_dict(), vae_done=True, vae_psnr=None, vae_step=0,
-                     vae_scale=float(comps["vae"].config.scaling_factor), vae_seconds=0.0, vae_source=str(source))
+                     vae_scale=float(comps["vae"].config.scaling_factor), vae_seconds=0.0, vae_source=args.vae_from)
         _log(log, f"vae reused from {source} (frozen; VAE phase skipped)")
     if "vae" in state:
         comps["vae"].load_state_dict(state["vae"])
