@@ -120,7 +120,7 @@ def log_data_inputs(cfg: DictConfig, datamodule: Any) -> None:
         datasets.append(MetaDataset(source, name=f"{cfg.data.name}/{split}", digest=digest))
     for attempt in range(4):
         try:
-            mlflow.log_inputs(datasets=datasets, contexts=list(splits))
+            mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[{} for _ in splits])
             return
         except MlflowException as err:
             # Workers logging the same new dataset at once race on the store's unique (name,

@@ -47,3 +47,23 @@ def test_ui_starts_without_the_venv_on_path_and_answers_200(tmp_path):
         os.killpg(process.pid, 15)
         output, _ = process.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}" in output
+
+
+def test_each_split_is_logged_as_a_dataset_input(tmp_path, monkeypatch):
+    import mlflow
+
+    from experiments.config import load_config
+    from experiments.tracking import log_data_inputs
+    from fakes import FakeDataModule
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("experiments/configs/procedural_polyp_baseline.yaml", [])
+    datamodule = FakeDataModule(cfg)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        log_data_inputs(cfg, datamodule)
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    contexts = sorted(next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in inputs)
+    assert contexts == ["test", "train_few", "val"]
+    assert {i.dataset.name for i in inputs} == {"procedural_polyp/train_few", "procedural_polyp/val",
+                                                "procedural_polyp/test"}
