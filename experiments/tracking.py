@@ -206,11 +206,7 @@ def lightning_logger(run: Any, cfg: DictConfig) -> Any:
     """
     if run is None:
         return None
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    class StageLogger(MLFlowLogger):
-        def finalize(self, status: str = "success") -> None:
-            """Leave the run open: :func:`start_run` ends it after the final stage's metrics."""
+    from experiments.stage_logger import StageLogger
 
     return StageLogger(tracking_uri=tracking_uri(cfg), run_id=run.info.run_id,
                        experiment_name=_experiment_name(run))
