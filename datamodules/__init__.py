@@ -12,13 +12,12 @@ import os
 # in this package, or any package importing this one, imports albumentations.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import difflib  # noqa: E402
 import importlib  # noqa: E402
 import inspect as _inspect  # noqa: E402
 from functools import partial  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
-from datamodules.errors import DataError  # noqa: E402
+from datamodules.errors import DataError, did_you_mean  # noqa: E402
 
 #: name -> Layout subclass (file-based datasets) or factory ``(**cfg) -> SegmentationDataModule``.
 DATASETS: dict[str, Any] = {}
@@ -64,9 +63,7 @@ def get_layout(name: str):
 def _lookup(name: str) -> Any:
     if name not in DATASETS:
         valid = sorted(DATASETS)
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise DataError(f"unknown dataset {name!r}.{hint} Valid names: {', '.join(valid)}")
+        raise DataError(f"unknown dataset {name!r}.{did_you_mean(name, valid)} Valid names: {', '.join(valid)}")
     return DATASETS[name]
 
 

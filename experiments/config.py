@@ -6,13 +6,14 @@ closest valid one: a sweep runs unattended, and a typo must not silently do noth
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+from datamodules.errors import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -207,8 +208,7 @@ def _valid_keys(node: Any, prefix: str = "") -> List[str]:
 
 def _unknown_key_error(key: str, source: str) -> ConfigError:
     valid = _valid_keys(OmegaConf.structured(Config))
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(key, valid, cutoff=0.5)
     return ConfigError(f"Unknown config key '{key}' in {source}.{hint} Valid keys are listed in experiments/config.py.")
 
 

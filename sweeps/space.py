@@ -6,7 +6,6 @@ raised before the first trial, naming the key and the closest valid spelling.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.errors import did_you_mean
 from experiments.config import Config, ConfigError, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,17 +23,12 @@ _SPEC_KEYS = {"float": {"type", "low", "high", "log", "step"},
               "categorical": {"type", "choices"}}
 
 
-def _hint(key: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def check_keys(data: Dict[str, Any], allowed: Iterable[str], source: str, what: str = "key") -> None:
     """Raise :class:`ConfigError` naming the first key of ``data`` not in ``allowed``."""
     allowed = set(allowed)
     for key in data:
         if key not in allowed:
-            raise ConfigError(f"Unknown {what} '{key}' in {source}.{_hint(str(key), allowed)} "
+            raise ConfigError(f"Unknown {what} '{key}' in {source}.{did_you_mean(str(key), allowed, cutoff=0.5)} "
                               f"Valid: {', '.join(sorted(allowed))}.")
 
 
@@ -57,7 +52,7 @@ def check_config_key(key: str, source: str) -> None:
     """Raise :class:`ConfigError` unless ``key`` is a dotted leaf key of the config schema."""
     valid = config_keys()
     if key not in valid:
-        raise ConfigError(f"'{key}' in {source} is not a config key.{_hint(key, valid)} "
+        raise ConfigError(f"'{key}' in {source} is not a config key.{did_you_mean(key, valid, cutoff=0.5)} "
                           "Valid keys are the fields of experiments/config.py.")
 
 
