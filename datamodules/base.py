@@ -23,7 +23,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset  # noqa: E402
 from datamodules.checks import mask_summary, raise_first, split_problems  # noqa: E402
 from datamodules.budget import pick_normal_pool  # noqa: E402
 from datamodules.errors import DataError  # noqa: E402
-from datamodules.pairs import (IMAGE_EXTS, Layout, PairRecord, _atomic_write_bytes, binary_from_raw,  # noqa: E402,F401
+from datamodules.io import atomic_write, atomic_write_text  # noqa: E402
+from datamodules.pairs import (IMAGE_EXTS, Layout, PairRecord, binary_from_raw,  # noqa: E402,F401
                                list_files, load_pair, natural_key, pair_by_stem, read_image, read_raw_mask, report)
 from datamodules.splits import make_splits, official_parts, read_split_file  # noqa: E402,F401
 from datamodules.transforms import build_transforms, reseed_in_worker  # noqa: E402,F401
@@ -154,8 +155,8 @@ class SegmentationDataModule(L.LightningDataModule):
             images[i], masks[i] = load_pair(self.layout, rec, s)
         if self.cache_path is not None:
             ids = np.array([r.id for r in records])
-            _atomic_write_bytes(self.cache_path,
-                                lambda f: np.savez(f, images=images, masks=masks, ids=ids))
+            # a cache, rebuilt from the files if lost: no fsync (it can be hundreds of MB)
+            atomic_write(self.cache_path, lambda f: np.savez(f, images=images, masks=masks, ids=ids), fsync=False)
         return images, masks
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -218,9 +219,7 @@ class SegmentationDataModule(L.LightningDataModule):
         """Write ``{"train", "train_few", "val", "test"[, "normal"]}`` id lists as JSON, atomically."""
         self.setup()
         path = Path(path)
-        text = json.dumps(self.split_ids, indent=1).encode()
-        _atomic_write_bytes(path, lambda f: f.write(text))
-        return path
+        return atomic_write_text(path, json.dumps(self.split_ids, indent=1))
 
     def dataset(self, split: str, train_transforms: bool = False) -> SegmentationDataset:
         """Torch dataset of one split (``train``, ``train_few``, ``val`` or ``test``)."""

@@ -43,9 +43,13 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb",
     return path
 
 
-def atomic_write_text(path: PathLike, text: str, fsync: bool = True) -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text), mode="w", fsync=fsync)
+def atomic_write_text(path: PathLike, text: str, fsync: bool = True, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`).
+
+    Encoded explicitly (not by the locale) so tables with ``±`` read the same on every machine.
+    """
+    data = text.encode(encoding)
+    return atomic_write(path, lambda f: f.write(data), fsync=fsync)
 
 
 def short_hash(payload: Any, n: int = 16) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,14 +262,3 @@ def load_pair(layout: Layout, record: PairRecord, size: Optional[int] = None):
 # ---------------------------------------------------------------------- splits
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` to a temp file beside ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)  # atomic on POSIX: readers never see half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.io import atomic_write_text
 from experiments import tracking
 from experiments.config import STAGES, ConfigError
 from experiments.hashing import short_hash, subtree
@@ -85,9 +86,7 @@ def read_done(stage_dir: Path) -> Optional[Dict[str, float]]:
 
 def _finish(partial: Path, final: Path, metrics: Dict[str, float]) -> None:
     """Write the DONE marker and move the stage folder into place atomically."""
-    tmp = partial / "DONE.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, partial / "DONE")
+    atomic_write_text(partial / "DONE", json.dumps(metrics, indent=2, sort_keys=True))
     for checkpoint in partial.rglob("*.ckpt"):  # resume state only; results live in DONE and named files
         checkpoint.unlink()
     if final.exists():  # a forced recompute replaces the old result

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from datamodules.io import atomic_write
 from lightning_modules.synthesis import sampler as _sampler
 from lightning_modules.tokenizer import encode_text, encode_text_sdxl, unpack_sdxl
 from lightning_modules.tiny_base import load_components
@@ -268,16 +269,12 @@ class InpaintingDiffusion(L.LightningModule):
 
     def save_trained(self, path: str | Path) -> Path:
         """Write the trained weights to a safetensors file (atomically)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         meta = {"finetune": self.finetune, "base_model": self.base_model, "train_text_encoder": str(self.train_text_encoder),
                 "prompt_texts": json.dumps(self.prompt_texts), **{f"lora_{k}": str(v) for k, v in self.lora_config.items()}}
-        save_file(self.trained_state_dict(), str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        data = save(self.trained_state_dict(), metadata=meta)  # the same bytes save_file writes
+        return atomic_write(path, lambda f: f.write(data))
 
     def load_trained(self, path: str | Path) -> "InpaintingDiffusion":
         """Load weights written by :meth:`save_trained` into a module built with the same settings."""

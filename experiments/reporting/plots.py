@@ -1,11 +1,10 @@
 """Figures for ``results.md``: metric-vs-knob curves with seed CIs, and real-vs-generated grids.
 
 Everything renders with the Agg backend (no display on a training box) and is written
-atomically (temp file + ``os.replace``) so a reader never sees half a PNG.
+atomically (``datamodules.io.atomic_write``) so a reader never sees half a PNG.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -15,18 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from datamodules.io import atomic_write  # noqa: E402
 from experiments.reporting.stats import summarize  # noqa: E402
 
 Points = List[Tuple[float, Dict[str, float]]]  # (x, summarize(...)) sorted by x
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), fsync=False)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

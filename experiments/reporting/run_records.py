@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from datamodules.io import atomic_write_text
+
 RECORDS_ENV = "MEDDIFFAUG_RECORDS_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LEFT_OUT_PARAMS = ("tracking.",)
@@ -99,9 +101,7 @@ def write_records(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
                 merged[key] = dict(record)
                 changed = True
         if changed:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in merged.values()), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in merged.values()))
     return path
 
 

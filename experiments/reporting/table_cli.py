@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from datamodules.io import atomic_write_text
 from experiments.reporting.stats import jsonable
 from experiments.reporting.table import build_table, column_of, default_tracking_uri, gather_runs, load_table
 from experiments.reporting.table_render import render_section
@@ -36,13 +36,6 @@ def shown_command(argv: List[str]) -> str:
         kept.append(token)
         i += 1
     return "meddiffaug table " + shlex.join(kept)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _log_to_mlflow(paths: List[Path], uri: str) -> None:
@@ -126,12 +119,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "runs exported to `sweeps/records/`: add `--runs sweeps/records`); do not edit by hand.", ""]
                      + sections)
     if args.write:
-        _atomic_write(Path(args.write), text)
+        atomic_write_text(Path(args.write), text)
         written.append(Path(args.write))
     else:
         print(text)
     if args.json:
-        _atomic_write(Path(args.json), json.dumps(jsonable(result), indent=2, sort_keys=False) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(jsonable(result), indent=2, sort_keys=False) + "\n")
         written.append(Path(args.json))
     if written and not args.no_log and uri is not None:
         _log_to_mlflow(written, uri)
