@@ -60,7 +60,8 @@ def test_each_split_is_logged_as_a_dataset_input(tmp_path, monkeypatch):
     cfg = load_config("experiments/configs/procedural_polyp_baseline.yaml", [])
     datamodule = FakeDataModule(cfg)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run() as run:
+    # an explicit experiment: another test's active experiment id must not leak into this store
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("inputs")) as run:
         log_data_inputs(cfg, datamodule)
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     contexts = sorted(next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in inputs)
