@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import _save, make_cvc, make_folder, make_kvasir, make_refuge
+from fakes import _save, make_cvc, make_folder, make_kvasir, make_refuge
 from experiments.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import datamodules.pairs as pairs
 from datamodules import create_datamodule
 from datamodules.errors import DataError
 
-from conftest import CVC_FRAMES, H, W, _mask, _save, refuge_mask
+from fakes import CVC_FRAMES, H, W, _mask, _save, refuge_mask
 
 # name, maker kwargs, number of pairs, classes
 CASES = [

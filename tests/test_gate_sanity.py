@@ -17,25 +17,21 @@ from lightning_modules.gating.quality import FeatureQualityFilter, pixel_stat_fe
 from lightning_modules.gating.sanity import MIN_CLAIM_AREA, gate_sanity, real_gate_ious
 from lightning_modules.gating.vae_features import vae_feature_fn
 
-try:
-    from tests.test_validate_stage import CoreOnlySegmenter, FakeDataModule, _u8, generated  # noqa: F401
-    from tests.test_validator import S, FakeDiffusion, OracleLatentValidator, OracleSegmenter, render
-except ImportError:  # pytest's rootdir-less import mode
-    from test_validate_stage import CoreOnlySegmenter, FakeDataModule, _u8, generated  # noqa: F401
-    from test_validator import S, FakeDiffusion, OracleLatentValidator, OracleSegmenter, render
+from fakes import (S, CoreOnlySegmenter, FakeDiffusion, OracleLatentValidator, OracleSegmenter, RenderedDataModule,
+                   render, to_u8)
 
 GATE_KEYS = ("gen/real_pass_rate", "gen/real_mean_iou", "gen/real_misplaced_reject_rate",
              "gen/real_missing_reject_rate", "gen/iou_threshold", "gen/gate_flagged", "gen/n_real_lesion_pairs")
 
 
-class WithLesionFree(FakeDataModule):
+class WithLesionFree(RenderedDataModule):
     """The fake datamodule plus 6 lesion-free real validation pairs (empty masks), interleaved with the lesion pairs."""
 
     def __init__(self, n_free: int = 6):
         super().__init__()
         free, _ = render(n_free, seed=7, lesion=False)
         n = len(self.ids)
-        self.images = np.concatenate([self.images, _u8(free)])
+        self.images = np.concatenate([self.images, to_u8(free)])
         self.masks = np.concatenate([self.masks, np.zeros((n_free, S, S), np.uint8)])
         self.ids = self.ids + [f"normal{i}" for i in range(n_free)]
         lesion_val, free_val = self.split_indices["val"], list(range(n, n + n_free))
@@ -63,7 +59,7 @@ def test_lesion_free_pairs_change_no_lesion_pair_rate(generated, tmp_path, extra
     # a weak gate: real lesion pairs reach IoU well below 0.7, lesion-free ones would score 1.0 (empty vs empty)
     with warnings.catch_warnings():  # the fixed θ flags this gate (asserted below)
         warnings.simplefilter("ignore", UserWarning)
-        base = run_validate(cfg, FakeDataModule(), tmp_path / "a", {"generate": gen}, segmenter=CoreOnlySegmenter())
+        base = run_validate(cfg, RenderedDataModule(), tmp_path / "a", {"generate": gen}, segmenter=CoreOnlySegmenter())
         mixed = run_validate(cfg, WithLesionFree(), tmp_path / "b", {"generate": gen}, segmenter=CoreOnlySegmenter())
     for key in GATE_KEYS:  # lesion-free pairs neither inflate the pass rate nor dilute the reject rates or θ
         assert mixed[key] == base[key], key
@@ -98,7 +94,7 @@ def test_normal_pool_gets_its_own_false_claim_rate(generated, tmp_path):
         metrics = run_validate(cfg, dm, tmp_path / f"v{side}", {"generate": gen}, segmenter=seg)
         assert metrics["gen/normal_pool_false_claim_rate"] == claimed and metrics["gen/n_normal_pool"] == 6
         assert metrics["gen/n_real_normal_pairs"] == 0 and np.isnan(metrics["gen/real_normal_false_claim_rate"])
-    assert "gen/normal_pool_false_claim_rate" not in run_validate(cfg, FakeDataModule(), tmp_path / "w",
+    assert "gen/normal_pool_false_claim_rate" not in run_validate(cfg, RenderedDataModule(), tmp_path / "w",
                                                                   {"generate": gen}, segmenter=OracleSegmenter())
 
 
@@ -148,14 +144,14 @@ def test_validate_erodes_only_the_generated_lesion(tmp_path):
     rows = []
     for i in range(2):
         label = (masks[i] | new[i]).numpy().astype(np.uint8)
-        Image.fromarray(_u8(images)[i]).save(gen / "images" / f"g{i}.png")
+        Image.fromarray(to_u8(images)[i]).save(gen / "images" / f"g{i}.png")
         Image.fromarray(label).save(gen / "masks" / f"g{i}.png")
         Image.fromarray(new[i].numpy().astype(np.uint8)).save(gen / "new_masks" / f"g{i}.png")
         row = {"id": f"g{i}", "image": f"images/g{i}.png", "mask": f"masks/g{i}.png", "source_id": f"r{i}"}
         rows.append({**row, "new_mask": f"new_masks/g{i}.png"} if i == 0 else row)  # g1: an old folder's row
     (gen / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, ["validator.mode=none", "validator.quality_filter=false", "validator.erode_px=2"])
-    run_validate(cfg, FakeDataModule(), tmp_path / "v", {"generate": gen})
+    run_validate(cfg, RenderedDataModule(), tmp_path / "v", {"generate": gen})
     accepted = {r["id"]: r for r in map(json.loads, (tmp_path / "v" / "accepted.jsonl").read_text().splitlines())}
     out = np.asarray(Image.open(tmp_path / "v" / accepted["g0"]["mask"])) > 0
     old, fresh = masks[0].numpy() > 0, new[0].numpy() > 0

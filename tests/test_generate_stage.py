@@ -10,37 +10,9 @@ from datamodules.synthetic import SyntheticPairs, mix_real_and_synthetic
 from experiments.stages import generate as generate_stage
 from experiments.config import load_config
 from datamodules.io import read_image, read_manifest, read_mask, write_manifest
+from fakes import ArrayDataModule
 
 S = 32
-
-
-class FakeDataModule:
-    """Datamodule-like arrays: rows 0-5 train_few (0-3 with a lesion), 6-7 val, 8-9 test."""
-
-    prompt, background_prompt, modality = "a polyp", "normal mucosa", "polyp"
-    classes = ("background", "polyp")
-
-    def __init__(self):
-        rng = np.random.default_rng(0)
-        yy, xx = np.mgrid[:S, :S]
-        self.fov = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 <= 15 ** 2
-        self.images = np.zeros((10, S, S, 3), np.uint8)
-        self.masks = np.zeros((10, S, S), np.uint8)
-        for i in range(10):
-            img = np.clip(rng.normal((150, 90, 80), 8, (S, S, 3)), 0, 255)
-            img[~self.fov] = 0
-            if i < 4 or i >= 6:
-                cy, cx = rng.integers(9, 14, 2)
-                lesion = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
-                img[lesion] = (210, 60, 60)
-                self.masks[i][lesion] = 1
-            self.images[i] = img.astype(np.uint8)
-        self.ids = [f"real_{i}" for i in range(10)]
-        self.split_indices = {"train": list(range(6)), "train_few": list(range(6)), "val": [6, 7], "test": [8, 9]}
-        self.setup_calls = 0
-
-    def setup(self, stage=None):
-        self.setup_calls += 1
 
 
 class FakeModel:
@@ -74,7 +46,7 @@ def fake_model(monkeypatch):
 
 
 def test_copy_paste_end_to_end(tmp_path):
-    dm = FakeDataModule()
+    dm = ArrayDataModule()
     metrics = generate_stage.run_generate(_cfg("copy_paste"), dm, tmp_path, {})
     for key in ("gen/n_samples", "gen/seconds", "gen/samples_per_s", "gen/fid", "gen/kid"):
         assert key in metrics and np.isfinite(metrics[key]), key
@@ -101,7 +73,7 @@ def test_copy_paste_end_to_end(tmp_path):
 
 
 def test_diffusion_matches_copy_paste_masks_and_sources(tmp_path, fake_model):
-    dm = FakeDataModule()
+    dm = ArrayDataModule()
     generate_stage.run_generate(_cfg("copy_paste"), dm, tmp_path / "cp", {})
     metrics = generate_stage.run_generate(_cfg("diffusion"), dm, tmp_path / "df", {"finetune": tmp_path})
     assert metrics["gen/n_samples"] == 6 and fake_model.calls == [4, 2]
@@ -121,7 +93,7 @@ def test_diffusion_matches_copy_paste_masks_and_sources(tmp_path, fake_model):
 
 
 def test_same_seed_reproduces_and_resume_skips_finished(tmp_path, fake_model):
-    dm = FakeDataModule()
+    dm = ArrayDataModule()
     cfg = _cfg("diffusion", n=7)
     generate_stage.run_generate(cfg, dm, tmp_path / "full", {"finetune": tmp_path})
     full = read_manifest(tmp_path / "full" / "manifest.jsonl")
@@ -142,13 +114,13 @@ def test_same_seed_reproduces_and_resume_skips_finished(tmp_path, fake_model):
 
 def test_diffusion_without_finetune_upstream_is_explained(tmp_path):
     with pytest.raises(ValueError, match="finetune"):
-        generate_stage.run_generate(_cfg("diffusion"), FakeDataModule(), tmp_path, {})
+        generate_stage.run_generate(_cfg("diffusion"), ArrayDataModule(), tmp_path, {})
     with pytest.raises(ValueError, match="augment.method"):
-        generate_stage.run_generate(_cfg("standard"), FakeDataModule(), tmp_path, {})
+        generate_stage.run_generate(_cfg("standard"), ArrayDataModule(), tmp_path, {})
 
 
 def test_synthetic_pairs_and_mixing(tmp_path):
-    dm = FakeDataModule()
+    dm = ArrayDataModule()
     generate_stage.run_generate(_cfg("copy_paste", n=5), dm, tmp_path, {})
     ds = SyntheticPairs(tmp_path / "manifest.jsonl", image_size=S)
     item = ds[0]
@@ -230,7 +202,7 @@ class FakeLatentValidator:
 def test_early_rejection_stops_records_and_counts(tmp_path, monkeypatch):
     from experiments.stages.validate import run_validate
 
-    dm, model = FakeDataModule(), FakeLatentDiffusion()
+    dm, model = ArrayDataModule(), FakeLatentDiffusion()
     dm.num_classes = 2
     monkeypatch.setattr(generate_stage, "load_model", lambda cfg, upstream: model)
     monkeypatch.setattr(generate_stage, "load_validator", lambda *a, **k: FakeLatentValidator())

@@ -8,7 +8,7 @@ import numpy as np
 
 from datamodules.inspect import inspect_dataset, main
 
-from conftest import CVC_FRAMES, H, W, _save
+from fakes import CVC_FRAMES, H, W, _save
 
 KEYS = {"dataset", "n_pairs", "splits", "classes", "image_sizes", "mask_values", "lesion_area",
         "problems"}

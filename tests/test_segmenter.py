@@ -2,59 +2,16 @@
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from datamodules.procedural import PROCEDURAL_KINDS, render_procedural
 from experiments.config import load_config
 from experiments.stages.segment import fit_segmenter, save_prediction_figure
 from lightning_modules.seg_metrics import LesionFNR, dice_metric, iou_metric
 from lightning_modules.segmenter import SegmenterModule
 
-
-class _Pairs(Dataset):
-    def __init__(self, images, masks, ids):
-        self.images, self.masks, self.ids = images, masks, ids
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255,
-                "mask": torch.from_numpy(self.masks[i]).long(), "id": self.ids[i]}
-
-
-class TinyDataModule(L.LightningDataModule):
-    """The parts of the SegmentationDataModule contract the segment stage uses, from procedural data."""
-
-    def __init__(self, kind="polyp", n=24, size=32, batch_size=6):
-        super().__init__()
-        self.images, self.masks, meta = render_procedural(kind, n, size, seed=0)
-        self.ids = [m["id"] for m in meta]
-        self.classes = PROCEDURAL_KINDS[kind].classes
-        self.num_classes = len(self.classes)
-        k = n // 2
-        self.split_indices = {"train_few": list(range(k)), "val": list(range(k, k + n // 4)),
-                              "test": list(range(k + n // 4, n))}
-        self.batch_size, self.extra_train = batch_size, None
-
-    def setup(self, stage=None):
-        pass
-
-    def dataset(self, split, train_transforms=False):
-        idx = self.split_indices[split]
-        return _Pairs(self.images[idx], self.masks[idx], [self.ids[i] for i in idx])
-
-    def train_dataloader(self):
-        return DataLoader(self.dataset("train_few"), batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return DataLoader(self.dataset("val"), batch_size=self.batch_size)
-
-    def test_dataloader(self):
-        return DataLoader(self.dataset("test"), batch_size=self.batch_size)
+from fakes import TinyDataModule
 
 
 def _squares(size=32):

@@ -12,53 +12,7 @@ from experiments.config import load_config
 from experiments.stages.validate import run_validate
 from experiments.stages.validate.erode import erode
 
-try:
-    from tests.test_validator import S, FakeDiffusion, OracleSegmenter, render
-except ImportError:  # pytest's rootdir-less import mode
-    from test_validator import S, FakeDiffusion, OracleSegmenter, render
-
-
-def _u8(images: torch.Tensor) -> np.ndarray:
-    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
-class FakeDataModule:
-    """The attributes of a set-up SegmentationDataModule that the validate stage reads."""
-
-    classes, num_classes, prompt, modality = ("background", "polyp"), 2, "a polyp", "polyp"
-
-    def __init__(self):
-        images, masks = render(24, seed=0)
-        self.images, self.masks = _u8(images), masks.numpy().astype(np.uint8)
-        self.ids = [f"r{i}" for i in range(24)]
-        self.split_indices = {"train": list(range(16)), "train_few": list(range(16)), "val": list(range(16, 24)), "test": []}
-
-    def setup(self, stage=None):
-        pass
-
-
-@pytest.fixture
-def generated(tmp_path):
-    """A generate-stage folder: 4 good, 2 lesion-erased, 2 lesion-shifted, 1 noise, 1 copy of its source."""
-    good, masks = render(8, seed=50)
-    erased, _ = render(8, seed=50, lesion=False)
-    shifted, _ = render(8, seed=50, shift=S // 3)
-    dm = FakeDataModule()
-    noise = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(2))
-    copy = torch.from_numpy(dm.images[2:3]).permute(0, 3, 1, 2).float() / 255
-    images = torch.cat([good[:4], erased[4:6], shifted[6:8], noise, copy])
-    all_masks = torch.cat([masks, masks[:1], torch.from_numpy(dm.masks[2:3]).long()])
-    kinds = ["good"] * 4 + ["erased"] * 2 + ["shifted"] * 2 + ["noise", "copy"]
-    gen = tmp_path / "generate"
-    (gen / "images").mkdir(parents=True), (gen / "masks").mkdir()
-    rows = []
-    for i, (img, m, kind) in enumerate(zip(_u8(images), all_masks.numpy().astype(np.uint8), kinds)):
-        Image.fromarray(img).save(gen / "images" / f"g{i}.png")
-        Image.fromarray(m).save(gen / "masks" / f"g{i}.png")
-        rows.append({"id": f"g{i}", "image": f"images/g{i}.png", "mask": f"masks/g{i}.png",
-                     "source_id": "r2" if kind == "copy" else f"r{i}", "kind": kind, "seed": i})
-    (gen / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dm, gen, kinds
+from fakes import S, CoreOnlySegmenter, FakeDiffusion, OracleSegmenter
 
 
 def _read(path):
@@ -96,14 +50,6 @@ def test_pixel_mode_with_oracle_segmenter(generated, tmp_path):
         original = np.asarray(Image.open(gen / "masks" / f"{row['id']}.png"))
         eroded = np.asarray(Image.open(work / row["mask"]))
         assert 0 < eroded.sum() < original.sum() and not (eroded & ~original.astype(bool)).any()
-
-
-class CoreOnlySegmenter:
-    """A weak gate: finds the lesion but only its core, so even real pairs reach IoU well below 0.7."""
-
-    def predict_masks(self, images):
-        lesion = OracleSegmenter().predict_masks(images).float()[:, None]
-        return (1 - torch.nn.functional.max_pool2d(1 - lesion, 5, 1, 2))[:, 0].long()
 
 
 def test_calibrate_threshold_lowers_never_raises_and_checks_other_pairs():

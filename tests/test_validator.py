@@ -10,85 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lightning_modules.gating.quality import FeatureQualityFilter, ledoit_wolf, pixel_stat_features
 from lightning_modules.validator import (LatentValidator, add_noise, estimate_z0, make_early_reject_callback,
                                          mask_iou)
 
-S = 64  # image size; the fake VAE downsamples 4x -> 16x16 latents
-
-
-class FakeDiffusion(nn.Module):
-    """The CONTRACTS diffusion API in a few lines: linear "VAE", shrinkage ε-predictor."""
-
-    num_train_timesteps = 1000
-
-    def __init__(self, seed: int = 0, factor: int = 4):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        enc = torch.linalg.qr(torch.randn(4, 4, generator=g))[0][:, :3]  # orthonormal columns (4,3)
-        self.factor = factor
-        self.register_buffer("enc", enc)
-        self.register_buffer("dec", torch.linalg.pinv(enc))
-        betas = torch.linspace(1e-4, 0.02, self.num_train_timesteps)
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0))
-
-    def encode_images(self, x):
-        return torch.einsum("oc,bchw->bohw", self.enc, F.avg_pool2d(x * 2 - 1, self.factor))
-
-    def decode_latents(self, z):
-        x = torch.einsum("co,bohw->bchw", self.dec, z)
-        return ((F.interpolate(x, scale_factor=self.factor, mode="nearest") + 1) / 2).clamp(0, 1)
-
-    def encode_prompts(self, prompts):
-        return torch.zeros(len(prompts), 2, 8)
-
-    def predict_eps(self, z_t, t, mask_lat, masked_image_lat, text_emb):
-        a = self.alphas_cumprod[torch.as_tensor(t).long()].view(-1, 1, 1, 1).to(z_t)
-        outside = (z_t - a.sqrt() * masked_image_lat) / (1 - a).sqrt()  # known context: exact
-        inside = (1 - a).sqrt() * z_t  # unknown content: the N(0, I)-prior guess
-        return torch.where(mask_lat > 0.5, inside, outside)
-
-
-def render(n: int, seed: int, lesion: bool = True, shift: int = 0, size: int = S):
-    """Polyp-like pairs: smooth pink background, a red ellipse lesion.
-
-    Returns images (n,3,S,S) in [0,1] and masks (n,S,S) int64 of the *original* lesion position (so
-    ``shift``/``lesion=False`` give images whose lesion is misplaced/missing w.r.t. the mask).
-    """
-    g = torch.Generator().manual_seed(seed)
-    base = torch.tensor([0.75, 0.45, 0.45]).view(1, 3, 1, 1)
-    bg = base + 0.12 * F.interpolate(torch.rand(n, 3, 4, 4, generator=g) - 0.5, size=(size, size), mode="bilinear")
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    c = torch.randint(size // 4, 3 * size // 4, (n, 2), generator=g)
-    r = torch.randint(size // 8, size // 5, (n, 2), generator=g)
-    masks = (((yy - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2
-             + ((xx - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2 <= 1).long()
-    drawn = torch.roll(masks, shifts=(shift, shift), dims=(1, 2)) if lesion else torch.zeros_like(masks)
-    color = torch.tensor([0.95, 0.15, 0.2]).view(1, 3, 1, 1)
-    images = torch.where(drawn[:, None].bool(), color + 0.05 * torch.randn(n, 3, size, size, generator=g), bg)
-    return images.clamp(0, 1), masks
-
-
-class OracleSegmenter:
-    """Pixel segmenter that knows the lesion colour (for gate-logic tests)."""
-
-    def predict_masks(self, images):
-        return ((images[:, 0] - images[:, 1]) > 0.5).long()
-
-
-class OracleLatentValidator:
-    """Latent 'validator' that decodes the fake VAE and thresholds redness."""
-
-    def __init__(self, diffusion):
-        self.diffusion = diffusion
-
-    def predict_masks(self, x, t, out_size, prompt=None):
-        img = self.diffusion.decode_latents(x)
-        return F.interpolate(OracleSegmenter().predict_masks(img)[:, None].float(), size=tuple(out_size))[:, 0].long()
-
+from fakes import S, FakeDiffusion, OracleLatentValidator, OracleSegmenter, render
 
 def test_estimate_z0_recovers_z0_with_true_noise():
     ac = FakeDiffusion().alphas_cumprod
