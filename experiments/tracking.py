@@ -124,7 +124,9 @@ def log_data_inputs(cfg: DictConfig, datamodule: Any) -> None:
             return
         except MlflowException as err:
             # Workers logging the same new dataset at once race on the store's unique (name,
-            # digest) row; the loser finds the row on its next try.
+            # digest) row; the loser finds the row on its next try. Any other error is a bug.
+            if "unique" not in str(err).lower() and "integrity" not in str(err).lower():
+                raise
             if attempt == 3:
                 logging.getLogger(__name__).warning("dataset inputs not logged: %s", err)
             time.sleep(0.2 * (attempt + 1))
