@@ -46,6 +46,9 @@ def rdb_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_pe
                 warnings.simplefilter("ignore")
                 return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
                                                   grace_period=grace_period, **{arg: retry_cls(max_retry=max_retry)})
+        except ImportError as err:  # optuna wraps the missing SQLAlchemy driver this way
+            raise ImportError(f"storage {url.split('@')[-1]!r}: the database driver is not installed ({err.__cause__ or err}). "
+                              "For postgresql:// run: pip install -e '.[postgres]' (psycopg 3)") from err
         except Exception as err:  # noqa: BLE001 - workers starting together on an empty database race to
             if attempt == 4 or "duplicate" not in str(err).lower():  # create its tables; the losers retry
                 raise

@@ -147,3 +147,12 @@ def test_two_sweep_workers_share_a_postgres_study(tmp_path, postgres_server):  #
     assert len({r.data.tags["trial_key"] for r in runs}) == 8 and len({r.data.tags["trial"] for r in runs}) == 8
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs}
     assert fake_stages.calls(tmp_path / "calls", "segment") == 8
+
+
+def test_a_postgres_url_without_its_driver_says_which_extra_to_install(monkeypatch):
+    from sweeps.queue import rdb_storage
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[postgres\]'") as info:
+        rdb_storage("postgresql://user:secret@127.0.0.1:1/optuna")
+    assert "secret" not in str(info.value)
