@@ -2,7 +2,8 @@
 
 Every rank runs the whole command. Rank 0 takes the stage locks, decides per stage whether it is
 cached, runs the non-training stages (generate, validate) alone, writes ``DONE`` and owns the
-MLflow run. Training stages (finetune, segment) are joined by every rank: for each, the ranks
+MLflow run. Training is joined by every rank: the training stages (finetune, segment), and the
+validate stage's gate model before rank 0 runs the rest of that stage (``joint_training``). For each, the ranks
 open a process group (Lightning's DDP strategy then uses it), train, meet at a barrier, and close
 the group again, so rank 0's solo work never runs with a process group that the other ranks
 would have to join (torchmetrics would wait for them). Between stages the other ranks wait on
@@ -82,13 +83,13 @@ class Coordinator:
         return json.loads(self.store.get(self._key(name)))
 
     @contextlib.contextmanager
-    def process_group(self) -> Iterator[None]:
+    def process_group(self, what: str) -> Iterator[None]:
         """A fresh process group for one training stage (a new key prefix: no stale rendezvous keys)."""
         import torch.distributed as dist
 
         dist.init_process_group(self.backend, store=dist.PrefixStore(self._key("pg"), self.store),
                                 rank=self.rank, world_size=self.world_size, timeout=self.timeout)
-        print(f"[meddiffaug] rank {self.rank}/{self.world_size} joins training ({self.backend})", flush=True)
+        print(f"[meddiffaug] rank {self.rank}/{self.world_size} joins training ({self.backend}): {what}", flush=True)
         try:
             yield
             dist.barrier()  # every rank is done with the .partial folder before rank 0 renames it
@@ -96,8 +97,9 @@ class Coordinator:
             dist.destroy_process_group()
 
     def run_stage(self, stage: str, lock: Path, read: Callable[[], Optional[Dict[str, float]]],
-                  compute: Callable[[bool], Dict[str, float]],
-                  finish: Callable[[Dict[str, float]], None]) -> Tuple[Dict[str, float], bool]:
+                  compute: Callable[[bool], Dict[str, float]], finish: Callable[[Dict[str, float]], None],
+                  joint_training: Optional[Tuple[Callable[[], bool], Callable[[], None]]] = None,
+                  ) -> Tuple[Dict[str, float], bool]:
         """One stage on every rank; returns ``(metrics, cached)`` (rank 0's metrics on all ranks).
 
         Args:
@@ -106,6 +108,8 @@ class Coordinator:
             read: the cached metrics, or None.
             compute: runs the stage function; its argument says whether to write ``DONE`` itself.
             finish: writes ``DONE`` and moves the stage folder into place (rank 0, after training).
+            joint_training: for a stage rank 0 runs alone: ``(needed, train)``; when rank 0 finds
+                ``needed()``, every rank first runs ``train()`` together (the validate stage's gate model).
         """
         from experiments.locks import stage_lock
 
@@ -113,18 +117,26 @@ class Coordinator:
         if self.rank != 0:
             plan = self.receive("plan")
             if plan == "train":
-                with self.process_group():
+                with self.process_group(stage):
                     compute(False)
+            elif plan == "train_first":
+                with self.process_group(f"{stage} (its model)"):
+                    joint_training[1]()
             return self.receive("done"), plan == "cached"
         with stage_lock(lock):
             metrics = read()
             plan = "cached" if metrics is not None else "train" if stage in TRAINING_STAGES else "solo"
+            if plan == "solo" and joint_training is not None and joint_training[0]():
+                plan = "train_first"  # every rank trains the stage's model, then rank 0 runs the stage alone
             self.publish("plan", plan)
             if plan == "train":
-                with self.process_group():
+                with self.process_group(stage):
                     metrics = compute(False)
                 finish(metrics)
-            elif plan == "solo":
+            elif plan in ("solo", "train_first"):
+                if plan == "train_first":
+                    with self.process_group(f"{stage} (its model)"):
+                        joint_training[1]()
                 metrics = compute(True)
         self.publish("done", metrics)
         return metrics, plan == "cached"

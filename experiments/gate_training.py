@@ -19,6 +19,9 @@ from lightning_modules.gating.validator_bank import augmented_copies, build_vali
 from lightning_modules.validator import LatentValidator
 
 
+PIXEL_SEGMENTER = "pixel_segmenter.pt"  # the pixel gate's segmenter, kept in the validate stage's folder
+
+
 class _DictDataset(torch.utils.data.Dataset):
     def __init__(self, bank: dict):
         self.bank = bank
@@ -34,10 +37,16 @@ def _fit(module: L.LightningModule, loader: DataLoader, cfg, steps: int, ckpt_di
     """Train ``steps`` steps with checkpoint/resume from ``ckpt_dir/last.ckpt``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    import torch.distributed as dist
+
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=max(1, steps // 4))
-    # one device: these gate models are small, and DDP would only add start-up cost; no validation
+    # Under a launcher every rank joins (experiments.distributed opened the process group): build_trainer's
+    # DDP over the launcher's world. Otherwise one device: these models are small, and spawning DDP
+    # processes (ddp_spawn) would cost more than it saves.
+    joined = dist.is_available() and dist.is_initialized()
+    single = {} if joined else {"devices": 1, "strategy": "auto"}
     trainer = build_trainer(cfg, ckpt_dir, logger=logger, callbacks=[ckpt], max_steps=steps, max_epochs=-1,
-                            devices=1, strategy="auto", deterministic=None, enable_progress_bar=False,
+                            **single, deterministic=None, enable_progress_bar=False,
                             limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10,
                             val_check_interval=None, check_val_every_n_epoch=1)
     last = ckpt_dir / "last.ckpt"
@@ -75,6 +84,18 @@ def train_pixel_segmenter(cfg, datamodule, workdir: Path, logger=None):
     loader = DataLoader(ds, batch_size=min(int(cfg.data.batch_size), len(ds)), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(int(cfg.generation.seed)))
     _fit(model, loader, cfg, steps, workdir / "checkpoints" / "pixel_segmenter", logger)
+    return model.eval()
+
+
+def save_pixel_segmenter(path: Path, model: L.LightningModule) -> Path:
+    """The pixel gate's trained segmenter weights (``torch.save`` of the state dict, written atomically)."""
+    return atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+
+
+def load_pixel_segmenter(path: Path, cfg, datamodule) -> L.LightningModule:
+    """The segmenter :func:`save_pixel_segmenter` kept, rebuilt from the config (eval mode)."""
+    model = build_segmenter(cfg, datamodule, total_steps=int(cfg.validator.train_steps))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 
 

@@ -29,6 +29,9 @@ STAGE_MODULES = {"finetune": finetune, "generate": generate, "validate": validat
 # Entry points, ``(cfg, datamodule, workdir, upstream, logger=None) -> metrics``; tests swap in fakes here.
 STAGE_FUNCTIONS: Dict[str, Callable[..., Dict[str, float]]] = {
     name: getattr(module, f"run_{name}") for name, module in STAGE_MODULES.items()}
+# Under a launcher, training a stage that otherwise runs on rank 0 alone needs first, joined by every
+# rank: ``(needed(cfg, datamodule, workdir, upstream) -> bool, train(cfg, datamodule, workdir, upstream))``.
+JOINT_TRAINING: Dict[str, tuple] = {"validate": (validate.gate_training_needed, validate.train_gate_model)}
 
 
 def required_stages(cfg: DictConfig) -> List[str]:
@@ -155,8 +158,14 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
 
         lock = root / stage / f"{sig}.lock"
         if coordinator is not None:  # under torchrun/srun: rank 0 decides, every rank trains
+            joint = None
+            if stage in JOINT_TRAINING:
+                needed, train = JOINT_TRAINING[stage]
+                dirs = {s: result.stage_dirs[s] for s in ups}
+                joint = (lambda needed=needed, p=partial, d=dirs: needed(cfg, datamodule, p, d),
+                         lambda train=train, p=partial, d=dirs: train(cfg, datamodule, p, d))
             metrics, result.cached[stage] = coordinator.run_stage(
-                stage, lock, read, compute, lambda m, p=partial, f=final: _finish(p, f, m))
+                stage, lock, read, compute, lambda m, p=partial, f=final: _finish(p, f, m), joint_training=joint)
         else:
             with _stage_lock(lock):  # workers sharing artifacts/ compute a stage once
                 metrics = read()

@@ -53,6 +53,14 @@ def _failure_report(done) -> str:
     return "\n".join(errors)[-3000:] + "\n---- tail ----\n" + text[-2000:]
 
 
+def _check_every_rank_trained(outputs):
+    """Fine-tune, the gate's model and the segmenter trained under DDP on both ranks, once each."""
+    for rank, output in enumerate(outputs):
+        for what in ("finetune", "validate (its model)", "segment"):
+            line = f"rank {rank}/2 joins training (gloo): {what}"
+            assert output.count(line) == 1, f"{line!r} not once in:\n{output[-3000:]}"
+
+
 def _check_one_finished_pipeline(tmp_path):
     import mlflow
 
@@ -74,8 +82,7 @@ def test_whole_pipeline_under_torchrun_two_cpu_ranks(tmp_path):
                "-m", "experiments.cli", "run", *_tiny_pipeline(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, _failure_report(done)
-    for rank in (0, 1):  # both training stages ran on both ranks
-        assert done.stdout.count(f"rank {rank}/2 joins training (gloo)") == 2, done.stdout[-3000:]
+    _check_every_rank_trained([done.stdout] * 2)
     _check_one_finished_pipeline(tmp_path)
 
 
@@ -91,11 +98,11 @@ def test_whole_pipeline_with_slurm_variables_two_cpu_tasks(tmp_path):
     env.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1",
                SLURM_NODEID="0", SLURM_JOB_NAME="meddiffaug-test", SLURM_JOB_ID="4242",
                SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(port))
-    command = [sys.executable, "-m", "experiments.cli", "run", *_tiny_pipeline(tmp_path)]
+    # the pixel gate here (its segmenter trains under DDP), the latent validator under torchrun above
+    command = [sys.executable, "-m", "experiments.cli", "run", *_tiny_pipeline(tmp_path), "validator.mode=pixel"]
     tasks = [subprocess.Popen(command, env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [t.communicate(timeout=900)[0] for t in tasks]
     assert [t.returncode for t in tasks] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    for rank, output in enumerate(outputs):  # both training stages ran on both ranks
-        assert output.count(f"rank {rank}/2 joins training (gloo)") == 2, output[-3000:]
+    _check_every_rank_trained(outputs)
     _check_one_finished_pipeline(tmp_path)

@@ -130,7 +130,7 @@ def test_single_step_mode_end_to_end(generated, tmp_path, monkeypatch):
                  "validator.t_eval=100", f"artifacts_dir={tmp_path}/artifacts"]
     cfg = load_config(None, overrides + ["validator.iou_threshold=0.5"])
     # loaded like the base model of a run without fine-tune, so the stage caches what it trains
-    monkeypatch.setattr(validate_gate, "_load_diffusion", lambda cfg, upstream: (FakeDiffusion(), "fake base"))
+    monkeypatch.setattr(validate_gate, "load_diffusion", lambda cfg, upstream: (FakeDiffusion(), "fake base"))
     work = tmp_path / "validate"
     metrics = run_validate(cfg, dm, work, {"generate": gen}, feature_fn=pixel_stat_features)
     dec, _ = _check_outputs(work, metrics)

@@ -19,6 +19,7 @@ from datamodules.synthetic import load_generated, to_tensor
 from experiments.hashing import subtree
 from experiments.stages.validate.filter import feature_extractor, quality_filter
 from experiments.stages.validate.gate import FULL_STEPS, device_of, gate
+from experiments.stages.validate.gate_model import gate_training_needed, train_gate_model  # noqa: F401 (pipeline)
 from experiments.stages.validate.sanity import sanity
 from experiments.stages.validate.write import save_accept_reject, write_decisions
 

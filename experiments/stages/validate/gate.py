@@ -14,7 +14,8 @@ import torch
 from datamodules import latent_store
 from datamodules.io import short_hash
 from experiments.builders import load_finetuned
-from experiments.gate_training import (load_validator, save_validator, train_latent_validator, train_pixel_segmenter,
+from experiments.gate_training import (PIXEL_SEGMENTER, load_pixel_segmenter, load_validator, save_validator,
+                                       train_latent_validator, train_pixel_segmenter,
                                        validator_settings)
 from experiments.tracking import is_rank_zero
 from lightning_modules.gating.batching import gate_in_batches
@@ -26,9 +27,15 @@ LATENT_BATCH = 64  # samples per ε̂ call in the latent gates (all share the pr
 
 
 def device_of(cfg) -> torch.device:
-    """The gate's device: CUDA when ``trainer.accelerator`` asks for it and one is available."""
+    """The gate's device: CUDA when ``trainer.accelerator`` asks for it and one is available; under a
+    launcher the rank's own GPU (its local rank), as Lightning's DDP gives each rank."""
+    from experiments.distributed import launcher
+
     want_gpu = str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
-    return torch.device("cuda" if want_gpu and torch.cuda.is_available() else "cpu")
+    if not (want_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    env = launcher()
+    return torch.device("cuda", env.local_rank()) if env is not None else torch.device("cuda")
 
 
 def make_latent_gate(mode: str, cfg, num_classes: int, device: torch.device, diffusion, validator,
@@ -131,7 +138,7 @@ def validator_cache_path(cfg, upstream: dict, settings: dict) -> Path:
     return Path(cfg.artifacts_dir) / "gate_models" / f"{source}-{short_hash(key)}.pt"
 
 
-def _reuse_validator(cfg, upstream: dict, settings: dict, given=None, use_cache: bool = True):
+def reuse_validator(cfg, upstream: dict, settings: dict, given=None, use_cache: bool = True):
     """``(validator, where from)``: the given one, generate's early-reject one, a cached one, or None.
 
     θ, erosion and the quality filter do not change the validator, so a sweep over them trains it once.
@@ -148,7 +155,7 @@ def _reuse_validator(cfg, upstream: dict, settings: dict, given=None, use_cache:
     return None, "none"
 
 
-def _load_diffusion(cfg, upstream: dict):
+def load_diffusion(cfg, upstream: dict):
     """The fine-tuned model, or the base model for runs without a finetune stage (copy-paste)."""
     if "finetune" in upstream:
         return load_finetuned(cfg, upstream["finetune"]), "finetuned"
@@ -179,10 +186,10 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
     models_given = diffusion is not None or validator is not None  # tests/benchmarks: nothing to cache by key
     metrics, sanity_cache = {}, None
     if mode in ("single_step", "full"):
-        diffusion, source = _load_diffusion(cfg, upstream) if diffusion is None else (diffusion, "given")
+        diffusion, source = load_diffusion(cfg, upstream) if diffusion is None else (diffusion, "given")
         diffusion = diffusion.to(device).eval() if hasattr(diffusion, "to") else diffusion
         settings = validator_settings(cfg, prompt, ncls)
-        validator, val_src = _reuse_validator(cfg, upstream, settings, validator, use_cache=not models_given)
+        validator, val_src = reuse_validator(cfg, upstream, settings, validator, use_cache=not models_given)
         if validator is None:
             val_src = "trained here"
             validator = train_latent_validator(cfg, diffusion, real[0][few].to(device), real[1][few],
@@ -203,6 +210,9 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
         if not models_given:
             # the real pairs' IoUs depend on the gate, not on θ: a θ sweep computes them once
             sanity_cache = validator_cache_path(cfg, upstream, settings).with_suffix(f".{mode}{full_steps}.real_ious.pt")
+    elif segmenter is None and (Path(workdir) / PIXEL_SEGMENTER).is_file():  # trained by every rank (gate_model)
+        segmenter = load_pixel_segmenter(Path(workdir) / PIXEL_SEGMENTER, cfg, datamodule).to(device)
+        description = "pixel segmenter (trained by every rank)"
     elif segmenter is None:
         segmenter, description = train_pixel_segmenter(cfg, datamodule, workdir, logger).to(device), "pixel segmenter"
     else:

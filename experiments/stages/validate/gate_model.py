@@ -1,0 +1,66 @@
+"""The gate's model trained by every rank under a launcher (torchrun, SLURM's srun): DDP, not rank 0 alone.
+
+Under a launcher :mod:`experiments.distributed` runs the validate stage on rank 0 alone. When the gate
+has a model still to train (the latent validator, or the pixel gate's segmenter), every rank first
+joins that training here (Lightning's DDP over the launcher's process group); rank 0 saves the model
+where the stage then finds it: the latent validator in its cache (:func:`validator_cache_path`, as a
+single-process run would), the pixel segmenter in the stage's folder (``PIXEL_SEGMENTER``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules.io import read_manifest
+from datamodules.synthetic import to_tensor
+from experiments.gate_training import (PIXEL_SEGMENTER, save_pixel_segmenter, save_validator, train_latent_validator,
+                                       train_pixel_segmenter, validator_settings)
+from experiments.stages.validate.gate import device_of, load_diffusion, reuse_validator, validator_cache_path
+from experiments.tracking import is_rank_zero
+
+LATENT_MODES = ("single_step", "full")
+
+
+def _prompt(cfg, datamodule, upstream: dict) -> str:
+    """The prompt the validate stage will use: the one generation recorded, else the config's / dataset's."""
+    rows = read_manifest(Path(upstream["generate"]) / "manifest.jsonl")
+    return next((r["prompt"] for r in rows if r.get("prompt")), None) or cfg.diffusion.prompt or datamodule.prompt
+
+
+def gate_training_needed(cfg, datamodule, workdir: Path, upstream: dict) -> bool:
+    """True when the gate of ``cfg.validator.mode`` has a model to train that nothing saved yet."""
+    mode = str(cfg.validator.mode)
+    if mode == "pixel":
+        return not (Path(workdir) / PIXEL_SEGMENTER).is_file()
+    if mode not in LATENT_MODES:
+        return False
+    datamodule.setup()
+    settings = validator_settings(cfg, _prompt(cfg, datamodule, upstream), int(datamodule.num_classes))
+    return reuse_validator(cfg, upstream, settings)[0] is None
+
+
+def train_gate_model(cfg, datamodule, workdir: Path, upstream: dict, logger=None) -> None:
+    """Train the gate's model on this rank (every rank calls it together) and, on rank 0, save it.
+
+    Checkpoints go under ``workdir/checkpoints/`` as in the single-process stage, so a killed run resumes.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    datamodule.setup()
+    if str(cfg.validator.mode) == "pixel":
+        segmenter = train_pixel_segmenter(cfg, datamodule, workdir, logger)
+        if is_rank_zero():
+            save_pixel_segmenter(workdir / PIXEL_SEGMENTER, segmenter)
+        return
+    device, few = device_of(cfg), list(datamodule.split_indices["train_few"])
+    prompt, ncls = _prompt(cfg, datamodule, upstream), int(datamodule.num_classes)
+    diffusion, _ = load_diffusion(cfg, upstream)
+    diffusion = diffusion.to(device).eval()
+    images = to_tensor(datamodule.images[few])  # (n,3,S,S) in [0,1]
+    masks = torch.from_numpy(datamodule.masks[few].astype(np.int64))  # (n,S,S)
+    validator = train_latent_validator(cfg, diffusion, images.to(device), masks, prompt, ncls, workdir, logger)
+    if is_rank_zero():
+        settings = validator_settings(cfg, prompt, ncls)
+        save_validator(validator_cache_path(cfg, upstream, settings), validator, settings)
