@@ -70,8 +70,12 @@ def check_outputs(cfg: DictConfig) -> None:
     elif "://" not in uri:
         require_writable(uri, key)
     else:
+        from experiments.tracking import require_server
+
+        require_server(uri, key)
         return  # a tracking server owns its store and artifacts
     require_writable(cfg.tracking.artifact_root, "tracking.artifact_root")
+
 
 
 def needs_base(cfg: DictConfig) -> bool:

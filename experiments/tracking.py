@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import to_yaml
+from experiments.config import ConfigError, to_yaml
 
 # The tag MLflow 3's UI reads to choose an experiment's landing page (runs table vs GenAI traces).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -33,6 +33,33 @@ def tracking_uri(cfg: DictConfig) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def uri_source() -> str:
+    """The key the tracking URI comes from, for messages: ``MLFLOW_TRACKING_URI`` or ``tracking.uri``."""
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+
+
+def require_server(uri: str, key: str = "MLFLOW_TRACKING_URI", timeout_s: float = 10.0) -> None:
+    """Raise :class:`ConfigError` unless an MLflow tracking server answers at an ``http(s)://`` ``uri``
+    (any HTTP answer counts; other URIs are local stores and pass).
+
+    Without this, MLflow retries a refused connection for minutes and ends in a traceback.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an auth wall, a proxy's path prefix): someone is there
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(f"the MLflow tracking server {uri} ({key}) does not answer: {reason}. Start it "
+                          f"(`mlflow server --host 0.0.0.0 --port 5000 ...`, see README 'Scaling out'), "
+                          f"correct {key}, or unset MLFLOW_TRACKING_URI to use the local store") from err
 
 
 def git_sha() -> str:
@@ -56,7 +83,9 @@ def set_experiment(cfg: DictConfig, name: Optional[str] = None) -> str:
     """Select (creating if needed) the MLflow experiment and return its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    require_server(uri, uri_source())
+    mlflow.set_tracking_uri(uri)
     name = name or cfg.tracking.experiment or cfg.name
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:

@@ -160,7 +160,9 @@ def default_storage(cfg: Any) -> str:
 def _mlflow_experiment(cells: Sequence[Cell]) -> Optional[str]:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(cells[0].config()))
+    uri = tracking.tracking_uri(cells[0].config())
+    tracking.require_server(uri, tracking.uri_source())  # fail in seconds, not after MLflow's retries
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cells[0].grid)
     return None if experiment is None else experiment.experiment_id
 

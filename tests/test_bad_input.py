@@ -52,6 +52,15 @@ def inspect(name: str, root: Path, *extra: str) -> List[str]:
     return ["data", "inspect", "--dataset", name, "--root", str(root), *extra]
 
 
+def _closed_port() -> int:
+    """A 127.0.0.1 port nobody listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def cvc_one_sequence(tmp: Path) -> Path:
     return make_cvc(tmp / "cvc", frames=range(1, 13))  # frames 1..12: all in video sequence 1
 
@@ -295,6 +304,13 @@ CASES = [
     Case("mlflow-store-unwritable", lambda t, m: (deny(m, made(t, t / "store")),
                                                   run(t, f"tracking.uri=sqlite:///{t}/store/mlflow.db"))[1], 2,
          "(tracking.uri): permission denied"),
+    Case("mlflow-server-unreachable", lambda t, m: run(t, f"tracking.uri=http://127.0.0.1:{_closed_port()}"), 2,
+         "(tracking.uri) does not answer"),
+    *[Case(f"mlflow-server-unreachable/{argv[0]}", lambda t, m, argv=argv: (m.setenv(
+        "MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}"), argv)[1], 2, "(MLFLOW_TRACKING_URI) does not answer")
+      for argv in (["grid", str(REPO / "sweeps/grids/demo.yaml"), "--dry-run"],
+                   ["sweep", str(REPO / "sweeps/studies/kvasir_seg_tpe.yaml"), "--n-trials", "1"],
+                   ["table", str(REPO / "experiments/tables/diffaug_main.yaml")])],
     Case("split-file-missing", lambda t, m: run(t, f"data.split_file={t}/none.json"), 2,
          "'data.split_file'"),
     # -- the command line itself

@@ -87,6 +87,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         records = read_records(args.runs)
     uri = None if records is not None else args.tracking_uri or default_tracking_uri()
+    if uri is not None:
+        from experiments.tracking import require_server
+
+        require_server(uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
     out_dir = Path(args.write or args.json or ".").parent
     sections, result, written = [], {"generated_by": command, "tables": {}}, []
     for spec in specs:
