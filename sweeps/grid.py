@@ -363,6 +363,27 @@ def run_workers(argv: List[str], workers: int) -> int:
     return 0 if all(code == 0 for code in codes) else 1
 
 
+def check_environment(cells: Sequence[Cell]) -> None:
+    """Stop before the first cell on faults every cell would hit: an output folder or MLflow store it
+    cannot write, a diffusion base that is missing or damaged (``experiments.preflight``; each distinct
+    setting is checked once). Data faults differ per cell and end that cell as FAILED instead.
+
+    Raises:
+        ConfigError / FileNotFoundError: naming the key or file and what to do (``meddiffaug`` exits 2).
+    """
+    from experiments.preflight import check_base, check_outputs
+
+    seen = set()
+    for cell in cells:
+        cfg = cell.config()
+        key = (cfg.artifacts_dir, cfg.output_dir, cfg.data.cache_dir, tracking.tracking_uri(cfg),
+               cfg.tracking.artifact_root, cfg.diffusion.base_model, cfg.augment.method, cfg.validator.mode)
+        if key not in seen:
+            seen.add(key)
+            check_outputs(cfg)
+            check_base(cfg)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``meddiffaug grid GRID.yaml [--dry-run] [--only KEY=VALUE ...] [--rerun] [--workers N] [--storage URL]``."""
     parser = argparse.ArgumentParser(prog="meddiffaug grid", description=main.__doc__)
@@ -389,6 +410,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not cells:
         print("[grid] no cell selected", flush=True)
         return 0
+    check_environment(cells)
     if args.rerun:
         report = run_cells(cells, rerun=True)
     else:

@@ -256,6 +256,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             value = int(value) if param.type == "int" else value
             load_config(spec.base_config, spec.overrides + sp.to_overrides({param.key: value}),
                         overrides_source=f"the search space of study file '{args.study}'")
+    from experiments.preflight import check_base, check_outputs
+
+    check_outputs(base)  # faults every trial would hit stop the study before trial 0
+    check_base(base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=spec.name, storage=make_storage(storage_url, spec),
                                 direction=spec.direction, pruner=make_pruner(spec), load_if_exists=True)

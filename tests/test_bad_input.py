@@ -52,6 +52,15 @@ def inspect(name: str, root: Path, *extra: str) -> List[str]:
     return ["data", "inspect", "--dataset", name, "--root", str(root), *extra]
 
 
+def study_file(tmp: Path, *overrides: str) -> Path:
+    """A one-trial study on the diffusion config whose trials write under ``tmp``."""
+    path = tmp / "study.yaml"
+    path.write_text(json.dumps({"study_name": "s", "base_config": DIFF, "overrides": _isolated(tmp) + list(overrides),
+                                "storage": f"sqlite:///{tmp}/optuna.db", "n_trials": 1,
+                                "search_space": {"augment.ratio": {"type": "float", "low": 0.5, "high": 3.0}}}))
+    return path
+
+
 def _closed_port() -> int:
     """A 127.0.0.1 port nobody listens on (bound, then released)."""
     import socket
@@ -125,6 +134,8 @@ def broken_base(tmp: Path, how: str) -> Path:
         w.write_bytes(w.read_bytes()[:4096])
     elif how == "json":
         (base / "vae" / "config.json").write_text('{"block_out_channels": [32, 64,\n')
+    else:
+        raise ValueError(f"unknown damage {how!r}")
     return base
 
 
@@ -134,10 +145,10 @@ def write(tmp: Path, name: str, text: str) -> Path:
     return path
 
 
-def grid(tmp: Path, overrides: List[str]) -> Path:
+def grid(tmp: Path, overrides: List[str], config: str = BASE) -> Path:
     return write(tmp, "grid.yaml", f"""\
         name: t_bad
-        base_config: {BASE}
+        base_config: {config}
         overrides: {json.dumps(_isolated(tmp) + overrides)}
         variants: {{a: [], b: ["augment.method=none"]}}
         """)
@@ -311,6 +322,12 @@ CASES = [
       for argv in (["grid", str(REPO / "sweeps/grids/demo.yaml"), "--dry-run"],
                    ["sweep", str(REPO / "sweeps/studies/kvasir_seg_tpe.yaml"), "--n-trials", "1"],
                    ["table", str(REPO / "experiments/tables/diffaug_main.yaml")])],
+    Case("base-damaged/grid", lambda t, m: ["grid", grid(t, [f"diffusion.base_model={broken_base(t, 'truncated')}"], DIFF)],
+         2, "it is truncated or not a safetensors file"),
+    Case("artifacts-unwritable/grid", lambda t, m: (deny(m, made(t, t / "artifacts")), ["grid", grid(t, [])])[1], 2,
+         "(artifacts_dir): permission denied"),
+    Case("base-missing/sweep", lambda t, m: ["sweep", study_file(t, f"diffusion.base_model={t}/nothing")], 2,
+         "does not exist"),
     Case("split-file-missing", lambda t, m: run(t, f"data.split_file={t}/none.json"), 2,
          "'data.split_file'"),
     # -- the command line itself
