@@ -129,14 +129,14 @@ class Coordinator:
             if plan == "solo" and joint_training is not None and joint_training[0]():
                 plan = "train_first"  # every rank trains the stage's model, then rank 0 runs the stage alone
             self.publish("plan", plan)
+            if plan == "train_first":
+                with self.process_group(f"{stage} (its model)"):
+                    joint_training[1]()
             if plan == "train":
                 with self.process_group(stage):
                     metrics = compute(False)
                 finish(metrics)
-            elif plan in ("solo", "train_first"):
-                if plan == "train_first":
-                    with self.process_group(f"{stage} (its model)"):
-                        joint_training[1]()
+            elif plan != "cached":  # solo, or train_first once its model is trained
                 metrics = compute(True)
         self.publish("done", metrics)
         return metrics, plan == "cached"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -410,3 +411,11 @@ class TinyDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return DataLoader(self.dataset("test"), batch_size=self.batch_size)
+
+
+def free_port() -> int:
+    """A 127.0.0.1 TCP port free right now (bound, then released): for a server to start on, or, left
+    unused, one nobody answers at."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

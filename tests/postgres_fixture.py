@@ -13,7 +13,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -22,18 +21,14 @@ from typing import Iterator, List
 
 import pytest
 
+from fakes import free_port
+
 
 def _bin_dir() -> Path:
     if os.environ.get("MEDDIFFAUG_PG_BIN"):
         return Path(os.environ["MEDDIFFAUG_PG_BIN"])
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
     return Path(found[0]).parent if found else Path("/usr/lib/postgresql/15/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _as_server_user(folder: Path) -> List[str]:
@@ -61,7 +56,7 @@ def postgres_server() -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="meddiffaug-pg-", dir="/tmp"))  # short: socket paths are limited
     os.chmod(folder, 0o755)
     prefix = _as_server_user(folder)
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     run = dict(check=True, capture_output=True, text=True, timeout=120, cwd=folder)
     try:
         subprocess.run(prefix + [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fakes import _save, make_cvc, make_folder, make_kvasir, make_refuge
+from fakes import _save, free_port, make_cvc, make_folder, make_kvasir, make_refuge
 from experiments.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,15 +59,6 @@ def study_file(tmp: Path, *overrides: str) -> Path:
                                 "storage": f"sqlite:///{tmp}/optuna.db", "n_trials": 1,
                                 "search_space": {"augment.ratio": {"type": "float", "low": 0.5, "high": 3.0}}}))
     return path
-
-
-def _closed_port() -> int:
-    """A 127.0.0.1 port nobody listens on (bound, then released)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cvc_one_sequence(tmp: Path) -> Path:
@@ -315,10 +306,10 @@ CASES = [
     Case("mlflow-store-unwritable", lambda t, m: (deny(m, made(t, t / "store")),
                                                   run(t, f"tracking.uri=sqlite:///{t}/store/mlflow.db"))[1], 2,
          "(tracking.uri): permission denied"),
-    Case("mlflow-server-unreachable", lambda t, m: run(t, f"tracking.uri=http://127.0.0.1:{_closed_port()}"), 2,
+    Case("mlflow-server-unreachable", lambda t, m: run(t, f"tracking.uri=http://127.0.0.1:{free_port()}"), 2,
          "(tracking.uri) does not answer"),
     *[Case(f"mlflow-server-unreachable/{argv[0]}", lambda t, m, argv=argv: (m.setenv(
-        "MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}"), argv)[1], 2, "(MLFLOW_TRACKING_URI) does not answer")
+        "MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}"), argv)[1], 2, "(MLFLOW_TRACKING_URI) does not answer")
       for argv in (["grid", str(REPO / "sweeps/grids/demo.yaml"), "--dry-run"],
                    ["sweep", str(REPO / "sweeps/studies/kvasir_seg_tpe.yaml"), "--n-trials", "1"],
                    ["table", str(REPO / "experiments/tables/diffaug_main.yaml")])],

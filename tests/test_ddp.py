@@ -89,11 +89,9 @@ def test_whole_pipeline_under_torchrun_two_cpu_ranks(tmp_path):
 @pytest.mark.slow
 def test_whole_pipeline_with_slurm_variables_two_cpu_tasks(tmp_path):
     """What ``srun --ntasks-per-node 2`` sets, by hand: Lightning's SLURMEnvironment drives the ranks."""
-    import socket
+    from fakes import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLFLOW_TRACKING_URI"))}
     env.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1",
                SLURM_NODEID="0", SLURM_JOB_NAME="meddiffaug-test", SLURM_JOB_ID="4242",

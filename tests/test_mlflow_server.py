@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from fakes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,16 +28,10 @@ def test_artifact_location_follows_the_store(tmp_path, monkeypatch):
     assert artifact_location(cfg, "e") is None  # the server's proxied artifact store decides
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` on a free port with its own backend store and artifact destination."""
-    port, server_dir = _free_port(), tmp_path / "server"
+    port, server_dir = free_port(), tmp_path / "server"
     server_dir.mkdir()
     log = open(server_dir / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

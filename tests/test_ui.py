@@ -1,6 +1,5 @@
 """``meddiffaug ui`` starts MLflow from a fresh shell (no venv on PATH) and prints the runs table's URL."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import free_port
 from experiments.ui import mlflow_ui_command, runs_table_url
 
 
@@ -18,16 +18,10 @@ def test_ui_uses_the_running_interpreter_not_path():
     assert runs_table_url("127.0.0.1", 5001, "7") == "http://127.0.0.1:5001/#/experiments/7/runs"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ui_starts_without_the_venv_on_path_and_answers_200(tmp_path):
     script = Path(sys.executable).parent / "meddiffaug"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MLFLOW_TRACKING_URI")}
     env["PATH"] = "/usr/bin:/bin"  # what a fresh shell has: no .venv/bin
     process = subprocess.Popen([str(script), "ui", "--port", str(port),

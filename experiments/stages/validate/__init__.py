@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from datamodules.synthetic import load_generated, to_tensor
 from experiments.hashing import subtree
 from experiments.stages.validate.filter import feature_extractor, quality_filter
-from experiments.stages.validate.gate import FULL_STEPS, device_of, gate
+from experiments.stages.validate.gate import FULL_STEPS, device_of, gate, stage_prompt
 from experiments.stages.validate.gate_model import gate_training_needed, train_gate_model  # noqa: F401 (pipeline)
 from experiments.stages.validate.sanity import sanity
 from experiments.stages.validate.write import save_accept_reject, write_decisions
@@ -84,8 +84,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     gen = load_generated(gen_dir, real[0].shape[-1])
     n, total = len(gen.rows), len(gen.rows) + len(gen.early)
     # the prompt generation conditioned on (recorded per row), else the config's / dataset's
-    prompt = next((r["prompt"] for r in gen.rows + gen.early if r.get("prompt")), None) \
-        or cfg.diffusion.prompt or datamodule.prompt
+    prompt = stage_prompt(cfg, datamodule, gen.rows + gen.early)
     metrics: dict = {"gen/n_samples": float(total), "gen/n_early_rejected": float(len(gen.early))}
 
     # 1. gate and 2. its sanity check on real pairs (θ calibrated there when asked)

@@ -26,6 +26,12 @@ FULL_STEPS = 50  # DDIM steps of the "full" gate (DiffAug's baseline)
 LATENT_BATCH = 64  # samples per ε̂ call in the latent gates (all share the prompt embedding)
 
 
+def stage_prompt(cfg, datamodule, rows: list) -> str:
+    """The prompt the gate encodes: the one generation recorded in ``rows`` (manifest rows), else the
+    config's, else the dataset's."""
+    return next((r["prompt"] for r in rows if r.get("prompt")), None) or cfg.diffusion.prompt or datamodule.prompt
+
+
 def device_of(cfg) -> torch.device:
     """The gate's device: CUDA when ``trainer.accelerator`` asks for it and one is available; under a
     launcher the rank's own GPU (its local rank), as Lightning's DDP gives each rank."""

@@ -17,16 +17,16 @@ from datamodules.io import read_manifest
 from datamodules.synthetic import to_tensor
 from experiments.gate_training import (PIXEL_SEGMENTER, save_pixel_segmenter, save_validator, train_latent_validator,
                                        train_pixel_segmenter, validator_settings)
-from experiments.stages.validate.gate import device_of, load_diffusion, reuse_validator, validator_cache_path
+from experiments.stages.validate.gate import (device_of, load_diffusion, reuse_validator, stage_prompt,
+                                             validator_cache_path)
 from experiments.tracking import is_rank_zero
 
 LATENT_MODES = ("single_step", "full")
 
 
 def _prompt(cfg, datamodule, upstream: dict) -> str:
-    """The prompt the validate stage will use: the one generation recorded, else the config's / dataset's."""
-    rows = read_manifest(Path(upstream["generate"]) / "manifest.jsonl")
-    return next((r["prompt"] for r in rows if r.get("prompt")), None) or cfg.diffusion.prompt or datamodule.prompt
+    """The prompt the validate stage will use (read from the generate stage's manifest)."""
+    return stage_prompt(cfg, datamodule, read_manifest(Path(upstream["generate"]) / "manifest.jsonl"))
 
 
 def gate_training_needed(cfg, datamodule, workdir: Path, upstream: dict) -> bool:
