@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Runs from any working directory: paths below are the Makefile's own folder.
 ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 
-.PHONY: install demo test test-slow test-all bench ui lock relock clean
+.PHONY: install demo test test-slow test-all bench results ui lock relock clean
 
 $(STAMP): $(ROOT)/pyproject.toml $(ROOT)/requirements.lock
 	cd $(ROOT) && (test -d $(VENV) || $(PY) -m venv $(VENV))
@@ -39,6 +39,11 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	cd $(ROOT) && $(BIN)/python -m pytest -q -m "slow or not slow"
+
+# results.md and results.json from the committed run records (sweeps/records/), no MLflow store needed.
+results: $(STAMP)
+	cd $(ROOT) && $(BIN)/meddiffaug table experiments/tables/headline_by_modality.yaml \
+		experiments/tables/data_efficiency.yaml --runs sweeps/records --write results.md --json results.json
 
 ui: $(STAMP)
 	$(ROOT)/$(BIN)/meddiffaug ui

@@ -87,6 +87,10 @@ def test_headline_by_modality_from_records_with_pending_modalities(tmp_path):
         assert key in polyp
     # the gate arm has the higher validation Dice, so the rule picks it: diffusion_gate (i=3) - copy_paste (i=1)
     assert polyp["diffusion_arm"] == "diffusion_gate" and polyp["gain_vs_copy_paste"] == pytest.approx(0.10)
+    # dice_diffusion is the chosen arm's Dice, never the no-gate arm's (whose variant is "diffusion")
+    assert polyp["dice_diffusion"] == pytest.approx(polyp["dice_by_arm"]["diffusion_gate"])
+    assert polyp["dice_diffusion"] - polyp["dice_by_arm"]["diffusion"] == pytest.approx(0.05)
+    assert polyp["dice_diffusion"] - polyp["dice_copy_paste"] == pytest.approx(polyp["gain_vs_copy_paste"])
     assert result["frozen_code"] == block["frozen_code"] == "abc1234" and result["seed_block"] == 100
     assert block["fundus"]["seeds"] == [] and block["fundus"]["dice_real_only"] is None
     text = (tmp_path / "r.md").read_text()

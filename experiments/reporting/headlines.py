@@ -97,9 +97,10 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
                  "gain_vs_copy_paste_ci95": _ci(gain_cp),
                  "mde80_vs_real_only": gain["mde80"] if gain else None,
                  "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None}
-        for r in table["rows"]:  # every arm's Dice, e.g. dice_diffusion_base_only
-            if r["key"][0] == canon(label) and r["n"]:
-                entry[f"dice_{r['key'][-1]}"] = _mean(r, DICE)
+        # every arm's Dice in its own map: a flat dice_<arm> key would overwrite dice_diffusion (the
+        # chosen arm) with the no-gate arm, whose variant is called "diffusion"
+        entry["dice_by_arm"] = {r["key"][-1]: _mean(r, DICE) for r in table["rows"]
+                                if r["key"][0] == canon(label) and r["n"]}
         out[label] = entry
         if not len(mine):
             pending.append({"dataset": f"{label} ({grid})", "needs": "no runs yet",
