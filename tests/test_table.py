@@ -156,11 +156,11 @@ def test_gate_sanity_flag(outputs):
     text, result, _ = outputs
     assert _rows(result, "diffaug_main")["synthetic_unfiltered"]["gate_warning"]
     assert _md_row(text, "⚠ Diffusion, no gate")
-    assert "gate passes only 43 % of real validation pairs" in text
+    assert "the gate's real pass rate is only 0.43 (mean `gen/real_pass_rate` on real validation lesion pairs" in text
     assert not _rows(result, "diffaug_main")["real_only"]["gate_warning"]
     # passing real pairs is not enough: a gate must also reject them made wrong
     assert _rows(result, "diffaug_main")["synthetic_filtered"]["gate_warning"]
-    assert "gate rejects only 20 % of misplaced, 90 % of missing real lesions" in text
+    assert "reject rates on real lesions made wrong are only 0.20 (misplaced), 0.90 (missing)" in text
 
 
 def test_pending_rows_show_commands_not_numbers(outputs):

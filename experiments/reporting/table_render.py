@@ -101,13 +101,16 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
             if r["gate_warning"]:
                 rate = r["metrics"][GATE_METRIC]["mean"]
                 if rate < spec.get("gate_min_real_pass", 0.8):
-                    notes.append(f"⚠ {r['label']}: gate passes only {rate * 100:.0f} % of real validation "
-                                 f"pairs (mean `{GATE_METRIC}` < {spec.get('gate_min_real_pass', 0.8):.2f}); "
+                    # fractions in the columns' own format, so a note never disagrees with its cell by rounding
+                    notes.append(f"⚠ {r['label']}: the gate's real pass rate is only {rate:.2f} (mean "
+                                 f"`{GATE_METRIC}` on real validation lesion pairs < "
+                                 f"{spec.get('gate_min_real_pass', 0.8):.2f}); "
                                  "its verdicts on synthetic pairs are not trustworthy.")
                 else:
-                    rejects = ", ".join(f"{r['metrics'][m]['mean'] * 100:.0f} % of {m.split('_')[1]}"
+                    rejects = ", ".join(f"{r['metrics'][m]['mean']:.2f} ({m.split('_')[1]})"
                                         for m in GATE_REJECT_METRICS)
-                    notes.append(f"⚠ {r['label']}: gate rejects only {rejects} real lesions (mean < "
+                    notes.append(f"⚠ {r['label']}: the gate's reject rates on real lesions made wrong are "
+                                 f"only {rejects} (mean < "
                                  f"{spec.get('gate_min_real_reject', 0.5):.2f}); it passes wrong pairs too.")
         if any(r["collapsed"] for r in table["rows"]):
             notes.append("collapsed: a run whose best validation Dice stayed under "
