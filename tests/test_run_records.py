@@ -116,11 +116,15 @@ def test_exported_cells_need_the_current_signature_and_the_final_metric(tmp_path
     assert rr.exported_cells("g", {"b": ("segment", "s", "test/dice")}, path) == {}  # no final metric
 
 
-def _committed(repo: Path, path: str) -> bytes:
-    """A file as last committed: a grid running in this checkout appends to sweeps/records/ between
-    commits, and this test is about what the repository holds. Outside git, the file itself."""
+def _committed(repo: Path, path: str):
+    """A file as last committed, or None when this checkout's HEAD lacks it: a grid running in the
+    checkout appends to sweeps/records/ between commits, and this test is about what the repository
+    holds. Outside git, the file itself."""
     shown = subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{path}"], capture_output=True)
-    return shown.stdout if shown.returncode == 0 else (repo / path).read_bytes()
+    if shown.returncode == 0:
+        return shown.stdout
+    in_git = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+    return None if in_git else (repo / path).read_bytes()
 
 
 def test_committed_results_regenerate_byte_for_byte_from_committed_records(tmp_path, monkeypatch):
@@ -135,12 +139,10 @@ def test_committed_results_regenerate_byte_for_byte_from_committed_records(tmp_p
     (tmp_path / "experiments").symlink_to(repo / "experiments")  # the same relative names as in the repository
     records = tmp_path / "sweeps" / "records"
     records.mkdir(parents=True)
-    in_git = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True).returncode == 0
     for path in sorted((repo / "sweeps" / "records").glob("*.jsonl")):
-        tracked = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", f"HEAD:sweeps/records/{path.name}"],
-                                 capture_output=True).returncode == 0
-        if tracked or not in_git:  # a grid's first records, not yet committed, are not the repository's
-            (records / path.name).write_bytes(_committed(repo, f"sweeps/records/{path.name}"))
+        content = _committed(repo, f"sweeps/records/{path.name}")
+        if content is not None:  # a grid's first records, not yet committed, are not the repository's
+            (records / path.name).write_bytes(content)
     monkeypatch.chdir(tmp_path)
     assert table(args + ["--runs", "sweeps/records"]) == 0
     for name in ("results.md", "results.json"):
