@@ -48,6 +48,11 @@ def test_exchange_rate_bootstrap_inside_and_outside_the_range():
     assert worse["rates"]["diffusion"][8]["n_equivalent"] == "less than 8"
     assert eff.sentence(worse["rates"], {}).startswith("No exchange rate above 1 is supported")
     assert "diffusion at n = 8" in eff.sentence(out["rates"], {})
+    # an interval entirely below 1 is said too, and marked in the table; a gain never is
+    assert worse["rates"]["diffusion"][16]["supported_below_1"] and not at8["supported_below_1"]
+    assert "Below 1 by the interval" in eff.sentence(worse["rates"], {})
+    assert "Below 1" not in eff.sentence(out["rates"], {})
+    assert eff.table_body(worse["rates"], {}, {})[1][-1].endswith("▼")
 
 
 def test_a_dipping_real_only_curve_is_made_monotone_and_said_so():

@@ -63,7 +63,8 @@ def exchange_rates(dice: Mapping[str, Mapping[float, Mapping[str, float]]], refe
         every (arm, budget) cell (the only ones resampled); ``monotone_fixed`` lists the budgets
         where the real-only mean curve was raised by the running maximum; each rate holds
         ``n_equivalent`` and ``ci95`` (numbers, or "more than N"/"less than N"), ``rate`` and
-        ``rate_ci95`` (n_equivalent / n) and ``supported_above_1`` (the interval's low end > 1).
+        ``rate_ci95`` (n_equivalent / n), ``supported_above_1`` (the interval's low end > 1) and
+        ``supported_below_1`` (its high end < 1: the arm is worth fewer real pairs than it holds).
     """
     arms = list(dice)
     seeds = sorted(set.intersection(*[set(dice[a][n]) for a in arms for n in budgets]) if arms else set(),
@@ -94,7 +95,7 @@ def exchange_rates(dice: Mapping[str, Mapping[float, Mapping[str, float]]], refe
                 "n_equivalent": _text(point, lo_n, hi_n), "ci95": [_text(low, lo_n, hi_n), _text(high, lo_n, hi_n)],
                 "rate": _text(point / n, lo_n / n, hi_n / n), "rate_ci95": [_text(low / n, lo_n / n, hi_n / n),
                                                                             _text(high / n, lo_n / n, hi_n / n)],
-                "supported_above_1": bool(low / n > 1)}
+                "supported_above_1": bool(low / n > 1), "supported_below_1": bool(high / n < 1)}
     return out
 
 
@@ -126,14 +127,23 @@ def sentence(rates: Mapping[str, Mapping[Any, Mapping[str, Any]]], names: Mappin
     supported = [(arm, n, r) for arm, per_n in rates.items() for n, r in per_n.items() if r["supported_above_1"]]
     if not rates:
         return "No exchange rate could be computed (fewer than two seeds complete in every cell)."
+    below = [(arm, n, r) for arm, per_n in rates.items() for n, r in per_n.items() if r["supported_below_1"]]
     if not supported:
-        return ("No exchange rate above 1 is supported: at every budget the 95 % bootstrap interval of every "
+        text = ("No exchange rate above 1 is supported: at every budget the 95 % bootstrap interval of every "
                 "augmented arm reaches 1 or below, so these runs do not show that a synthetic-augmented run saves "
                 "real labels.")
-    parts = [f"{names.get(arm, arm)} at n = {_short(float(n))} (worth {show(r['n_equivalent'])} real pairs, "
-             f"{rate_text(r['rate'])} [{rate_text(r['rate_ci95'][0])}, {rate_text(r['rate_ci95'][1])}])"
-             for arm, n, r in supported]
-    return "Exchange rates above 1 supported by the 95 % bootstrap interval: " + "; ".join(parts) + "."
+    else:
+        text = "Exchange rates above 1 supported by the 95 % bootstrap interval: " + _listed(supported, names) + "."
+    if below:
+        text += (" Below 1 by the interval (the arm's runs are worth fewer real pairs "
+                 "than their budget holds): " + _listed(below, names) + ".")
+    return text
+
+
+def _listed(found: Sequence[Any], names: Mapping[str, str]) -> str:
+    return "; ".join(f"{names.get(arm, arm)} at n = {_short(float(n))} (worth {show(r['n_equivalent'])} real pairs, "
+                     f"{rate_text(r['rate'])} [{rate_text(r['rate_ci95'][0])}, {rate_text(r['rate_ci95'][1])}])"
+                     for arm, n, r in found)
 
 
 def table_body(rates: Mapping[str, Mapping[Any, Mapping[str, Any]]], means: Mapping[str, Mapping[Any, float]],
@@ -147,7 +157,7 @@ def table_body(rates: Mapping[str, Mapping[Any, Mapping[str, Any]]], means: Mapp
                          "n/a" if dice is None or not math.isfinite(dice) else f"{dice:.3f}",
                          f"{show(r['n_equivalent'])} [{show(r['ci95'][0])}, {show(r['ci95'][1])}]",
                          f"{rate_text(r['rate'])} [{rate_text(r['rate_ci95'][0])}, {rate_text(r['rate_ci95'][1])}]"
-                         + (" ▲" if r["supported_above_1"] else "")])
+                         + (" ▲" if r["supported_above_1"] else " ▼" if r["supported_below_1"] else "")])
     return body
 
 

@@ -69,7 +69,7 @@ def data_efficiency(spec: Dict[str, Any], table: Dict[str, Any], out_dir: Option
                     f"(never extrapolated: outside {eff._short(budgets[0])}–{eff._short(budgets[-1])} it reads "
                     f"\"less than\"/\"more than\"); 95 % interval: {eff.N_BOOT} bootstrap resamples of the "
                     f"{len(rates['seeds'])} seeds complete in every cell, jointly across arms and budgets; ▲: the "
-                    "interval lies above 1. "
+                    "interval lies above 1, ▼: below 1. "
                     + (f"The real-only curve dips (mean Dice at n_real = {', '.join(eff._short(n) for n in fixed)} below "
                        "a smaller budget); it is made monotone by a running maximum (cummax) before inverting."
                        if fixed else "The real-only curve rises monotonically; no correction was needed."), ""]
