@@ -64,8 +64,21 @@ def run_main(argv: Optional[List[str]] = None) -> int:
     result = run_pipeline(cfg, targets=stages, force=args.force, datamodule=datamodule)
     from experiments.tracking import is_rank_zero
 
-    if is_rank_zero():  # under torchrun/srun every rank runs this command; one summary is enough
-        print(json.dumps({"run_id": result.run_id, "sigs": result.sigs, "metrics": result.metrics}, indent=2))
+    if not is_rank_zero():  # under torchrun/srun every rank runs this command; rank 0 speaks for the run
+        return 0
+    print(json.dumps({"run_id": result.run_id, "sigs": result.sigs, "metrics": result.metrics}, indent=2))
+    from experiments.run_verdict import EXIT_NOT_A_RESULT, run_verdicts
+
+    not_a_result, caveats = run_verdicts(cfg, result.metrics)
+    for line in caveats:
+        print(f"meddiffaug run: warning: {line}", file=sys.stderr)
+    for line in not_a_result:
+        print(f"meddiffaug run: not a result: {line}", file=sys.stderr)
+    if not_a_result:
+        recorded = f" (MLflow run {result.run_id})" if result.run_id else ""
+        print(f"meddiffaug run: the run finished and is recorded{recorded}, but its numbers are not a result; "
+              f"exit {EXIT_NOT_A_RESULT}.", file=sys.stderr)
+        return EXIT_NOT_A_RESULT
     return 0
 
 

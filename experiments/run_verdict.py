@@ -1,0 +1,60 @@
+"""Whether a finished run's numbers are a result at all, read from its final metrics.
+
+A run can finish every stage and still measure nothing. A segmenter whose best validation Dice
+stayed under ``segmenter.collapse_dice`` predicts (almost) no lesion anywhere, so its test Dice
+says nothing about the method. An augmented run whose gate accepted no synthetic pair trained on
+real data only, so its numbers belong to the real-only arm, not to the method it is named after.
+``meddiffaug run`` prints these and exits :data:`EXIT_NOT_A_RESULT` instead of 0, so a script
+never files them as results. Grids and sweeps keep such runs: a table counts collapsed runs
+instead of hiding them, which would bias the mean.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Mapping, Tuple
+
+from omegaconf import DictConfig
+
+EXIT_NOT_A_RESULT = 3
+AUGMENTING_METHODS = ("diffusion", "copy_paste")
+
+
+def run_verdicts(cfg: DictConfig, metrics: Mapping[str, float]) -> Tuple[List[str], List[str]]:
+    """Problems with a run's numbers, each one line that names the metric and what to do.
+
+    Only the stages that ran are judged: a run without the segment stage has no segmenter verdict.
+
+    Args:
+        cfg: the run's resolved config.
+        metrics: the run's final metrics (``seg/collapsed``, ``val/dice``, ``gen/n_accepted``, ...).
+
+    Returns:
+        ``(not_a_result, caveats)``: the first make the numbers meaningless (exit 3), the second
+        make them less trustworthy (printed, exit 0).
+    """
+    not_a_result: List[str] = []
+    caveats: List[str] = []
+    if metrics.get("seg/collapsed", 0.0) >= 0.5:
+        dice = metrics.get("val/dice", float("nan"))
+        seen = "no validation Dice was computed" if math.isnan(dice) else f"its best validation Dice is {dice:.3f}"
+        not_a_result.append(
+            f"the segmenter collapsed: {seen}, under segmenter.collapse_dice={cfg.segmenter.collapse_dice} "
+            "(seg/collapsed=1), so the test numbers measure a model that finds (almost) no lesion. Train longer "
+            "(trainer.max_steps), check the masks with `meddiffaug data inspect`, or try another seed.")
+    segmented = "test/dice" in metrics
+    augmenting = cfg.augment.method in AUGMENTING_METHODS and cfg.augment.ratio > 0
+    if segmented and augmenting and metrics.get("gen/n_accepted", 1.0) == 0:
+        n = metrics.get("gen/n_samples")
+        of = f" of the {int(n)}" if n is not None and not math.isnan(n) else ""
+        not_a_result.append(
+            f"augment.method={cfg.augment.method}, but the gate accepted none{of} synthetic pairs "
+            "(gen/n_accepted=0): the segmenter trained on real data only, so these are real-only numbers. "
+            "Lower validator.iou_threshold, set validator.calibrate_real_pass=0.8, or generate more "
+            "(generation.n_samples).")
+    if metrics.get("gen/gate_flagged", 0.0) >= 0.5:
+        rate = metrics.get("gen/real_pass_rate", float("nan"))
+        caveats.append(
+            f"the gate passes only {rate:.2f} of the real validation lesion pairs (gen/gate_flagged=1): its verdicts "
+            "on synthetic pairs are not trustworthy. validator.calibrate_real_pass=0.8 lowers θ to what real pairs "
+            "reach; more validation pairs (data.n_val) steady it.")
+    return not_a_result, caveats
