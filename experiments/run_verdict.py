@@ -15,6 +15,8 @@ from typing import List, Mapping, Tuple
 
 from omegaconf import DictConfig
 
+from experiments.stages.validate.sanity import flag_reasons
+
 EXIT_NOT_A_RESULT = 3
 AUGMENTING_METHODS = ("diffusion", "copy_paste")
 
@@ -51,10 +53,7 @@ def run_verdicts(cfg: DictConfig, metrics: Mapping[str, float]) -> Tuple[List[st
             "(gen/n_accepted=0): the segmenter trained on real data only, so these are real-only numbers. "
             "Lower validator.iou_threshold, set validator.calibrate_real_pass=0.8, or generate more "
             "(generation.n_samples).")
-    if metrics.get("gen/gate_flagged", 0.0) >= 0.5:
-        rate = metrics.get("gen/real_pass_rate", float("nan"))
-        caveats.append(
-            f"the gate passes only {rate:.2f} of the real validation lesion pairs (gen/gate_flagged=1): its verdicts "
-            "on synthetic pairs are not trustworthy. validator.calibrate_real_pass=0.8 lowers θ to what real pairs "
-            "reach; more validation pairs (data.n_val) steady it.")
+    if metrics.get("gen/gate_flagged", 0.0) >= 0.5:  # the validate stage's reasons, also for a cached stage
+        theta = metrics.get("gen/iou_threshold", cfg.validator.iou_threshold)
+        caveats += flag_reasons(dict(metrics), str(cfg.validator.mode), theta, cfg.validator.calibrate_real_pass is not None)
     return not_a_result, caveats

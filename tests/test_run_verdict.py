@@ -36,12 +36,19 @@ def test_an_augmented_run_without_accepted_pairs_is_real_only():
 def test_a_flagged_gate_is_a_caveat_not_a_failure():
     not_a_result, caveats = run_verdicts(load_config(DIFFAUG, []), {**HEALTHY, "gen/gate_flagged": 1.0,
                                                                      "gen/real_pass_rate": 0.45})
-    assert not_a_result == [] and len(caveats) == 1 and "0.45" in caveats[0]
+    assert not_a_result == [] and len(caveats) == 1 and "passes only 45% of REAL" in caveats[0]
+    # flagged for passing wrong pairs, while real pairs pass: the caveat says that, not a pass rate
+    weak = {**HEALTHY, "gen/gate_flagged": 1.0, "gen/real_misplaced_reject_rate": 0.2, "gen/real_missing_reject_rate": 0.9}
+    (caveat,) = run_verdicts(load_config(DIFFAUG, []), weak)[1]
+    assert "rejects fewer than half of the real pairs made wrong (misplaced lesions)" in caveat
+    assert run_verdicts(load_config(DIFFAUG, ["validator.calibrate_real_pass=0.8"]),
+                        {**HEALTHY, "gen/gate_flagged": 1.0, "gen/real_pass_rate": 0.45})[1][0].endswith("(gen/gate_flagged=1).")
 
 
 @pytest.mark.parametrize("metrics, code, phrase", [
     (HEALTHY, 0, None),
-    ({**HEALTHY, "gen/gate_flagged": 1.0}, 0, "meddiffaug run: warning: the gate passes only"),
+    ({**HEALTHY, "gen/gate_flagged": 1.0, "gen/real_pass_rate": 0.5}, 0,
+     "meddiffaug run: warning: the single_step gate passes only 50%"),
     ({**HEALTHY, "val/dice": 0.01, "seg/collapsed": 1.0}, EXIT_NOT_A_RESULT, "meddiffaug run: not a result: the segmenter collapsed"),
     ({**HEALTHY, "gen/n_accepted": 0.0}, EXIT_NOT_A_RESULT, "meddiffaug run: not a result: augment.method=diffusion"),
 ])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -66,19 +66,27 @@ def sanity(cfg, gate: Callable, real_images: torch.Tensor, real_masks: torch.Ten
     return theta, metrics
 
 
-def flag(metrics: dict, mode: str, theta: float, calibrated: bool) -> float:
-    """1.0 (with a warning) when the gate fails real lesion pairs or passes them made wrong, else 0.0.
+def flag_reasons(metrics: dict, mode: str, theta: float, calibrated: bool) -> List[str]:
+    """Why the gate is untrustworthy, one sentence each; empty when it is not.
 
     A gate must pass real pairs AND reject them made wrong (a gate at θ = 0 passes the first check).
     Lesion-free pairs play no part (their false-claim rate is reported on its own); NaN rates (no
     lesion pair) raise no flag.
     """
-    real_pass, weak = metrics["gen/real_pass_rate"], weak_rejects(metrics)
+    reasons, real_pass, weak = [], metrics["gen/real_pass_rate"], weak_rejects(metrics)
     if weak:
-        warnings.warn(f"[validate] the {mode} gate at IoU >= {theta:.3g} rejects fewer than half of the real pairs "
-                      f"made wrong ({', '.join(weak)} lesions): it passes wrong pairs (gen/gate_flagged=1).")
+        reasons.append(f"the {mode} gate at IoU >= {theta:.3g} rejects fewer than half of the real pairs "
+                       f"made wrong ({', '.join(weak)} lesions): it passes wrong pairs (gen/gate_flagged=1).")
     if real_pass < MIN_REAL_PASS:
-        warnings.warn(f"[validate] the {mode} gate passes only {real_pass:.0%} of REAL validation lesion pairs at "
-                      f"IoU >= {theta:.3g}: it judges its own weakness, not the samples (gen/gate_flagged=1)."
-                      + ("" if calibrated else " validator.calibrate_real_pass=0.8 lowers θ to what real pairs reach."))
-    return float(real_pass < MIN_REAL_PASS or bool(weak))
+        reasons.append(f"the {mode} gate passes only {real_pass:.0%} of REAL validation lesion pairs at "
+                       f"IoU >= {theta:.3g}: it judges its own weakness, not the samples (gen/gate_flagged=1)."
+                       + ("" if calibrated else " validator.calibrate_real_pass=0.8 lowers θ to what real pairs reach."))
+    return reasons
+
+
+def flag(metrics: dict, mode: str, theta: float, calibrated: bool) -> float:
+    """1.0 (with a warning per reason from :func:`flag_reasons`) when the gate is untrustworthy, else 0.0."""
+    reasons = flag_reasons(metrics, mode, theta, calibrated)
+    for reason in reasons:
+        warnings.warn(f"[validate] {reason}")
+    return float(bool(reasons))
