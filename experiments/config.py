@@ -107,6 +107,7 @@ class DiffusionConfig:
     attention: str = "sdpa"  # sdpa: torch scaled_dot_product_attention (diffusers' default AttnProcessor2_0, memory-efficient; checked active) | eager (reference)
     optimizer: str = "adamw"  # adamw | adamw_fused (no full-size temporary in the step) | adamw8bit (bitsandbytes, needs it installed)
     offload_frozen: bool = False  # move VAE + text encoders off the accelerator once latents and prompt embeddings are cached
+    allow_upscaled_tiny: bool = False  # run the shipped 64 px tiny base at a larger data.image_size (a smoke test; preflight refuses it otherwise)
 
 
 @dataclass

@@ -16,7 +16,8 @@ from datamodules.io import short_hash  # noqa: F401  (the one hash, re-exported 
 IGNORED = {"data": {"num_workers", "cache_dir"},
            "trainer": {"accelerator", "devices", "strategy", "log_every_n_steps"},
            # recomputed activations and where the frozen parts wait change memory, not the weights
-           "diffusion": {"gradient_checkpointing", "offload_frozen"}}
+           # allow_upscaled_tiny only lets preflight pass: the stages never read it
+           "diffusion": {"gradient_checkpointing", "offload_frozen", "allow_upscaled_tiny"}}
 
 # Keys added after results were cached, at the value that reproduces the old behaviour: left out of
 # the signature at that value, so adding an option does not invalidate every cached stage.

@@ -123,6 +123,8 @@ def check_base(cfg: DictConfig) -> Optional[Path]:
             raise ConfigError(f"weight file {file} is unreadable ({err}): it is truncated or "
                               f"not a safetensors file; {fix}.") from err
     _check_image_size(cfg, configs, path)
+    if str(base) == "tiny":
+        _check_tiny_size(cfg, configs, path)
     return path
 
 
@@ -137,6 +139,23 @@ def _check_image_size(cfg: DictConfig, configs: dict, path: Path) -> None:
         raise ConfigError(f"'data.image_size' is {size}, but the diffusion base {path} needs a "
                           f"multiple of {factor} (its VAE and UNet downsample by {factor} in all); "
                           f"use data.image_size={lo} or {hi}.")
+
+
+def _check_tiny_size(cfg: DictConfig, configs: dict, path: Path) -> None:
+    """The shipped tiny base only at the size it was trained for, unless ``diffusion.allow_upscaled_tiny``.
+
+    A real-data config at 512 px with a forgotten ``diffusion.base_model=`` would otherwise spend hours
+    fine-tuning a 64 px model far outside what it learnt, and report the result as DiffAug's.
+    """
+    trained = int(configs.get("vae/config.json", {}).get("sample_size") or 0)  # the pixel size it was trained at
+    size = int(cfg.data.image_size)
+    if not trained or size <= trained or cfg.diffusion.get("allow_upscaled_tiny", False):
+        return
+    raise ConfigError(f"'data.image_size' is {size}, but diffusion.base_model is 'tiny': the shipped base "
+                      f"{path} was trained at {trained} px (its vae/config.json sample_size). Add "
+                      f"diffusion.base_model=<local SD inpainting folder> (a diffusers-format "
+                      f"stable-diffusion-inpainting copy), or set data.image_size={trained}; to run the "
+                      f"tiny base at {size} px anyway (a smoke test), set diffusion.allow_upscaled_tiny=true.")
 
 
 def preflight(cfg: DictConfig) -> Any:

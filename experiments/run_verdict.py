@@ -49,11 +49,41 @@ def run_verdicts(cfg: DictConfig, metrics: Mapping[str, float]) -> Tuple[List[st
         n = metrics.get("gen/n_samples")
         of = f" of the {int(n)}" if n is not None and not math.isnan(n) else ""
         not_a_result.append(
-            f"augment.method={cfg.augment.method}, but the gate accepted none{of} synthetic pairs "
-            "(gen/n_accepted=0): the segmenter trained on real data only, so these are real-only numbers. "
-            "Lower validator.iou_threshold, set validator.calibrate_real_pass=0.8, or generate more "
-            "(generation.n_samples).")
+            f"augment.method={cfg.augment.method}, but none{of} synthetic pairs was accepted "
+            f"(gen/n_accepted=0): the segmenter trained on real data only, so these are real-only numbers. "
+            + _rejected_by(cfg, metrics))
     if metrics.get("gen/gate_flagged", 0.0) >= 0.5:  # the validate stage's reasons, also for a cached stage
         theta = metrics.get("gen/iou_threshold", cfg.validator.iou_threshold)
         caveats += flag_reasons(dict(metrics), str(cfg.validator.mode), theta, cfg.validator.calibrate_real_pass is not None)
     return not_a_result, caveats
+
+
+def _rate(metrics: Mapping[str, float], key: str) -> float:
+    value = metrics.get(key, float("nan"))
+    return 0.0 if value is None or math.isnan(value) else float(value)
+
+
+def _rejected_by(cfg: DictConfig, metrics: Mapping[str, float]) -> str:
+    """Which component rejected every synthetic pair (early rejection, the gate, the quality filter) and
+    a remedy that changes it; read from the validate stage's ``gen/*`` rates."""
+    v, mode = cfg.validator, str(cfg.validator.mode)
+    total = _rate(metrics, "gen/n_samples")
+    theta = metrics.get("gen/iou_threshold", v.iou_threshold)
+    if total and _rate(metrics, "gen/n_early_rejected") >= total:
+        return (f"Early rejection in the generate stage stopped every sample (validator.early_reject_t="
+                f"{v.early_reject_t}): unset validator.early_reject_t"
+                + (f", or lower validator.iou_threshold (now {theta:g})." if theta > 0 else "."))
+    if mode != "none" and _rate(metrics, "gen/iou_pass_rate") == 0:
+        fixes = [f"lower validator.iou_threshold (now {theta:g})"] if theta > 0 else []
+        if v.calibrate_real_pass is None:
+            fixes.append("set validator.calibrate_real_pass=0.8")
+        fixes += [f"or switch the gate off (validator.mode=none; now {mode})"]
+        return f"The {mode} gate rejected every sample: " + ", ".join(fixes) + "."
+    outlier, near = _rate(metrics, "gen/quality_reject_rate"), _rate(metrics, "gen/near_copy_rate")
+    if outlier or near:
+        passed = "none was gated" if mode == "none" else f"the {mode} gate passed some"
+        return (f"The quality filter rejected every pair left ({passed}; {outlier:.0%} outliers, {near:.0%} "
+                f"near-copies of their source): raise validator.quality_quantile (now {v.quality_quantile:g}) "
+                f"or lower validator.near_copy_quantile (now {v.near_copy_quantile:g}), or set "
+                "validator.quality_filter=false.")
+    return "Nothing was generated to accept: generate more (generation.n_samples)."

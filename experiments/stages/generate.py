@@ -197,6 +197,12 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
                       n_samples=int(g.n_samples), scale_range=tuple(g.scale_range), elastic=float(g.elastic),
                       mask_source=str(g.mask_source), source=str(g.source),
                       normal_indices=getattr(datamodule, "split_indices", {}).get("normal"))
+    if str(g.source) == "normal" and planner.kind == "lesion_free_region":
+        warnings.warn("[generate] generation.source=normal, but no training image is lesion-free (and no "
+                      "normal pool, data.n_normal, was drawn): new lesions go into the lesion-free regions of "
+                      "lesion-bearing images, whose lesions stay in the label. To choose this explicitly set "
+                      "generation.source=real; to paint into lesion-free images set data.n_normal=<k> on a "
+                      "dataset that has them.")
     manifest = workdir / "manifest.jsonl"
     done = {r["id"] for r in read_manifest(manifest)}
     pending = [i for i in range(int(cfg.generation.n_samples)) if sample_id(i) not in done]
