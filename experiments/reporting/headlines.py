@@ -8,8 +8,9 @@ from typing import Any, Dict, List, Optional
 
 import pandas as pd
 
+from experiments.reporting import findings
 from experiments.reporting.stats import fmt, jsonable, paired_difference
-from experiments.reporting.table import canon, column_of
+from experiments.reporting.table import canon, column_of, mde_alpha
 from experiments.reporting.table_render import render_markdown_table
 
 DICE, FNR = "test/dice", "test/fnr_small"
@@ -24,10 +25,10 @@ def _mean(row: Optional[dict], metric: str) -> Optional[float]:
     return row["metrics"][metric]["mean"] if row and metric in row["metrics"] else None
 
 
-def _pair(a: Optional[dict], b: Optional[dict], metric: str = DICE) -> Optional[Dict[str, Any]]:
+def _pair(a: Optional[dict], b: Optional[dict], alpha: float, metric: str = DICE) -> Optional[Dict[str, Any]]:
     if not (a and b and metric in a["by_seed"] and metric in b["by_seed"]):
         return None
-    return paired_difference(a["by_seed"][metric], b["by_seed"][metric])
+    return paired_difference(a["by_seed"][metric], b["by_seed"][metric], mde_alpha=alpha)
 
 
 def _ci(diff: Optional[Dict[str, Any]]) -> List[Optional[float]]:
@@ -39,7 +40,8 @@ def headline(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) ->
     minimum detectable effect (80 % power) of each comparison."""
     names = spec.get("headline_rows") or {}
     real, aug, cp = (_find(table, names.get(role, role)) for role in ("real_only", "augmented", "copy_paste"))
-    gain, gain_cp, fnr = _pair(aug, real), _pair(aug, cp), _pair(aug, real, FNR)
+    alpha = mde_alpha(table["holm_family"])
+    gain, gain_cp, fnr = _pair(aug, real, alpha), _pair(aug, cp, alpha), _pair(aug, real, alpha, FNR)
     param = lambda k: runs[k].dropna().iloc[0] if k in runs and runs[k].notna().any() else None  # noqa: E731
     n_real = param("params.data.n_real") or spec.get("n_real")
     return jsonable({
@@ -53,6 +55,7 @@ def headline(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) ->
         "small_lesion_fnr_change": fnr["mean"] if fnr else None, "small_lesion_fnr_change_ci95": _ci(fnr),
         "dice_copy_paste": _mean(cp, DICE), "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None,
         "gain_vs_copy_paste_ci95": _ci(gain_cp), "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None,
+        "mde80_alpha": alpha,
     })
 
 
@@ -65,9 +68,14 @@ def chosen_arm(choice: Any, table: Dict[str, Any], prefix: tuple = ()) -> str:
     metric = choice["choose_by"]
     if metric.startswith("test/"):
         raise ValueError(f"headline_rows chooses by {metric!r}: choose on validation metrics, never on test")
-    scored = [(_mean(_find(table, arm, prefix), metric), arm) for arm in choice["among"]]
+    # every run of the block, as the rule was fixed: runs left out of a row's means still count here
+    scored = [(_mean(_all_runs(_find(table, arm, prefix)), metric), arm) for arm in choice["among"]]
     scored = [(value, arm) for value, arm in scored if value is not None]
     return max(scored)[1] if scored else choice["among"][0]
+
+
+def _all_runs(row: Optional[dict]) -> Optional[dict]:
+    return row.get("all_runs", row) if row else None
 
 
 def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
@@ -81,12 +89,13 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
     arms = {"real_only": "real_only", "copy_paste": "copy_paste", "diffusion": "diffusion_gate",
             **(spec.get("headline_rows") or {})}
     key = spec.get("grid_key", "group")
+    alpha = mde_alpha(table["holm_family"])
     out: Dict[str, Any] = {}
     body, pending = [], []
     for label, grid in spec["sources"]:
         diffusion_arm = chosen_arm(arms["diffusion"], table, (canon(label),))
         real, cp, diff = (_find(table, arm, (canon(label),)) for arm in (arms["real_only"], arms["copy_paste"], diffusion_arm))
-        gain, gain_cp = _pair(diff, real), _pair(diff, cp)
+        gain, gain_cp = _pair(diff, real, alpha), _pair(diff, cp, alpha)
         mine = runs[runs[f"tags.{key}"] == label] if f"tags.{key}" in runs else runs.iloc[0:0]
         seeds = sorted({int(float(s)) for s in mine.get("tags.seed", pd.Series(dtype=object)).dropna()})
         entry = {"grid": grid, "seeds": seeds, "n_seeds": len(seeds),
@@ -96,7 +105,12 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
                  "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None,
                  "gain_vs_copy_paste_ci95": _ci(gain_cp),
                  "mde80_vs_real_only": gain["mde80"] if gain else None,
-                 "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None}
+                 "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None, "mde80_alpha": alpha,
+                 "pairs_vs_real_only": gain["n"] if gain else 0, "pairs_vs_copy_paste": gain_cp["n"] if gain_cp else 0,
+                 "candidates": list(arms["diffusion"]["among"]) if isinstance(arms["diffusion"], dict) else [diffusion_arm],
+                 "gate_flagged": bool(diff and diff["gate_warning"]), "excluded_no_accept": _excluded(diff, cp),
+                 "significant_vs_real_only": _holm_significant(diff, arms["real_only"]),
+                 "significant_vs_copy_paste": _holm_significant(diff, arms["copy_paste"])}
         # every arm's Dice in its own map: a flat dice_<arm> key would overwrite dice_diffusion (the
         # chosen arm) with the no-gate arm, whose variant is called "diffusion"
         entry["dice_by_arm"] = {r["key"][-1]: _mean(r, DICE) for r in table["rows"]
@@ -124,9 +138,31 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
                     f"Diffusion arm: {_describe(arms['diffusion'])}. Code: {code}"
                     + (" ⚠ the runs come from several commits; a frozen block has one" if len(shas) > 1 else "")
                     + f"; seed block from {block}. MDE80: the smallest true paired Δ Dice found with 80 % power "
-                      "(paired t-test, two-sided α = 0.05, the observed paired SD).", ""]
+                      f"(paired t-test, the observed paired SD) at two-sided α = 0.05/{table['holm_family']} = "
+                      f"{alpha:.2g}, Holm's strictest step over the table's {table['holm_family']} comparisons: the "
+                      "level a Δ must reach to be bold.", ""]
     return {"json": {"headline_by_modality": out, "frozen_code": frozen, "seed_block": block},
-            "markdown": markdown, "pending": pending, "notes": {"by_modality": out}}
+            "markdown": markdown, "pending": pending, "notes": {"by_modality": out},
+            "findings": findings.headline({k: v for k, v in out.items() if k in dict(spec["sources"])},
+                                          table["holm_family"])}
+
+
+def _holm_significant(row: Optional[dict], baseline: str) -> Optional[bool]:
+    """Whether the table marked the row's Dice Δ against ``baseline`` significant after Holm."""
+    for vs in (row or {}).get("vs", []):
+        if vs["baseline_key"] == canon(baseline) and vs["diff"].get(DICE):
+            return bool(vs["diff"][DICE].get("significant"))
+    return None
+
+
+def _excluded(arm: Optional[dict], copy_paste: Optional[dict]) -> Optional[Dict[str, Any]]:
+    """The arm's runs that accepted no pair (left out of its means) and its Dice with them counted in."""
+    if not (arm and arm.get("no_accept")):
+        return None
+    everything = arm["all_runs"]
+    with_them = paired_difference(everything["by_seed"][DICE], copy_paste["by_seed"][DICE]) if copy_paste else None
+    return {"runs": arm["no_accept"], "seeds": arm["seeds_no_accept"], "dice_diffusion": everything["metrics"][DICE]["mean"],
+            "gain_vs_copy_paste": with_them["mean"] if with_them else None, "gain_vs_copy_paste_ci95": _ci(with_them)}
 
 
 def _describe(choice: Any) -> str:

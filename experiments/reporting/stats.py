@@ -70,7 +70,7 @@ def summarize(values: Iterable[Any], level: float = 0.95) -> Dict[str, float]:
 
 
 def paired_difference(a_by_seed: Mapping[Any, Any], b_by_seed: Mapping[Any, Any],
-                      level: float = 0.95) -> Dict[str, Any]:
+                      level: float = 0.95, mde_alpha: float = 0.05) -> Dict[str, Any]:
     """Mean and CI of ``a - b`` over the seeds both sides have.
 
     Pairing removes the seed's shared effect (split, initialisation, batch order), which is
@@ -80,6 +80,7 @@ def paired_difference(a_by_seed: Mapping[Any, Any], b_by_seed: Mapping[Any, Any]
         a_by_seed: seed -> value of the method.
         b_by_seed: seed -> value of the baseline.
         level: confidence level.
+        mde_alpha: two-sided level of the MDE (a table states it at its Holm level).
 
     Returns:
         ``{mean, std, ci95_low, ci95_high, n, seeds, p, mde80}`` where ``n`` is the number of
@@ -98,7 +99,7 @@ def paired_difference(a_by_seed: Mapping[Any, Any], b_by_seed: Mapping[Any, Any]
     result: Dict[str, Any] = summarize(diffs, level)
     result["seeds"] = seeds
     result["p"] = paired_p_value(diffs)  # paired t-test; tables correct it with Holm per table
-    result["mde80"] = mde_paired(result["std"], result["n"])
+    result["mde80"] = mde_paired(result["std"], result["n"], alpha=mde_alpha)
     return result
 
 
@@ -127,6 +128,22 @@ def jsonable(value: Any) -> Any:
         return int(value)
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+PUBLISHED_DIGITS = 6  # significant digits of results.json: the last bits differ between CPUs (AVX2, AVX-512, NEON)
+
+
+def published(value: Any, digits: int = PUBLISHED_DIGITS) -> Any:
+    """:func:`jsonable`, with every float rounded to ``digits`` significant digits, so the published
+    file is the same on every machine whose arithmetic agrees to far better than that."""
+    value = jsonable(value)
+    if isinstance(value, dict):
+        return {k: published(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [published(v, digits) for v in value]
+    if isinstance(value, float) and value != 0:
+        return float(f"{value:.{digits}g}")
     return value
 
 

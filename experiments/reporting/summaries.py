@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 import pandas as pd
 
 from experiments.reporting import efficiency as eff
+from experiments.reporting import findings
 from experiments.reporting.table import canon
 from experiments.reporting.table_render import render_markdown_table
 
@@ -57,19 +58,24 @@ def data_efficiency(spec: Dict[str, Any], table: Dict[str, Any], out_dir: Option
              "dice_ci95": {a: [ci[a][n] for n in budgets] for a in arms},
              "exchange_rate": {a: {str(as_int(n)): r for n, r in per_n.items()} for a, per_n in rates["rates"].items()},
              "reference": canon(cfg["reference"]), "monotone_fixed": [as_int(n) for n in rates["monotone_fixed"]],
-             "bootstrap": {"replicates": eff.N_BOOT, "seed": eff.BOOT_SEED, "resampled": "seed indices, jointly across arms and budgets"}}
+             "interval": {"method": "paired t-test inverted over the real-only curve", "family": rates["family"],
+                          "level_each": rates["level"], "family_wise_alpha": eff.ALPHA, "correction": "Bonferroni"}}
     pending, markdown, plot = [], [], None
+    sentence = eff.sentence(rates["rates"], names, rates["family"])
     if budgets and rates["rates"]:
         ref_name = names.get(canon(cfg["reference"]), cfg["reference"])
-        header = ["Arm", "n_real", "Dice (mean)", f"Real pairs {ref_name} needs for that Dice [95 % bootstrap CI]",
-                  "Exchange rate (× n_real) [95 % CI]"]
+        header = ["Arm", "n_real", "Dice (mean)", f"Real pairs {ref_name} needs for that Dice [simultaneous 95 % CI]",
+                  "Exchange rate (× n_real) [simultaneous 95 % CI]"]
         fixed = rates["monotone_fixed"]
         markdown = [render_markdown_table(header, eff.table_body(rates["rates"], means, names)), "",
                     f"Exchange rate: the real-only mean Dice curve interpolated linearly in log n_real and inverted "
                     f"(never extrapolated: outside {eff._short(budgets[0])}–{eff._short(budgets[-1])} it reads "
-                    f"\"less than\"/\"more than\"); 95 % interval: {eff.N_BOOT} bootstrap resamples of the "
-                    f"{len(rates['seeds'])} seeds complete in every cell, jointly across arms and budgets; ▲: the "
-                    "interval lies above 1, ▼: below 1. "
+                    f"\"less than\"/\"more than\"); interval: the real-only budgets n' whose paired t-test "
+                    f"(the arm at n against real only interpolated at n', over the {len(rates['seeds'])} seeds complete "
+                    f"in every cell) does not reject, at level {100 * rates['level']:.2f} % each so that the "
+                    f"{rates['family']} intervals hold together at 95 % (Bonferroni); it excludes 1 exactly when the "
+                    "paired t-test of the arm's Dice Δ vs real only rejects at that level. ▲: the interval lies above "
+                    "1, ▼: below 1. "
                     + (f"The real-only curve dips (mean Dice at n_real = {', '.join(eff._short(n) for n in fixed)} below "
                        "a smaller budget); it is made monotone by a running maximum (cummax) before inverting."
                        if fixed else "The real-only curve rises monotonically; no correction was needed."), ""]
@@ -79,4 +85,4 @@ def data_efficiency(spec: Dict[str, Any], table: Dict[str, Any], out_dir: Option
         series = {names.get(a, a): [(n, rows[(n, a)]["metrics"][metric]) for n in budgets if (n, a) in rows] for a in arms}
         plot = budget_plot(series, out_dir / f"{spec['id']}.png", spec["rows"]["header"].split(" · ")[0], "Dice", spec["title"])
     return {"json": {"data_efficiency": block}, "markdown": markdown, "pending": pending, "plot": plot,
-            "notes": {"exchange": eff.sentence(rates["rates"], names)}}
+            "notes": {"exchange": sentence}, "findings": findings.efficiency(sentence)}

@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
 from experiments.reporting import notes as note_tpl
-from experiments.reporting.stats import holm, paired_difference, summarize
-from experiments.reporting.table_render import COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS
+from experiments.reporting.stats import holm, mde_paired, paired_difference, summarize
+from experiments.reporting.table_render import COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES
+from experiments.reporting.thin_runs import accepted_none, drawn_with_replacement
 
 SPEC_KEYS = {"title", "grid", "grids", "grid_key", "command", "rows", "columns", "baseline", "compare", "filter",
              "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes", "note_metrics",
@@ -245,20 +246,23 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
             groups.setdefault((canon(value),), [])
     rows, pooled = [], False
     for key in sorted(groups, key=lambda k: _row_sort(spec, k)):
-        frame = pd.DataFrame(groups[key])
-        seeds = [canon(s) for s in frame.get("tags.seed", pd.Series([None] * len(frame)))]
-        row = {"key": list(key), "label": _label(spec, key), "n": len(frame), "validator": validator_of(frame),
-               "seeds": sorted(set(seeds), key=lambda s: (len(s), s)), "metrics": {}, "by_seed": {}}
+        everything = pd.DataFrame(groups[key])
+        thin = accepted_none(everything)
+        frame = everything[~thin]  # a run whose gate accepted nothing is not a result of that gate
+        seeds = _seeds(frame)
+        row = {"key": list(key), "label": _label(spec, key), "n": len(frame), "validator": validator_of(everything),
+               "seeds": sorted(set(seeds), key=lambda s: (len(s), s)), "no_accept": int(thin.sum()),
+               "seeds_no_accept": sorted(set(_seeds(everything[thin])), key=lambda s: (len(s), s)),
+               "with_replacement": drawn_with_replacement(frame)}
         pooled |= len(set(seeds)) < len(seeds)
-        for m in metrics:
-            values = list(frame[f"metrics.{m}"]) if f"metrics.{m}" in frame else []
-            row["metrics"][m] = summarize(values)
-            per_seed: Dict[str, list] = {}
-            for seed, value in zip(seeds, values):
-                if pd.notna(value):
-                    per_seed.setdefault(seed, []).append(float(value))
-            # Several cells per seed (an unfiltered axis) are averaged per seed before pairing.
-            row["by_seed"][m] = {s: sum(v) / len(v) for s, v in per_seed.items()}
+        # the segmenter's metrics come from the kept runs; the gate's own (gen/*) from every run it judged
+        segmenter = [m for m in metrics if m.startswith(SEG_PREFIXES) or m == COLLAPSE_METRIC]
+        source = {**{m: _aggregate(everything, [m]) for m in metrics if m not in segmenter},
+                  **dict.fromkeys(segmenter, _aggregate(frame, segmenter))}
+        row["metrics"] = {m: source[m]["metrics"][m] for m in metrics}
+        row["by_seed"] = {m: source[m]["by_seed"][m] for m in metrics}
+        if row["no_accept"]:  # the sensitivity line: the arm's numbers with those runs counted in
+            row["all_runs"] = _aggregate(everything, metrics)
         collapsed = row["by_seed"][COLLAPSE_METRIC]
         row["collapsed"] = sum(1 for v in frame.get(f"metrics.{COLLAPSE_METRIC}", []) if v >= 0.5)
         row["seeds_collapsed"] = sorted(s for s, v in collapsed.items() if v >= 0.5)
@@ -276,6 +280,10 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
                                              "baseline_key": "/".join(canon(v) for v in base.values()),
                                              "ref_key": ref["key"] if ref else None,
                                              "is_baseline": ref is row, "diff": diffs})
+            if "all_runs" in row and ref is not None and ref is not row:
+                row["all_runs"].setdefault("vs", []).append(
+                    {"baseline": ref["label"], "diff": {m: paired_difference(row["all_runs"]["by_seed"][m], ref["by_seed"][m])
+                                                        for m in spec["compare"]}})
     names = spec["rows"]["names"]
     baseline_names = [" · ".join(str({canon(k): v for k, v in (names.get(b) or {}).items()}
                                      .get(canon(v), v)) for b, v in base.items())
@@ -286,10 +294,32 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
             "pending": spec.get("pending") or [], "notes": spec.get("notes")}
 
 
+def _seeds(frame: pd.DataFrame) -> List[str]:
+    return [canon(s) for s in frame.get("tags.seed", pd.Series([None] * len(frame)))]
+
+
+def _aggregate(frame: pd.DataFrame, metrics: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``{metrics: {m: summary}, by_seed: {m: {seed: value}}}`` of the runs in ``frame``."""
+    seeds = _seeds(frame)
+    out: Dict[str, Dict[str, Any]] = {"metrics": {}, "by_seed": {}}
+    for m in metrics:
+        values = list(frame[f"metrics.{m}"]) if f"metrics.{m}" in frame else []
+        out["metrics"][m] = summarize(values)
+        per_seed: Dict[str, list] = {}
+        for seed, value in zip(seeds, values):
+            if pd.notna(value):
+                per_seed.setdefault(seed, []).append(float(value))
+        # Several cells per seed (an unfiltered axis) are averaged per seed before pairing.
+        out["by_seed"][m] = {s: sum(v) / len(v) for s, v in per_seed.items()}
+    return out
+
+
 def _holm_marks(rows: List[dict]) -> int:
     """Holm-correct every paired Δ of one table together; returns the family size.
 
     A comparison listed twice (A vs B and B vs A, when both are baselines) is one test, counted once.
+    Each Δ's ``mde80`` is then taken at Holm's strictest step, α / m (:func:`mde_alpha`): the level
+    the smallest p must reach to be bold, so the MDE states the power of the marks the table prints.
     """
     family: Dict[tuple, list] = {}
     for row in rows:
@@ -300,10 +330,17 @@ def _holm_marks(rows: List[dict]) -> int:
                     family.setdefault((pair, metric), []).append(diff)
     tests = list(family.values())
     adjusted = holm([same[0]["p"] for same in tests])
+    m = sum(p == p for p in adjusted)
     for same, p in zip(tests, adjusted):
         for diff in same:
             diff["p_holm"], diff["significant"] = p, bool(p == p and p <= ALPHA)
-    return sum(p == p for p in adjusted)
+            diff["mde80"], diff["mde80_alpha"] = mde_paired(diff["std"], diff["n"], alpha=mde_alpha(m)), mde_alpha(m)
+    return m
+
+
+def mde_alpha(family: int) -> float:
+    """The two-sided level at which a table's MDE80 is stated: Holm's strictest step α / m."""
+    return ALPHA / max(int(family), 1)
 
 
 def _baseline_row(spec: Dict[str, Any], rows: List[dict], row: dict,

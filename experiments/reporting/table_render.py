@@ -96,8 +96,9 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
             cells = [_cell(r["metrics"][c["metric"]], c, r["collapsed"], r["n"]) for c in cols]
             diffs = [_diff_cell(v["diff"][m], by_metric.get(m, {}), v["is_baseline"])
                      for v in r.get("vs", []) for m in spec["compare"]]
+            n_text = str(r["n"]) + (f" (+{r['no_accept']} accepted none)" if r.get("no_accept") else "")
             body.append([label] + ([VALIDATOR_NAMES[r.get("validator")]] if validators else [])
-                        + cells + [str(r["n"])] + diffs)
+                        + cells + [n_text] + diffs)
             if r["gate_warning"]:
                 rate = r["metrics"][GATE_METRIC]["mean"]
                 if rate < spec.get("gate_min_real_pass", 0.8):
@@ -112,6 +113,7 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                     notes.append(f"⚠ {r['label']}: the gate's reject rates on real lesions made wrong are "
                                  f"only {rejects} (mean < "
                                  f"{spec.get('gate_min_real_reject', 0.5):.2f}); it passes wrong pairs too.")
+            notes += thin_run_notes(r, spec)
         if any(r["collapsed"] for r in table["rows"]):
             notes.append("collapsed: a run whose best validation Dice stayed under "
                          "`segmenter.collapse_dice`; such runs are included in the mean and counted.")
@@ -130,10 +132,10 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
         out += [f"n = {n_text} seeds per row (seeds {', '.join(seeds)}); cells are mean ± std over seeds"
                 + (", [95 % t-CI]" if any(c.get("ci") for c in cols) else "")
                 + ("; Δ columns are paired by seed (mean difference, unadjusted 95 % t-CI, number of pairs, "
-                   "MDE: the smallest true Δ a paired t-test finds with 80 % power at two-sided α = 0.05, from "
-                   f"the observed paired SD); **bold** Δ: significant after Holm's correction over the "
-                   f"{table.get('holm_family', 0)} paired comparisons of this table (paired t-tests, family-wise "
-                   "α = 0.05; ▲ better, ▼ worse)" if spec["baselines"] else "")
+                   "MDE: the smallest true Δ a paired t-test finds with 80 % power, from the observed paired SD, "
+                   f"at two-sided α = 0.05/{table.get('holm_family', 0)}, Holm's strictest step); **bold** Δ: "
+                   f"significant after Holm's correction over the {table.get('holm_family', 0)} paired comparisons "
+                   "of this table (paired t-tests, family-wise α = 0.05; ▲ better, ▼ worse)" if spec["baselines"] else "")
                 + ".", ""]
     out += list(extra.get("markdown") or [])
     if table["n_runs"] and spec.get("notes"):  # numbers in notes come from the table, never typed
@@ -149,6 +151,33 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                 "lowest seed; columns: source | mask | generated | overlay):", "",
                 f"![real vs generated samples]({samples})", ""]
     return "\n".join(out)
+
+
+def thin_run_notes(row: Dict[str, Any], spec: Dict[str, Any]) -> list:
+    """Footnotes for a row's thin gate runs: those that accepted no pair (left out, with the row's
+    numbers had they been counted) and those that drew their synthetic pairs with replacement."""
+    notes = []
+    if row.get("no_accept"):
+        everything = row["all_runs"]
+        dice = everything["metrics"].get("test/dice", {"n": 0})
+        sensitivity = "; ".join(
+            f"Δ Dice vs {vs['baseline']} {fmt(d['mean'], '.3f', True)} [{fmt(d['ci95_low'], '.3f', True)}, "
+            f"{fmt(d['ci95_high'], '.3f', True)}] (n={d['n']})"
+            for vs in everything.get("vs", []) if (d := vs["diff"].get("test/dice")) and d["n"])
+        runs = f"{row['no_accept']} run" + ("" if row["no_accept"] == 1 else "s")
+        notes.append(f"{row['label']}: {runs} accepted no synthetic pair (seed "
+                     f"{', '.join(row['seeds_no_accept'])}); such a run trained on real pairs alone, so it is not a "
+                     "result of this arm and is left out of the row's segmentation numbers and Δs (the gate's own "
+                     "rates count it). Counted in, the row's Dice would be "
+                     f"{fmt(dice.get('mean'))} over {dice['n']} runs" + (f"; {sensitivity}" if sensitivity else "") + ".")
+    if row.get("with_replacement"):
+        counts = ", ".join(str(a) for a, _ in row["with_replacement"])
+        drawn = sorted({d for _, d in row["with_replacement"]})
+        count = len(row["with_replacement"])
+        notes.append(f"{row['label']}: {count} run{'' if count == 1 else 's'} accepted fewer synthetic pairs than "
+                     f"they draw ({counts} accepted; {', '.join(map(str, drawn))} drawn, augment.ratio × training pairs): "
+                     "their synthetic pairs were drawn with replacement, so few distinct pairs repeat.")
+    return notes
 
 
 def _names(values: Optional[Dict[str, Any]]) -> Dict[str, Any]:

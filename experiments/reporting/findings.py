@@ -1,0 +1,102 @@
+"""The ``## Findings`` of ``results.md``: sentences written from the numbers, whatever they say.
+
+Each sentence claims no more than its interval and its test: a difference is called significant only
+after the table's Holm correction, and the power statement uses the MDE at the same level.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional
+
+from experiments.reporting.stats import fmt
+
+
+def _delta(value: Optional[float], ci: List[Optional[float]]) -> str:
+    return f"{fmt(value, '.3f', True)} [{fmt(ci[0], '.3f', True)}, {fmt(ci[1], '.3f', True)}]"
+
+
+def _contrast(entries: Mapping[str, Mapping[str, Any]], against: str, family: int, name: str) -> str:
+    """One sentence per baseline: the Δs per modality, what survives Holm, and the power at that level."""
+    measured = {m: e for m, e in entries.items() if e.get(f"gain_vs_{against}") is not None}
+    if not measured:
+        return ""
+    listed = ", ".join(f"{m} {_delta(e[f'gain_vs_{against}'], e[f'gain_vs_{against}_ci95'])} "
+                       f"({e.get(f'pairs_vs_{against}', e['n_seeds'])} paired seeds)" for m, e in measured.items())
+    significant = [m for m, e in measured.items() if e.get(f"significant_vs_{against}")]
+    verdict = (f"after Holm's correction over the table's {family} comparisons, none of these differences is "
+               "significant" if not significant else
+               f"after Holm's correction over the table's {family} comparisons, significant in: "
+               + ", ".join(f"{m} ({'better' if measured[m][f'gain_vs_{against}'] > 0 else 'worse'})" for m in significant))
+    mdes = {m: e.get(f"mde80_vs_{against}") for m, e in measured.items()}
+    mdes = {m: v for m, v in mdes.items() if v is not None and math.isfinite(v)}
+    power = ""
+    if mdes:
+        low, high = min(mdes, key=mdes.get), max(mdes, key=mdes.get)
+        power = (f" At that level these seeds detect a true difference with 80 % power only from "
+                 f"{mdes[low]:.3f} ({low}) to {mdes[high]:.3f} ({high}) Dice; smaller true differences, in either "
+                 "direction, are not ruled out.")
+    return f"Diffusion against {name} (test Dice, paired by seed, 95 % CI): {listed}; {verdict}.{power}"
+
+
+def headline(entries: Mapping[str, Mapping[str, Any]], family: int) -> List[str]:
+    """Findings of ``headline_by_modality``: the two contrasts, the gate's flags, the thin gate runs.
+
+    Args:
+        entries: modality -> its ``headline_by_modality`` entry (modalities without runs are skipped).
+        family: the Holm family size of the table the Δs come from.
+
+    Returns:
+        Sentences (Markdown), possibly empty.
+    """
+    entries = {m: e for m, e in entries.items() if isinstance(e, dict) and e.get("n_seeds")}
+    if not entries:
+        return []
+    out = [_choice(entries)]
+    out += [s for s in (_contrast(entries, "copy_paste", family, "the copy-paste control"),
+                        _contrast(entries, "real_only", family, "real only")) if s]
+    flagged = [m for m, e in entries.items() if e.get("gate_flagged")]
+    if flagged:
+        out.append(f"The chosen arm's gate is flagged (⚠) in {len(flagged)} of {len(entries)} modalities "
+                   f"({', '.join(flagged)}): its real lesion pass rate or its rejection of wrong pairs is below the "
+                   "table's threshold, so its verdicts are not evidence that the accepted samples are good.")
+    for m, e in entries.items():
+        thin = e.get("excluded_no_accept")
+        if thin:
+            out.append(f"In {m}, {_runs(thin['runs'])} of the chosen arm accepted no synthetic pair (seed "
+                       f"{', '.join(thin['seeds'])}) and {'is' if thin['runs'] == 1 else 'are'} left out of its "
+                       "numbers; counted in, the Δ against copy-paste would be "
+                       f"{_delta(thin['gain_vs_copy_paste'], thin['gain_vs_copy_paste_ci95'])}.")
+    return out
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
+def _choice(entries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Which diffusion arm each modality reports, and where the arm not chosen did better on test."""
+    chosen = sorted({e["diffusion_arm"] for e in entries.values()})
+    text = ("The diffusion arm of each modality was chosen on validation Dice by a rule fixed before the runs "
+            f"(chosen: {', '.join(f'`{a}`' for a in chosen)}).")
+    better = []
+    for m, e in entries.items():
+        mine = e["dice_by_arm"].get(e["diffusion_arm"])
+        others = {a: e["dice_by_arm"].get(a) for a in e.get("candidates", []) if a != e["diffusion_arm"]}
+        better += [f"{m} (`{a}`: {v:.3f} against {mine:.3f})" for a, v in others.items()
+                   if v is not None and mine is not None and v > mine]
+    if better:
+        text += " The arm not chosen had the higher mean test Dice in " + ", ".join(better) + "; the rule stands."
+    return text
+
+
+def efficiency(sentence: str) -> List[str]:
+    """Findings of ``data_efficiency``: its exchange-rate sentence."""
+    return [sentence] if sentence else []
+
+
+def render(findings: List[str]) -> List[str]:
+    """The ``## Findings`` section as Markdown lines (nothing when there is nothing to say)."""
+    if not findings:
+        return []
+    return ["## Findings", "", "Written by the table command from the numbers below; each claim is bounded by its "
+            "interval and its Holm-corrected test.", ""] + [f"- {f}" for f in findings] + [""]
