@@ -1,12 +1,13 @@
-"""Run records that survive the machine: every finished grid cell as one JSON line in the repository.
+"""Run records: every finished grid cell as one JSON line in the repository.
 
-The finished runs behind ``results.md`` otherwise live only in the MLflow store (``outputs/``, not
-committed): a new machine would lose them and no table could be regenerated. So the grid runner
-exports each cell as it finishes to ``sweeps/records/<grid>.jsonl`` (beside the grid definitions
-in ``sweeps/grids/``; not ``sweeps/runs/``, which would sit beside the module ``sweeps/runs.py``),
-and ``meddiffaug table … --runs sweeps/records/<grid>.jsonl`` builds the same tables from it as
-from MLflow. ``meddiffaug grid`` counts an exported cell as done, so a long block of seeds can
-span sessions and machines: commit the records, not the store.
+The MLflow store (``outputs/``) is not committed, so without records the finished runs behind
+``results.md`` would exist only where they ran and no other clone could rebuild a table. The grid
+runner therefore exports each cell as it finishes to ``sweeps/records/<grid>.jsonl`` (beside the
+grid definitions in ``sweeps/grids/``; not ``sweeps/runs/``, which would sit beside the module
+``sweeps/runs.py``), and ``meddiffaug table … --runs sweeps/records/<grid>.jsonl`` builds the same
+tables from it as from MLflow. ``meddiffaug grid`` counts an exported cell as done, so a long block
+of seeds can stop and continue on any machine that has the committed records: commit the records,
+not the store.
 
 One record: ``{grid, cell, seed, variant, run_id, status, start_time (ms), git_sha, tags, params,
 metrics, sigs}`` where ``tags`` are the run's tags (``mlflow.*`` left out), ``params`` the
