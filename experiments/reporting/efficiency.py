@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats as _st
 
+from experiments.reporting.stats import fmt, stable
+
 ALPHA = 0.05  # family-wise level of the rate family (Bonferroni over every arm × budget)
 GRID_PER_SEGMENT = 400  # candidate budgets between two measured ones (log-spaced)
 
@@ -167,17 +169,17 @@ def _text(value: float, low: float, high: float) -> Any:
 
 
 def _short(value: float) -> str:
-    return f"{value:g}" if value >= 1 else f"{value:.2g}"
+    return f"{stable(value):g}" if value >= 1 else f"{stable(value):.2g}"
 
 
 def show(value: Any, spec: str = ".1f") -> str:
     """A number or an out-of-range text, for a table cell."""
-    return value if isinstance(value, str) else format(value, spec)
+    return value if isinstance(value, str) else fmt(value, spec)
 
 
 def rate_text(value: Any) -> str:
     """``×1.73`` for a measured rate, the out-of-range text (``more than 1``) otherwise."""
-    return value if isinstance(value, str) else f"×{value:.2f}"
+    return value if isinstance(value, str) else f"×{fmt(value, '.2f')}"
 
 
 def sentence(rates: Mapping[str, Mapping[Any, Mapping[str, Any]]], names: Mapping[str, str], family: int = 0) -> str:
@@ -213,7 +215,7 @@ def table_body(rates: Mapping[str, Mapping[Any, Mapping[str, Any]]], means: Mapp
         for n, r in per_n.items():
             dice = means.get(arm, {}).get(n)
             body.append([names.get(arm, arm), _short(float(n)),
-                         "n/a" if dice is None or not math.isfinite(dice) else f"{dice:.3f}",
+                         fmt(dice),
                          f"{show(r['n_equivalent'])} [{show(r['ci95'][0])}, {show(r['ci95'][1])}]",
                          f"{rate_text(r['rate'])} [{rate_text(r['rate_ci95'][0])}, {rate_text(r['rate_ci95'][1])}]"
                          + (" ▲" if r["supported_above_1"] else " ▼" if r["supported_below_1"] else "")])

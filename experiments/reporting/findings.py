@@ -33,7 +33,7 @@ def _contrast(entries: Mapping[str, Mapping[str, Any]], against: str, family: in
     if mdes:
         low, high = min(mdes, key=mdes.get), max(mdes, key=mdes.get)
         power = (f" At that level these seeds detect a true difference with 80 % power only from "
-                 f"{mdes[low]:.3f} ({low}) to {mdes[high]:.3f} ({high}) Dice; smaller true differences, in either "
+                 f"{fmt(mdes[low])} ({low}) to {fmt(mdes[high])} ({high}) Dice; smaller true differences, in either "
                  "direction, are not ruled out.")
     return f"Diffusion against {name} (test Dice, paired by seed, 95 % CI): {listed}; {verdict}.{power}"
 
@@ -82,7 +82,7 @@ def _choice(entries: Mapping[str, Mapping[str, Any]]) -> str:
     for m, e in entries.items():
         mine = e["dice_by_arm"].get(e["diffusion_arm"])
         others = {a: e["dice_by_arm"].get(a) for a in e.get("candidates", []) if a != e["diffusion_arm"]}
-        better += [f"{m} (`{a}`: {v:.3f} against {mine:.3f})" for a, v in others.items()
+        better += [f"{m} (`{a}`: {fmt(v)} against {fmt(mine)})" for a, v in others.items()
                    if v is not None and mine is not None and v > mine]
     if better:
         text += " The arm not chosen had the higher mean test Dice in " + ", ".join(better) + "; the rule stands."

@@ -24,6 +24,7 @@ import string
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from experiments.config import ConfigError
+from experiments.reporting.stats import stable
 
 BASE_NAMES = {"diff", "metric", "n_seeds", "seeds"}
 
@@ -32,7 +33,7 @@ class Num:
     """A number that formats like a float and prints ``n/a`` when missing (None/NaN)."""
 
     def __init__(self, value: Any):
-        self.value = None if value is None or not math.isfinite(float(value)) else float(value)
+        self.value = None if value is None or not math.isfinite(float(value)) else stable(float(value))
 
     def __format__(self, spec: str) -> str:
         if self.value is None:

@@ -111,11 +111,24 @@ def _seed_order(seed: str) -> tuple:
         return (1, 0.0, seed)
 
 
+STABLE_DIGITS = 10  # what every CPU agrees on: far below a table's precision, far above the last bit
+
+
+def stable(value: float) -> float:
+    """``value`` rounded to :data:`STABLE_DIGITS` significant digits before a table rounds it again.
+
+    A mean such as 9.5 / 20 sits on a rounding boundary (0.475 → "0.47" or "0.48") and one ulp of
+    difference between CPUs would flip its printed digit; rounding to 10 digits first maps both
+    neighbours of the boundary to the same float, so every machine prints the same text.
+    """
+    return float(f"{value:.{STABLE_DIGITS}g}") if math.isfinite(value) else value
+
+
 def fmt(value: Optional[float], spec: str = ".3f", signed: bool = False) -> str:
-    """Format a number for a table cell; NaN/None become "n/a"."""
+    """Format a number for a table cell (via :func:`stable`); NaN/None become "n/a"."""
     if value is None or not math.isfinite(float(value)):
         return "n/a"
-    return format(float(value), ("+" if signed else "") + spec)
+    return format(stable(float(value)), ("+" if signed else "") + spec)
 
 
 def jsonable(value: Any) -> Any:
@@ -143,7 +156,7 @@ def published(value: Any, digits: int = PUBLISHED_DIGITS) -> Any:
     if isinstance(value, list):
         return [published(v, digits) for v in value]
     if isinstance(value, float) and value != 0:
-        return float(f"{value:.{digits}g}")
+        return float(f"{stable(value):.{digits}g}")
     return value
 
 

@@ -103,12 +103,12 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                 rate = r["metrics"][GATE_METRIC]["mean"]
                 if rate < spec.get("gate_min_real_pass", 0.8):
                     # fractions in the columns' own format, so a note never disagrees with its cell by rounding
-                    notes.append(f"⚠ {r['label']}: the gate's real pass rate is only {rate:.2f} (mean "
+                    notes.append(f"⚠ {r['label']}: the gate's real pass rate is only {fmt(rate, '.2f')} (mean "
                                  f"`{GATE_METRIC}` on real validation lesion pairs < "
                                  f"{spec.get('gate_min_real_pass', 0.8):.2f}); "
                                  "its verdicts on synthetic pairs are not trustworthy.")
                 else:
-                    rejects = ", ".join(f"{r['metrics'][m]['mean']:.2f} ({m.split('_')[1]})"
+                    rejects = ", ".join(f"{fmt(r['metrics'][m]['mean'], '.2f')} ({m.split('_')[1]})"
                                         for m in GATE_REJECT_METRICS)
                     notes.append(f"⚠ {r['label']}: the gate's reject rates on real lesions made wrong are "
                                  f"only {rejects} (mean < "
