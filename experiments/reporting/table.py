@@ -81,7 +81,7 @@ def load_table(path: str | Path) -> Dict[str, Any]:
     spec["compare"] = spec.get("compare") or [spec["columns"][0]["metric"]]
     spec.setdefault("title", spec["grid"])
     grid_cmd = " && ".join(f"meddiffaug grid sweeps/grids/{g}.yaml" for _, g in spec["sources"])
-    spec.setdefault("command", f"{grid_cmd} && meddiffaug table {path} --write results.md")
+    spec.setdefault("command", f"{grid_cmd} && meddiffaug table {path} --write outputs/{path.stem}.md")
     spec["id"], spec["path"] = path.stem, str(path)
     _check_note_names(spec)
     return spec
