@@ -109,7 +109,8 @@ class PipelineResult:
 
 
 def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: Iterable[str] = (),
-               run: Any = None, datamodule: Any = None, callbacks: Iterable[Any] = ()) -> PipelineResult:
+               run: Any = None, datamodule: Any = None, callbacks: Iterable[Any] = (),
+               on_stage: Optional[Callable[[str], None]] = None) -> PipelineResult:
     """Run (or reuse) the target stages and everything upstream of them.
 
     Args:
@@ -120,6 +121,7 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
         run: the active MLflow run (stage outputs are logged to it), or None.
         datamodule: an already set-up datamodule to reuse (sweeps build it once; stages only read it).
         callbacks: Lightning callbacks for the segment stage's training (e.g. Optuna pruning).
+        on_stage: called with each stage's name as it starts (grid workers record it in their queue).
 
     Returns:
         A :class:`PipelineResult` with every stage's metrics and signatures.
@@ -146,6 +148,8 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
 
     coordinator = launched(cfg.trainer.accelerator)
     for stage in todo:
+        if on_stage is not None:
+            on_stage(stage)
         ups = upstream_of(cfg, stage)
         sig = signature(cfg, stage, {s: result.sigs[s] for s in ups})
         final, partial = root / stage / sig, root / stage / f"{sig}.partial"
@@ -225,14 +229,17 @@ def build_datamodule(cfg: DictConfig) -> Any:
 def run_pipeline(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: Iterable[str] = (),
                  run_name: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
                  nested: bool = False, experiment: Optional[str] = None,
-                 datamodule: Any = None, callbacks: Iterable[Any] = ()) -> PipelineResult:
-    """Run the pipeline inside one MLflow run tagged with every stage signature."""
+                 datamodule: Any = None, callbacks: Iterable[Any] = (),
+                 on_stage: Optional[Callable[[str], None]] = None) -> PipelineResult:
+    """Run the pipeline inside one MLflow run tagged with every stage signature (``on_stage``: see
+    :func:`run_stages`)."""
     sigs = signatures(cfg)
     run_tags = {"stage": ",".join(targets or cfg.stages), "method": cfg.augment.method,
                 **{f"sig_{k}": v for k, v in sigs.items()}, **(tags or {})}
     run_tags["sig"] = sigs[required_stages(cfg)[-1]]
     with tracking.start_run(cfg, run_name or cfg.name, tags=run_tags, nested=nested,
                             experiment=experiment) as run:
-        result = run_stages(cfg, targets, force, run=run, datamodule=datamodule, callbacks=callbacks)
+        result = run_stages(cfg, targets, force, run=run, datamodule=datamodule, callbacks=callbacks,
+                            on_stage=on_stage)
         result.run_id = run.info.run_id if run is not None else None
     return result

@@ -5,7 +5,8 @@ and its resolved overrides (MLflow tags ``grid=<name>``, ``cell=<sig>``); a cell
 MLflow holds a FINISHED run of it for its current final-stage signature (tag ``sig``) with the
 final stage's metric (``test/dice``), so a rerun runs only the missing cells. Workers on any
 number of machines take cells from one queue in a shared database (:mod:`sweeps.queue`), each
-cell once; a cell whose worker died is re-queued. Seeds are paired across methods:
+cell once; a cell whose worker died is re-queued (:mod:`sweeps.worker` runs them, ``--status``
+shows each cell's state: :mod:`sweeps.status`). Seeds are paired across methods:
 seed ``s`` sets ``seed``, ``data.split_seed``, ``augment.seed`` and ``generation.seed`` (the
 ``seed_keys``), so every method sees the same split and the same few real images.
 """
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -227,168 +226,23 @@ def select(cells: Sequence[Cell], only: Sequence[str]) -> List[Cell]:
     return [c for c in cells if all(any(same(value_of(c, k), v) for v in vs) for k, vs in wanted.items())]
 
 
-def print_cells(cells: Sequence[Cell], done: Dict[str, str]) -> None:
-    """One line per cell: status, signature, label, overrides."""
-    for cell in cells:
-        status = "done" if cell.sig in done else "todo"
-        print(f"{status:4}  {cell.sig}  {cell.label:40}  {' '.join(cell.overrides)}")
-    n_done = sum(c.sig in done for c in cells)
-    print(f"{len(cells)} cells: {n_done} done, {len(cells) - n_done} todo")
+def _states(cells: Sequence[Cell], storage: Optional[str], grace_period: Optional[int]) -> List[Any]:
+    from sweeps.queue import GRACE_PERIOD
+    from sweeps.status import grid_states
 
-
-class _CellRunner:
-    """Runs cells one after another in this process, reusing the datamodule while the data is the same."""
-
-    def __init__(self) -> None:
-        self.dm_key, self.datamodule = None, None
-
-    def __call__(self, cell: Cell, index: int, total: int) -> Optional[float]:
-        """Run one cell's pipeline; its final metric, or None when it failed (the traceback is printed)."""
-        from omegaconf import OmegaConf
-
-        cfg = cell.config()
-        print(f"[grid] cell {index}/{total} {cell.label} ({cell.sig})", flush=True)
-        try:
-            key = sp.short_hash(OmegaConf.to_container(cfg.data, resolve=True))
-            if key != self.dm_key:  # seeds are outermost: consecutive cells mostly share the data
-                self.dm_key, self.datamodule = key, pipeline.build_datamodule(cfg)
-            result = pipeline.run_pipeline(cfg, run_name=cell.label, tags=cell.tags, experiment=cell.grid,
-                                           datamodule=self.datamodule)
-            from experiments.reporting.run_records import export_cell
-
-            export_cell(cfg, cell.grid, cell.sig, cell.tags, result)  # the record that outlives this machine
-            return float(result.metrics.get(cell.identity()[2], 0.0))
-        except KeyboardInterrupt:
-            raise
-        except Exception:  # noqa: BLE001 - an unattended grid goes on; the cell stays "todo"
-            traceback.print_exc()
-            return None
-
-
-def _close_killed_runs(cell: Cell, experiment_id: Optional[str]) -> None:
-    """The queue gave this worker the cell: any RUNNING run of it belongs to a dead worker; mark it KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    if experiment_id is None:
-        return
-    client = MlflowClient()
-    for run in client.search_runs([experiment_id], max_results=100, filter_string=(
-            f"tags.grid = '{cell.grid}' and tags.cell = '{cell.sig}' and attributes.status = 'RUNNING'")):
-        client.set_terminated(run.info.run_id, "KILLED")
-
-
-def run_cells(cells: Sequence[Cell], rerun: bool = False) -> Dict[str, List[str]]:
-    """Run the selected cells in this process, every one of them with ``rerun`` (no queue).
-
-    A rerun logs a new MLflow run per cell; tables keep each cell's latest finished run, and the old
-    run stays in MLflow. Stages whose signature is unchanged come from the cache.
-
-    Returns:
-        ``{"ran": [...], "skipped": [...], "failed": [...]}`` lists of cell signatures.
-    """
-    done = {} if rerun else finished_cells(cells)
-    report: Dict[str, List[str]] = {"ran": [], "skipped": [], "failed": []}
-    runner = _CellRunner()
-    for i, cell in enumerate(cells):
-        if cell.sig in done:
-            report["skipped"].append(cell.sig)
-            continue
-        report["ran" if runner(cell, i + 1, len(cells)) is not None else "failed"].append(cell.sig)
-    return report
-
-
-def run_queue(cells: Sequence[Cell], storage: str, poll_s: float = 2.0, **queue_kwargs: Any) -> Dict[str, List[str]]:
-    """Work on the grid's shared queue in ``storage`` until none of ``cells`` waits or runs anywhere.
-
-    Cells not done in MLflow are enqueued (once, whatever the number of workers); this worker then
-    claims and runs them one at a time. While other workers still run cells it waits, failing and
-    re-queueing the cells of workers that died, so every cell ends done, failed or given up.
-
-    Returns:
-        ``{"ran": [...], "skipped": [...], "failed": [...]}``: what this worker did.
-    """
-    from sweeps.queue import CellQueue
-
-    done = finished_cells(cells)
-    by_key = {cell.key(): cell for cell in cells}
-    queue = CellQueue(storage, cells[0].grid, **queue_kwargs)
-    queue.reap()
-    queue.enqueue({cell.key(): {"cell": cell.sig, "label": cell.label} for cell in cells if cell.sig not in done})
-    report: Dict[str, List[str]] = {"ran": [], "skipped": sorted(done), "failed": []}
-    experiment_id = _mlflow_experiment(cells)
-    runner = _CellRunner()
-    todo = set(by_key) - {c.key() for c in cells if c.sig in done}
-    while True:
-        claim = queue.claim(todo)
-        if claim is None:
-            if not queue.pending(todo):
-                return report
-            time.sleep(poll_s)
-            queue.reap()
-            continue
-        cell = by_key[claim.key]
-        _close_killed_runs(cell, experiment_id)
-        experiment_id = experiment_id or _mlflow_experiment(cells)
-        with queue.heartbeat(claim):
-            value = runner(cell, len(report["ran"]) + len(report["failed"]) + 1, len(todo))
-        queue.finish(claim, value)
-        report["ran" if value is not None else "failed"].append(cell.sig)
-
-
-def run_workers(argv: List[str], workers: int) -> int:
-    """Start ``workers`` local processes on the grid's queue, with the cores split between them.
-
-    Workers share upstream stages through the stage cache's file locks, so a fine-tune that two
-    cells need is computed once; each process gets ``cores // workers`` intra-op threads because
-    small CPU models scale better across processes than across threads.
-
-    Returns:
-        0 when every worker exited 0; else 1 (a worker killed by a signal counts as a failure).
-    """
-    import os
-    import subprocess
-
-    base = [a for a in argv if not a.startswith("--workers")]
-    if "--workers" in argv:  # drop "--workers N" given as two tokens
-        i = argv.index("--workers")
-        base = argv[:i] + argv[i + 2:]
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    env = {**os.environ, "OMP_NUM_THREADS": threads}
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.cli", "grid", *base], env=env) for _ in range(workers)]
-    codes = [p.wait() for p in procs]
-    for i, code in enumerate(codes):
-        if code < 0:
-            print(f"[grid] worker {i} was killed by signal {-code}; its cell is re-queued for the next run",
-                  file=sys.stderr, flush=True)
-    return 0 if all(code == 0 for code in codes) else 1
-
-
-def check_environment(cells: Sequence[Cell]) -> None:
-    """Stop before the first cell on faults every cell would hit: an output folder or MLflow store it
-    cannot write, a diffusion base that is missing or damaged (``experiments.preflight``; each distinct
-    setting is checked once). Data faults differ per cell and end that cell as FAILED instead.
-
-    Raises:
-        ConfigError / FileNotFoundError: naming the key or file and what to do (``meddiffaug`` exits 2).
-    """
-    from experiments.preflight import check_base, check_outputs
-
-    seen = set()
-    for cell in cells:
-        cfg = cell.config()
-        key = (cfg.artifacts_dir, cfg.output_dir, cfg.data.cache_dir, tracking.tracking_uri(cfg),
-               cfg.tracking.artifact_root, cfg.diffusion.base_model, cfg.augment.method, cfg.validator.mode)
-        if key not in seen:
-            seen.add(key)
-            check_outputs(cfg)
-            check_base(cfg)
+    url = storage or default_storage(cells[0].config())
+    return grid_states(cells, finished_cells(cells), url, grace_period or GRACE_PERIOD)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``meddiffaug grid GRID.yaml [--dry-run] [--only KEY=VALUE ...] [--rerun] [--workers N] [--storage URL]``."""
+    """``meddiffaug grid GRID.yaml [--status | --dry-run] [--only KEY=VALUE ...] [--rerun] [--workers N] [--storage URL]``."""
     parser = argparse.ArgumentParser(prog="meddiffaug grid", description=main.__doc__)
-    parser.add_argument("grid", help="grid YAML, e.g. sweeps/grids/diffaug_main.yaml")
-    parser.add_argument("--dry-run", action="store_true", help="list cells and their status; run nothing")
+    parser.add_argument("grid", nargs="+", help="grid YAML, e.g. sweeps/grids/diffaug_main.yaml "
+                                                "(several with --status or --dry-run)")
+    parser.add_argument("--status", action="store_true",
+                        help="each cell's state (done, running: worker, stage, heartbeat; waiting, retried, "
+                             "failed, todo), a summary line per grid and the time left; run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="the --status states with each cell's overrides")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                         help="restrict to cells with this variant/seed/axis value (repeatable)")
     parser.add_argument("--storage", default=None, metavar="URL",
@@ -403,16 +257,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--grace-period", type=int, default=None,
                         help="seconds without a heartbeat after which a cell's worker counts as dead (120)")
     args = parser.parse_args(argv)
-    cells = select(grid_cells(args.grid), args.only)
-    if args.dry_run:
-        print_cells(cells, finished_cells(cells))
+    if args.status or args.dry_run:
+        from sweeps.status import print_states
+
+        for path in args.grid:
+            cells = select(grid_cells(path), args.only)
+            states = _states(cells, args.storage, args.grace_period) if cells else []
+            print_states(cells[0].grid if cells else str(path), states, overrides=args.dry_run)
         return 0
+    if len(args.grid) > 1:
+        raise ConfigError(f"give one grid to run (got {len(args.grid)}); --status and --dry-run take several.")
+    cells = select(grid_cells(args.grid[0]), args.only)
     if not cells:
         print("[grid] no cell selected", flush=True)
         return 0
-    check_environment(cells)
+    from sweeps import worker
+
+    worker.check_environment(cells)
+
     if args.rerun:
-        report = run_cells(cells, rerun=True)
+        report = worker.run_cells(cells, done={})
     else:
         cfg = cells[0].config()
         storage = args.storage or default_storage(cfg)
@@ -421,10 +285,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             tracking.set_experiment(cfg, cells[0].grid)  # create both stores once: first use races on
             CellQueue(storage, cells[0].grid)  # their schema migrations
-            return run_workers(list(sys.argv[1:] if argv is None else argv), args.workers)
+            return worker.run_workers(list(sys.argv[1:] if argv is None else argv), args.workers)
         kwargs = {k: v for k, v in (("heartbeat_interval", args.heartbeat_interval),
                                     ("grace_period", args.grace_period)) if v is not None}
-        report = run_queue(cells, storage, **kwargs)
+        report = worker.run_queue(cells, finished_cells(cells), storage, lambda: _mlflow_experiment(cells), **kwargs)
     print(f"[grid] ran {len(report['ran'])}, already done {len(report['skipped'])}, "
           f"failed {len(report['failed'])}: {' '.join(report['failed'])}", flush=True)
     return 1 if report["failed"] else 0

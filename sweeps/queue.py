@@ -153,7 +153,7 @@ class CellQueue:
                 if key not in keys or not self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
                     continue  # not ours to run, or another worker claimed it first
                 self.storage.set_trial_system_attr(trial._trial_id, "worker", self.worker)
-                self.storage.record_heartbeat(trial._trial_id)
+                self._beat(trial._trial_id)
                 winner = self._owner(key, trial.number)
                 if winner != trial.number:
                     self.storage.set_trial_user_attr(trial._trial_id, "duplicate_of", winner)
@@ -189,7 +189,7 @@ class CellQueue:
         def beat() -> None:
             while not stop.wait(self.heartbeat_interval):
                 try:
-                    self.storage.record_heartbeat(claim.trial_id)
+                    self._beat(claim.trial_id)
                 except Exception as err:  # noqa: BLE001 - a lost beat is retried; the cell goes on
                     print(f"[grid] heartbeat of trial {claim.number} failed: {err}", flush=True)
 
@@ -200,6 +200,28 @@ class CellQueue:
         finally:
             stop.set()
             thread.join()
+
+    def _beat(self, trial_id: int) -> None:
+        """Optuna's heartbeat (which fails stale trials) and its time as a trial attribute, which
+        ``meddiffaug grid --status`` reads (Optuna has no reader for its heartbeat table)."""
+        self.storage.record_heartbeat(trial_id)
+        self.storage.set_trial_system_attr(trial_id, "beat", time.time())
+
+    def set_stage(self, claim: Claim, stage: str) -> None:
+        """Record the pipeline stage the claimed cell is in, for ``--status``."""
+        self.storage.set_trial_system_attr(claim.trial_id, "stage", stage)
+
+    def workers_here(self) -> List[int]:
+        """Pids of the live workers of this host holding a running cell (this worker's own included)."""
+        from optuna.trial import TrialState
+
+        pids = set()
+        for trial in self._trials((TrialState.RUNNING,)):
+            worker = trial.system_attrs.get("worker") or {}
+            pid = int(worker.get("pid", 0))
+            if worker.get("host") == self.worker["host"] and (pid == self.worker["pid"] or pid_alive(pid)):
+                pids.add(pid)
+        return sorted(pids)
 
     def finish(self, claim: Claim, value: Optional[float]) -> None:
         """Tell the trial COMPLETE with the cell's final metric, or FAIL (``value`` None)."""
@@ -223,7 +245,7 @@ class CellQueue:
         for trial in self._trials((TrialState.RUNNING,)):
             worker = trial.system_attrs.get("worker") or {}
             if worker.get("host") == self.worker["host"] and worker.get("pid") != self.worker["pid"] \
-                    and not _alive(int(worker.get("pid", 0))):
+                    and not pid_alive(int(worker.get("pid", 0))):
                 try:
                     if self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                         failed.append(trial._trial_id)
@@ -240,7 +262,7 @@ class CellQueue:
         return len(failed) + len(self._trials((TrialState.FAIL,))) - before
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if process ``pid`` runs on this host (a zombie, killed but not yet reaped, is dead)."""
     if pid <= 0:
         return False

@@ -82,14 +82,16 @@ def test_dry_run_then_partial_then_full_rerun(tmp_path, fakes, capsys):
     path = str(write_grid(tmp_path))
     assert main([path, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("todo") == 8 + 1 and "8 cells: 0 done, 8 todo" in out
+    assert out.count("todo") == 8 + 1 and "8 cells: 0 done, 0 running, 0 waiting, 0 retried, 0 failed, 8 todo" in out
     assert not fakes.exists()  # the dry run ran nothing
 
     assert main([path, "--only", "variant=gated", "--only", "seed=0"]) == 0
     assert fake_stages.calls(fakes, "segment") == 2
     assert fake_stages.calls(fakes, "finetune") == 1  # both ratios share the fine-tune
     main([path, "--dry-run"])
-    assert "8 cells: 2 done, 6 todo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 cells: 2 done, 0 running, 0 waiting, 0 retried, 0 failed, 6 todo" in out
+    assert "left at 1 worker (median of 2 finished cells)" in out  # the queue timed the 2 cells
 
     assert main([path]) == 0  # only the 6 missing cells run
     assert fake_stages.calls(fakes, "segment") == 8
