@@ -5,6 +5,9 @@ generate is saved as ``validator.pt`` with its settings so validate reuses it in
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -15,22 +18,11 @@ from torch.utils.data import DataLoader, RandomSampler
 from datamodules.io import atomic_write
 from experiments.builders import build_segmenter
 from experiments.trainer import build_trainer
-from lightning_modules.gating.validator_bank import augmented_copies, build_validator_bank
+from lightning_modules.gating.validator_bank import AugmentedPairs, build_validator_bank
 from lightning_modules.validator import LatentValidator
 
 
 PIXEL_SEGMENTER = "pixel_segmenter.pt"  # the pixel gate's segmenter, kept in the validate stage's folder
-
-
-class _DictDataset(torch.utils.data.Dataset):
-    def __init__(self, bank: dict):
-        self.bank = bank
-
-    def __len__(self) -> int:
-        return len(self.bank["x"])
-
-    def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.bank.items()}
 
 
 def _fit(module: L.LightningModule, loader: DataLoader, cfg, steps: int, ckpt_dir: Path, logger=None) -> None:
@@ -53,25 +45,43 @@ def _fit(module: L.LightningModule, loader: DataLoader, cfg, steps: int, ckpt_di
     trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
 
 
-def train_latent_validator(cfg, diffusion, images: torch.Tensor, masks: torch.Tensor, prompt: str,
+def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
                            num_classes: int, workdir: Path, logger=None) -> LatentValidator:
-    """Train the :class:`LatentValidator` on real pairs (clean, ẑ0 estimates, noised) and return it (eval)."""
-    v = cfg.validator
+    """Train the :class:`LatentValidator` on real pairs (clean, ẑ0 estimates, noised) and return it (eval).
+
+    Args:
+        images: the real pairs' images, (N,3,H,W) float in [0,1] on any device or the datamodule's uint8
+            (N,H,W,3) array; moved to the diffusion model's device a batch at a time.
+        masks: (N,H,W) class indices.
+        workdir: checkpoints go under ``workdir/checkpoints/validator``; the training items wait on disk in a
+            temporary folder under ``workdir`` (removed when training ends).
+    """
+    v, seed = cfg.validator, int(cfg.generation.seed)
     t_focus = [int(v.t_eval)] + ([int(v.early_reject_t)] if v.early_reject_t is not None else [])
-    images, masks = augmented_copies(images, masks, int(v.augment_copies), seed=int(cfg.generation.seed))
+    pairs = AugmentedPairs(images, masks, int(v.augment_copies), seed=seed)
     # about as many ε̂ estimates in total whatever the number of copies (bank cost stays flat):
     # 9 per image without copies, a multiple of 3 (one per bank variant), at least 3
     per_image = max(3, 9 // max(1, int(v.augment_copies)) // 3 * 3)
-    bank = build_validator_bank(diffusion, images, masks, prompt, t_focus, per_image=per_image, seed=int(cfg.generation.seed))
-    L.seed_everything(int(cfg.generation.seed), workers=True, verbose=False)
-    model = LatentValidator(in_channels=bank["x"].shape[1], num_classes=num_classes, lr=v.lr,
-                            train_steps=v.train_steps, num_train_timesteps=int(diffusion.num_train_timesteps),
-                            alphas_cumprod=diffusion.alphas_cumprod.detach().cpu(), noisy_t_max=max(t_focus) * 3 // 2 + 1,
-                            prompted=bool(v.prompted))
-    sampler = RandomSampler(_DictDataset(bank), replacement=True, num_samples=v.train_steps * 16,
-                            generator=torch.Generator().manual_seed(int(cfg.generation.seed)))
-    loader = DataLoader(_DictDataset(bank), batch_size=16, sampler=sampler, num_workers=0)
-    _fit(model, loader, cfg, v.train_steps, workdir / "checkpoints" / "validator", logger)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="validator_bank_", dir=workdir))  # one per rank under a launcher
+    try:
+        start = time.perf_counter()
+        bank = build_validator_bank(diffusion, pairs, prompt, t_focus, folder, per_image=per_image, seed=seed)
+        print(f"[gate] training data: {len(masks)} real pairs x {max(1, int(v.augment_copies))} copies -> "
+              f"{len(bank)} items of {tuple(bank.arrays['x'].shape[1:])} latents on disk, "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+        L.seed_everything(seed, workers=True, verbose=False)
+        model = LatentValidator(in_channels=bank.arrays["x"].shape[1], num_classes=num_classes, lr=v.lr,
+                                train_steps=v.train_steps, num_train_timesteps=int(diffusion.num_train_timesteps),
+                                alphas_cumprod=diffusion.alphas_cumprod.detach().cpu(),
+                                noisy_t_max=max(t_focus) * 3 // 2 + 1, prompted=bool(v.prompted))
+        sampler = RandomSampler(bank, replacement=True, num_samples=v.train_steps * 16,
+                                generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(bank, batch_size=16, sampler=sampler, num_workers=0)
+        _fit(model, loader, cfg, v.train_steps, workdir / "checkpoints" / "validator", logger)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return model.eval()
 
 

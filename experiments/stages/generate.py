@@ -84,9 +84,8 @@ def load_validator(cfg, model, datamodule, workdir: Path, prompt: str):
     validator = load(workdir / "validator.pt", settings)
     if validator is None:
         few = list(datamodule.split_indices["train_few"])
-        images = torch.from_numpy(np.ascontiguousarray(datamodule.images[few])).permute(0, 3, 1, 2).float() / 255.0
-        masks = torch.from_numpy(datamodule.masks[few].astype(np.int64))
-        validator = train_latent_validator(cfg, model, images.to(_model_device(model)), masks, prompt, ncls,
+        # the datamodule's uint8 arrays: the bank converts and moves them to the model a batch at a time
+        validator = train_latent_validator(cfg, model, datamodule.images[few], datamodule.masks[few], prompt, ncls,
                                            workdir / "validator_train")
         save_validator(workdir / "validator.pt", validator, settings)
     return validator.to(_model_device(model)).eval()

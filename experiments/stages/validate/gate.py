@@ -139,7 +139,8 @@ def validator_cache_path(cfg, upstream: dict, settings: dict) -> Path:
     from omegaconf import OmegaConf
 
     source = Path(upstream["finetune"]).name if "finetune" in upstream else "base"
-    key = {"settings": settings, "data": OmegaConf.to_container(cfg.data, resolve=True),
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "external_tests"}
+    key = {"settings": settings, "data": data,
            "base_model": str(cfg.diffusion.base_model)}
     return Path(cfg.artifacts_dir) / "gate_models" / f"{source}-{short_hash(key)}.pt"
 
@@ -198,7 +199,8 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
         validator, val_src = reuse_validator(cfg, upstream, settings, validator, use_cache=not models_given)
         if validator is None:
             val_src = "trained here"
-            validator = train_latent_validator(cfg, diffusion, real[0][few].to(device), real[1][few],
+            # the datamodule's uint8 arrays: the bank converts and moves them a batch at a time
+            validator = train_latent_validator(cfg, diffusion, datamodule.images[few], datamodule.masks[few],
                                                prompt, ncls, workdir, logger)
             if is_rank_zero() and not models_given:
                 save_validator(validator_cache_path(cfg, upstream, settings), validator, settings)

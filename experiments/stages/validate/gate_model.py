@@ -10,11 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from datamodules.io import read_manifest
-from datamodules.synthetic import to_tensor
 from experiments.gate_training import (PIXEL_SEGMENTER, save_pixel_segmenter, save_validator, train_latent_validator,
                                        train_pixel_segmenter, validator_settings)
 from experiments.stages.validate.gate import (device_of, load_diffusion, reuse_validator, stage_prompt,
@@ -58,9 +54,9 @@ def train_gate_model(cfg, datamodule, workdir: Path, upstream: dict, logger=None
     prompt, ncls = _prompt(cfg, datamodule, upstream), int(datamodule.num_classes)
     diffusion, _ = load_diffusion(cfg, upstream)
     diffusion = diffusion.to(device).eval()
-    images = to_tensor(datamodule.images[few])  # (n,3,S,S) in [0,1]
-    masks = torch.from_numpy(datamodule.masks[few].astype(np.int64))  # (n,S,S)
-    validator = train_latent_validator(cfg, diffusion, images.to(device), masks, prompt, ncls, workdir, logger)
+    # the datamodule's uint8 arrays (n,S,S,3), (n,S,S): the bank converts and moves them a batch at a time
+    validator = train_latent_validator(cfg, diffusion, datamodule.images[few], datamodule.masks[few], prompt, ncls,
+                                       workdir, logger)
     if is_rank_zero():
         settings = validator_settings(cfg, prompt, ncls)
         save_validator(validator_cache_path(cfg, upstream, settings), validator, settings)
