@@ -19,7 +19,7 @@ run for real on this CPU in a fresh process (``glibc`` returning every freed blo
 the peak resident memory the kernel reports for the process (``VmHWM`` after ``clear_refs``) minus
 its resident memory before the model was built is the measurement. ``validated_error`` is
 ``|estimate - measured| / measured`` on that small model. Not counted: the CUDA context (about
-0.3-1 GiB per process), cuDNN workspaces and allocator fragmentation; README "Fitting a GPU"
+0.3-1 GiB per process), cuDNN workspaces and allocator fragmentation; docs/gpus.md, "Fitting a GPU"
 leaves headroom for them.
 """
 from __future__ import annotations

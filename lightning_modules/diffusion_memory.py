@@ -1,4 +1,4 @@
-"""Memory and speed options of the diffusion fine-tune (README, "Fitting a GPU").
+"""Memory and speed options of the diffusion fine-tune (docs/gpus.md, "Fitting a GPU").
 
 Everything here is what diffusers, peft, transformers, Lightning and torch already provide, wired
 to the ``diffusion`` config keys:

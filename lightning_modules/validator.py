@@ -119,7 +119,7 @@ class LatentValidator(L.LightningModule):
         prompted: the network also sees the intended mask (at latent size) and answers where the lesion
             really is. Trained on real pairs with the true mask, another pair's mask (misplaced lesion) and
             an erased lesion (missing lesion), so copying the prompt is penalised; with 16 labelled pairs this
-            verification task generalises far better than segmenting from scratch (see README, "Quality gate").
+            verification task generalises far better than segmenting from scratch (see docs/gate.md).
     """
 
     def __init__(self, in_channels: int = 4, num_classes: int = 2, width: int = 32, lr: float = 1e-3,

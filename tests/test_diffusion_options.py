@@ -1,4 +1,4 @@
-"""The fine-tune's memory and speed options (``diffusion`` keys; README "Fitting a GPU") on the tiny base."""
+"""The fine-tune's memory and speed options (``diffusion`` keys; docs/gpus.md, "Fitting a GPU") on the tiny base."""
 from __future__ import annotations
 
 import sys

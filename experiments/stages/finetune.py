@@ -19,6 +19,7 @@ from experiments.hashing import short_hash, subtree
 from experiments.trainer import build_trainer
 from lightning_modules.diffusion_bank import LatentBankDataset, build_inpainting_bank, variant_weights
 from lightning_modules.diffusion_memory import prepare_finetune
+from lightning_modules.progress import step_bar
 
 # Bump when this stage's code changes what it produces for the same config: its cached results (and,
 # through the upstream signatures, everything downstream) are recomputed. 0 adds nothing to the hash.
@@ -49,14 +50,15 @@ def background_prompt_for(datamodule) -> str:
     return kind.background_prompt if kind else f"{getattr(datamodule, 'modality', 'medical')} image of normal tissue"
 
 
-def _trainer(cfg, workdir: Path, logger, callbacks: Sequence, max_steps: int, **overrides):
+def _trainer(cfg, workdir: Path, logger, callbacks: Sequence, max_steps: int, train_batches: int, **overrides):
     # steps, not epochs, bound a fine-tune; there is no validation loader
     return build_trainer(cfg, workdir, logger=logger, callbacks=callbacks, max_steps=max_steps,
-                         max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0, **overrides)
+                         train_batches=train_batches, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
+                         **overrides)
 
 
 def _memory_options(model, d):
-    """Apply the ``diffusion`` memory keys (README "Fitting a GPU"); returns (callbacks, Trainer overrides)."""
+    """Apply the ``diffusion`` memory keys (docs/gpus.md, "Fitting a GPU"); returns (callbacks, Trainer overrides)."""
     return prepare_finetune(model, gradient_checkpointing=d.gradient_checkpointing, mixed_precision=d.mixed_precision,
                             attention=d.attention, optimizer=d.optimizer, ema_decay=d.ema_decay,
                             offload_frozen=d.offload_frozen, grad_accum=d.grad_accum)
@@ -91,6 +93,8 @@ def finetune_diffusion(cfg, datamodule, workdir, logger=None):
     chunk = min(64, max(1, 64 * 64 * 64 // int(datamodule.images.shape[1] * datamodule.images.shape[2])))
     bank = build_inpainting_bank(model, datamodule.images[idx], datamodule.masks[idx], 1, 2, n_background=4,
                                  flips=True, seed=cfg.data.split_seed, chunk=chunk)
+    print(f"[finetune] latent cache: {len(idx)} pairs (and their mirror images) -> {len(bank['kind'])} regions, "
+          f"latents {tuple(bank['z0'].shape[1:])}, {time.time() - start:.1f} s", flush=True)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     sampler = torch.utils.data.WeightedRandomSampler(variant_weights(bank, d.background_fraction),
                                                      d.steps * d.batch_size * d.grad_accum,
@@ -98,7 +102,7 @@ def finetune_diffusion(cfg, datamodule, workdir, logger=None):
     loader = torch.utils.data.DataLoader(LatentBankDataset(bank), batch_size=d.batch_size, sampler=sampler, num_workers=0)
     ckpt_dir = workdir / "checkpoints"
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=max(1, d.checkpoint_every), save_last=True, save_top_k=1)
-    trainer = _trainer(cfg, workdir, logger, [ckpt] + callbacks, d.steps, **overrides)
+    trainer = _trainer(cfg, workdir, logger, [ckpt, *step_bar("fine-tune")] + callbacks, d.steps, len(loader), **overrides)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(model, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
     model.save_trained(workdir / "trained.safetensors")
