@@ -13,6 +13,7 @@ import torch
 from scipy import ndimage
 
 from lightning_modules.diffusion import InpaintingDiffusion
+from lightning_modules.progress import progress
 
 LESION, BACKGROUND, RANDOM = 0, 1, 2
 
@@ -99,9 +100,12 @@ def build_inpainting_bank(model: InpaintingDiffusion, images: np.ndarray, masks:
         rows += [(i, background_blob(m, rng), bg_idx[i], BACKGROUND) for _ in range(n_background)]
         rows += [(i, random_region(rng, m.shape[0]), rand_idx[i], RANDOM) for _ in range(n_random)]
     x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    z0 = torch.cat([model.encode_images(x_all[s:s + chunk]).cpu() for s in range(0, len(x_all), chunk)])
+    starts = range(0, len(x_all), chunk)
+    z0 = torch.cat([model.encode_images(x_all[s:s + chunk]).cpu()
+                    for s in progress(starts, "latent cache: images", total=len(starts), unit="batch")])
     mask_lat, masked_lat = [], []
-    for s in range(0, len(rows), chunk):
+    starts = range(0, len(rows), chunk)
+    for s in progress(starts, "latent cache: regions", total=len(starts), unit="batch"):
         part = rows[s:s + chunk]
         x = x_all[[r[0] for r in part]]
         m = torch.from_numpy(np.stack([r[1] for r in part]))[:, None].float()

@@ -55,3 +55,29 @@ def test_normal_sources_on_lesion_bearing_images_are_announced(tmp_path):
 def test_no_accepted_pair_names_what_rejected_them(over, metrics, says, never):
     (line,), _ = run_verdicts(load_config(DIFFAUG, over), {**HEALTHY, "gen/n_accepted": 0.0, **metrics})
     assert says in line and never not in line, line
+
+
+def test_a_step_bounded_training_bar_counts_steps_not_epochs(tmp_path):
+    import lightning as L
+    import torch
+
+    from lightning_modules.progress import StepProgressBar
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    bar = StepProgressBar("fine-tune")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=1)
+    trainer = L.Trainer(max_steps=3, max_epochs=-1, accumulate_grad_batches=2, callbacks=[bar], logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Tiny(), loader)
+    shown = bar.train_progress_bar
+    assert (shown.desc.rstrip(": "), shown.n, shown.total) == ("fine-tune steps", 3, 3)  # 6 batches, 3 optimizer steps
