@@ -109,7 +109,7 @@ COMMANDS: Dict[str, Callable[[Optional[List[str]]], int]] = {
     "data": _data_main,
     "sweep": _lazy("sweeps.study:main"),
     "grid": _lazy("sweeps.grid:main"),
-    "table": _lazy("experiments.reporting.table:main"),
+    "table": _lazy("experiments.reporting.table_cli:main"),
     "pretrain": _lazy("experiments.pretrain:main"),
     "demo": _lazy("sweeps.demo:main"),
     "ui": _lazy("experiments.ui:ui_main"),

@@ -29,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="outputs/demo", help="where results.md/json of the demo go")
     parser.add_argument("--workers", type=int, default=2, help="grid processes (one per core is fastest)")
     args = parser.parse_args(argv)
-    from experiments.reporting import table
+    from experiments.reporting import table_cli as table
     from sweeps import grid
 
     # The demo's run records sit beside its MLflow store under outputs/, not in the checkout's

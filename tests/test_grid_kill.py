@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_cell_killed_during_generate_is_rerun_and_counted_once(tmp_path):
     import mlflow
 
-    from experiments.reporting.table import collect_runs
+    from experiments.reporting.sources import collect_runs
     from lightning_modules.tiny_base import build_tiny_components, save_components
 
     base = tmp_path / "base"

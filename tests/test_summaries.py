@@ -104,7 +104,7 @@ def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc
 
 
 def test_headline_by_modality_from_records_with_pending_modalities(tmp_path):
-    from experiments.reporting.table import main
+    from experiments.reporting.table_cli import main
 
     arms = ["real_only", "copy_paste", "diffusion", "diffusion_gate", "diffusion_base_only"]
     _records(tmp_path, "headline_polyp", arms, range(100, 120))
@@ -136,7 +136,7 @@ def test_headline_by_modality_from_records_with_pending_modalities(tmp_path):
 
 def test_headline_diffusion_arm_is_chosen_on_validation_never_on_test(tmp_path):
     from experiments.reporting.headlines import chosen_arm
-    from experiments.reporting.table import main
+    from experiments.reporting.table_cli import main
 
     arms = ["real_only", "copy_paste", "diffusion", "diffusion_gate", "diffusion_base_only"]
     # test Dice favours the gate (i=3), validation Dice favours no gate: validation decides
@@ -150,7 +150,7 @@ def test_headline_diffusion_arm_is_chosen_on_validation_never_on_test(tmp_path):
 
 
 def test_data_efficiency_table_plot_and_exchange_rates(tmp_path):
-    from experiments.reporting.table import main
+    from experiments.reporting.table_cli import main
 
     gains = {"real_only": 0.0, "copy_paste": 0.02, "diffusion": 0.08, "synthetic_only": -0.2}
     _records(tmp_path, "data_efficiency", list(gains), range(100, 110), BUDGETS,
@@ -170,7 +170,7 @@ def test_data_efficiency_table_plot_and_exchange_rates(tmp_path):
 
 
 def test_note_placeholders_are_checked_and_filled(tmp_path):
-    from experiments.reporting.table import load_table
+    from experiments.reporting.spec import load_table
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid: g\ncolumns: [test/dice]\nnotes: 'Dice {dcie.real_only.mean:.3f}'\n")
@@ -180,7 +180,7 @@ def test_note_placeholders_are_checked_and_filled(tmp_path):
     typo.write_text("grid: g\nrows: {by: variant, order: [a, b]}\ncolumns: [test/dice]\nbaseline: a\n"
                     "notes: 'Dice {dice.c.mean:.3f}'\n")
     spec = load_table(typo)
-    from experiments.reporting.table import build_table
+    from experiments.reporting.aggregate import build_table
     from experiments.reporting.table_render import render_section
 
     import pandas as pd

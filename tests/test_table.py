@@ -8,7 +8,10 @@ import pytest
 from scipy import stats as st
 
 from experiments.config import ConfigError, load_config
-from experiments.reporting.table import canon, collect_runs, load_table, main
+from experiments.reporting.keys import canon
+from experiments.reporting.sources import collect_runs
+from experiments.reporting.spec import load_table
+from experiments.reporting.table_cli import main
 
 TABLES = Path(__file__).resolve().parents[1] / "experiments" / "tables"
 

@@ -10,7 +10,8 @@ import pandas as pd
 
 from experiments.reporting import findings
 from experiments.reporting.stats import fmt, jsonable, paired_difference
-from experiments.reporting.table import canon, column_of, mde_alpha
+from experiments.reporting.aggregate import mde_alpha
+from experiments.reporting.keys import canon, column_of
 from experiments.reporting.table_render import render_markdown_table
 
 DICE, FNR = "test/dice", "test/fnr_small"

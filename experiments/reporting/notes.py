@@ -24,6 +24,7 @@ import string
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from experiments.config import ConfigError
+from experiments.reporting.keys import canon
 from experiments.reporting.stats import stable
 
 BASE_NAMES = {"diff", "metric", "n_seeds", "seeds"}
@@ -54,15 +55,13 @@ class Interval:
         return f"[{format(self.low, spec)}, {format(self.high, spec)}]"
 
 
-class _Node:
+class Node:
     """Attribute and index access over a dict, with an error that names what exists."""
 
     def __init__(self, items: Mapping[str, Any], what: str):
         self._items, self._what = dict(items), what
 
     def _get(self, key: Any) -> Any:
-        from experiments.reporting.table import canon
-
         key = canon(key)
         if key not in self._items:
             raise KeyError(f"{self._what} has no '{key}' (has: {', '.join(self._items) or 'nothing'})")
@@ -76,13 +75,13 @@ class _Node:
         return self._get(key)
 
 
-def _summary(s: Mapping[str, Any]) -> _Node:
-    return _Node({"mean": Num(s.get("mean")), "std": Num(s.get("std")), "ci95_low": Num(s.get("ci95_low")),
+def _summary(s: Mapping[str, Any]) -> Node:
+    return Node({"mean": Num(s.get("mean")), "std": Num(s.get("std")), "ci95_low": Num(s.get("ci95_low")),
                   "ci95_high": Num(s.get("ci95_high")), "n": s.get("n", 0),
                   "ci": Interval(s.get("ci95_low"), s.get("ci95_high"))}, "a summary")
 
 
-def _diff(d: Optional[Mapping[str, Any]]) -> _Node:
+def _diff(d: Optional[Mapping[str, Any]]) -> Node:
     d = d or {"n": 0}
     low, high = d.get("ci95_low"), d.get("ci95_high")
     finite = low is not None and high is not None and math.isfinite(low) and math.isfinite(high)
@@ -105,8 +104,6 @@ def metric_alias(metric: str, metrics: Iterable[str]) -> Optional[str]:
 def declared_keys(spec: Mapping[str, Any]) -> List[str]:
     """Row keys a table spec declares (``rows.order`` and ``rows.names``): a note may quote them
     before their runs exist (they print ``n/a``); any other unknown row is a typo."""
-    from experiments.reporting.table import canon
-
     per_key = []
     for by in spec["rows"]["by"]:
         values = list(spec["rows"]["order"].get(by) or []) + list((spec["rows"]["names"].get(by) or {}).keys())
@@ -121,9 +118,9 @@ def context(table: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None,
     metrics = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
     key = lambda r: "/".join(r["key"])  # noqa: E731
     empty = {"n": 0}
-    by_metric = {m: _Node({**{k: _summary(empty) for k in declared}, **{key(r): _summary(r["metrics"][m]) for r in rows}},
+    by_metric = {m: Node({**{k: _summary(empty) for k in declared}, **{key(r): _summary(r["metrics"][m]) for r in rows}},
                           f"metric {m}") for m in metrics}
-    diffs: Dict[str, Dict[str, Dict[str, _Node]]] = {}
+    diffs: Dict[str, Dict[str, Dict[str, Node]]] = {}
     bases = {vs["baseline_key"] for r in rows for vs in r.get("vs", [])}
     for m in {m for r in rows for vs in r.get("vs", []) for m in vs["diff"]}:
         for k in declared:
@@ -133,10 +130,10 @@ def context(table: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None,
             for m, d in vs["diff"].items():
                 if vs.get("baseline_key") is not None:
                     diffs.setdefault(m, {}).setdefault(key(r), {})[vs["baseline_key"]] = _diff(d if d else None)
-    diff_node = {m: _Node({k: _Node(v, f"Δ {m} of row {k}") for k, v in per_row.items()}, f"Δ {m}")
+    diff_node = {m: Node({k: Node(v, f"Δ {m} of row {k}") for k, v in per_row.items()}, f"Δ {m}")
                  for m, per_row in diffs.items()}
     seeds = sorted({s for r in rows for s in r["seeds"]}, key=lambda s: (len(s), s))
-    ctx: Dict[str, Any] = {"metric": _Node(by_metric, "metric"), "n_seeds": len(seeds), "seeds": ", ".join(seeds)}
+    ctx: Dict[str, Any] = {"metric": Node(by_metric, "metric"), "n_seeds": len(seeds), "seeds": ", ".join(seeds)}
     diff_items = dict(diff_node)
     for m in metrics:
         alias = metric_alias(m, metrics)
@@ -144,7 +141,7 @@ def context(table: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None,
             ctx.setdefault(alias, by_metric[m])
             if m in diff_node:
                 diff_items.setdefault(alias, diff_node[m])
-    ctx["diff"] = _Node(diff_items, "diff")
+    ctx["diff"] = Node(diff_items, "diff")
     ctx.update(extra or {})
     return ctx
 

@@ -275,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("grids", nargs="+", help="grid names, e.g. diffaug_main")
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the config default")
     args = parser.parse_args(argv)
-    from experiments.reporting.table import default_tracking_uri
+    from experiments.reporting.store import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     for grid in args.grids:

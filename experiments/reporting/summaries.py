@@ -16,7 +16,7 @@ import pandas as pd
 
 from experiments.reporting import efficiency as eff
 from experiments.reporting import findings
-from experiments.reporting.table import canon
+from experiments.reporting.keys import canon
 from experiments.reporting.table_render import render_markdown_table
 
 EFFICIENCY_DEFAULTS = {"budget": "params.data.n_real", "arm": "variant", "reference": "real_only",

@@ -1,4 +1,13 @@
-"""The ``meddiffaug table`` command: specs -> runs (MLflow or records) -> results.md and results.json."""
+"""``meddiffaug table``: the paper tables in ``results.md``, regenerated from finished grid runs.
+
+The last link of the reporting chain: spec (:mod:`~experiments.reporting.spec`) → runs
+(:mod:`~experiments.reporting.sources`, MLflow or the committed run records) → rows and statistics
+(:mod:`~experiments.reporting.aggregate`, :mod:`~experiments.reporting.summaries`) → Markdown
+(:mod:`~experiments.reporting.table_render`) → this command. Only FINISHED runs count.
+
+    meddiffaug table experiments/tables/diffaug_main.yaml [more.yaml ...] \
+        --write outputs/tables.md --json outputs/tables.json [--runs sweeps/records] [--tracking-uri URI] [--no-log]
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +20,11 @@ from typing import Any, Dict, List, Optional
 from datamodules.io import atomic_write_text
 from experiments.reporting import findings
 from experiments.reporting.stats import jsonable, published
-from experiments.reporting.table import build_table, column_of, default_tracking_uri, gather_runs, load_table
+from experiments.reporting.aggregate import build_table
+from experiments.reporting.keys import column_of
+from experiments.reporting.sources import gather_runs
+from experiments.reporting.spec import load_table
+from experiments.reporting.store import default_tracking_uri
 from experiments.reporting.table_render import render_section
 
 # Options that say where the runs come from, not what is generated: left out of the command shown in

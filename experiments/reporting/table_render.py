@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
+from experiments.reporting.keys import GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES
+from experiments.reporting.notes import Interval, Node, Num, declared_keys, render
 from experiments.reporting.stats import fmt
-
-SEG_PREFIXES = ("test/", "val/")  # metrics a collapsed segmenter corrupts
-GATE_METRIC, COLLAPSE_METRIC = "gen/real_pass_rate", "seg/collapsed"
-# a gate must also reject real pairs made wrong; one that passes them judges nothing
-GATE_REJECT_METRICS = ("gen/real_misplaced_reject_rate", "gen/real_missing_reject_rate")
-
 
 def render_markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured Markdown table (first column left-aligned, the rest right)."""
@@ -101,18 +97,18 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                         + cells + [n_text] + diffs)
             if r["gate_warning"]:
                 rate = r["metrics"][GATE_METRIC]["mean"]
-                if rate < spec.get("gate_min_real_pass", 0.8):
+                if rate < spec["gate_min_real_pass"]:
                     # fractions in the columns' own format, so a note never disagrees with its cell by rounding
                     notes.append(f"⚠ {r['label']}: the gate's real pass rate is only {fmt(rate, '.2f')} (mean "
                                  f"`{GATE_METRIC}` on real validation lesion pairs < "
-                                 f"{spec.get('gate_min_real_pass', 0.8):.2f}); "
+                                 f"{spec['gate_min_real_pass']:.2f}); "
                                  "its verdicts on synthetic pairs are not trustworthy.")
                 else:
                     rejects = ", ".join(f"{fmt(r['metrics'][m]['mean'], '.2f')} ({m.split('_')[1]})"
                                         for m in GATE_REJECT_METRICS)
                     notes.append(f"⚠ {r['label']}: the gate's reject rates on real lesions made wrong are "
                                  f"only {rejects} (mean < "
-                                 f"{spec.get('gate_min_real_reject', 0.5):.2f}); it passes wrong pairs too.")
+                                 f"{spec['gate_min_real_reject']:.2f}); it passes wrong pairs too.")
             notes += thin_run_notes(r, spec)
         if any(r["collapsed"] for r in table["rows"]):
             notes.append("collapsed: a run whose best validation Dice stayed under "
@@ -139,8 +135,6 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                 + ".", ""]
     out += list(extra.get("markdown") or [])
     if table["n_runs"] and spec.get("notes"):  # numbers in notes come from the table, never typed
-        from experiments.reporting.notes import declared_keys, render
-
         notes.append(render(spec["notes"], table, spec.get("path", spec["id"]), _names(extra.get("notes")),
                             declared_keys(spec)))
     out += [f"{i}. {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
@@ -182,11 +176,9 @@ def thin_run_notes(row: Dict[str, Any], spec: Dict[str, Any]) -> list:
 
 def _names(values: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Summary values for the note template: dicts become attribute nodes, numbers format like floats."""
-    from experiments.reporting.notes import Interval, Num, _Node
-
     def wrap(value: Any, what: str) -> Any:
         if isinstance(value, dict):
-            return _Node({str(k): wrap(v, f"{what}.{k}") for k, v in value.items()}, what)
+            return Node({str(k): wrap(v, f"{what}.{k}") for k, v in value.items()}, what)
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float, type(None))) for v in value):
             return Interval(*value)
         if isinstance(value, float) or value is None:

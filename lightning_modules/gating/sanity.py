@@ -19,9 +19,7 @@ import torch
 from lightning_modules.gating.batching import gate_in_batches
 from lightning_modules.gating.validator_bank import erase_lesions
 
-# A gate is flagged (``gen/gate_flagged``, table warnings) below these rates.
-MIN_REAL_PASS = 0.8  # share of real validation LESION pairs the gate must pass at θ
-MIN_WRONG_REJECT = 0.5  # share of misplaced / missing real lesions the gate must reject at θ
+from lightning_modules.gating.flags import MIN_REAL_PASS, MIN_WRONG_REJECT  # noqa: F401  (re-exported)
 # A lesion-free pair counts as a false claim when the gate's prediction covers more than this share of
 # the image (0.25 %: 10 px at 64 px, 164 px at 256 px): a stray pixel or two is noise, not a lesion.
 MIN_CLAIM_AREA = 0.0025
