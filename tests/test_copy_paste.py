@@ -63,11 +63,17 @@ def test_pasted_lesion_keeps_its_colour_relation(donor, new_mask):
     assert inside_dark[0] < inside[0]
 
 
-def test_deterministic(donor, new_mask):
+def test_the_recorded_angle_decides_the_texture_and_the_inputs_stay_untouched(donor, new_mask):
     image, _ = _scene((120, 120, 120), seed=2)
-    a = copy_paste(image, new_mask, donor[0], donor[1], angle=45.0)
-    b = copy_paste(image, new_mask, donor[0], donor[1], angle=45.0)
-    np.testing.assert_array_equal(a, b)
+    kept = image.copy(), donor[0].copy(), donor[1].copy(), new_mask.copy()
+    turned = copy_paste(image, new_mask, donor[0], donor[1], angle=45.0)
+    straight = copy_paste(image, new_mask, donor[0], donor[1], angle=0.0)
+    inside = new_mask > 0
+    assert np.abs(turned[inside].astype(int) - straight[inside].astype(int)).mean() > 1  # the angle is used
+    np.testing.assert_array_equal(turned[~inside & (ndimage.distance_transform_edt(~inside) > 6)],
+                                  image[~inside & (ndimage.distance_transform_edt(~inside) > 6)])
+    for before, after in zip(kept, (image, donor[0], donor[1], new_mask)):
+        np.testing.assert_array_equal(before, after)  # pasting never writes into its inputs
 
 
 def test_multiclass_nested_paste():

@@ -1,7 +1,7 @@
 """Seed statistics for the paper tables: mean ± std, t-based 95 % CIs, paired differences.
 
-The segmenter's own seed-to-seed noise is as large as the effects we measure (DESIGN.md,
-"Lessons"), so every number in ``results.md`` carries its spread, and methods are compared
+The segmenter's own seed-to-seed noise at a few labelled pairs is as large as the effects measured
+here, so every number in ``results.md`` carries its spread, and methods are compared
 **paired by seed**: the same segmenter seed with and without augmentation, differenced first.
 A CI from fewer than two values is undefined and is returned as NaN, never as a zero-width
 interval that would look like certainty.

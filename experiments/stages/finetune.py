@@ -87,7 +87,7 @@ def finetune_diffusion(cfg, datamodule, workdir, logger=None):
         model.save_trained(workdir / "trained.safetensors")
         return model, {"ft/loss": float("nan"), "ft/steps": 0.0, "ft/seconds": time.time() - start}
     callbacks, overrides = _memory_options(model, d)
-    # VAE-encode at most 64 images of 64 px at once (as before) and as many pixels at larger sizes: at
+    # VAE-encode at most 64 images of 64 px at once and as many pixels at larger sizes: at
     # 512 px that is one image (0.6 GiB of VAE activations in fp32), where 64 would need 40 GiB
     # (benchmarks.memory's tracker on the SD VAE)
     chunk = min(64, max(1, 64 * 64 * 64 // int(datamodule.images.shape[1] * datamodule.images.shape[2])))

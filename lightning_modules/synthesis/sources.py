@@ -134,12 +134,3 @@ def union_label(existing: np.ndarray, new: np.ndarray) -> np.ndarray:
     out = np.asarray(existing, np.uint8).copy()
     out[new > 0] = new[new > 0]
     return out
-
-
-def sources_from_datamodule(datamodule, n: int, rng: np.random.Generator, mode: str = "real",
-                            split: str = "train_few") -> list[Source]:
-    """:func:`pick_sources` over a set-up ``SegmentationDataModule`` (only its ``split``)."""
-    pool, kind = source_pool(datamodule.masks, datamodule.split_indices[split], mode,
-                             datamodule.split_indices.get("normal"))
-    return [make_source(datamodule.images, datamodule.masks, datamodule.ids, i, kind)
-            for i in source_order(pool, n, rng)]

@@ -23,13 +23,12 @@ from experiments.stages.validate.gate_model import gate_training_needed, train_g
 from experiments.stages.validate.sanity import sanity
 from experiments.stages.validate.write import save_accept_reject, write_decisions
 
-# Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
-# 1: the gate's sanity rates, calibrated θ and flag use lesion pairs only (lesion-free real pairs were
-#    counted as passes); erosion shrinks only the newly generated lesion (the source's real lesions
-#    kept their rims); gen/real_normal_false_claim_rate, gen/quality_real_reject_rate, gen/validator_prompted.
+# Part of the stage's signature: raise it when this stage's code changes what it produces for the same
+# config (see experiments.pipeline), so cached results of the older code are not reused. Version 1
+# judges the gate on lesion pairs only and erodes only the newly generated lesion.
 VERSION = 1
-# The pixel gate's segmenter is built by experiments.builders.build_segmenter (2): before, it ignored
-# segmenter.encoder_depth and segmenter.decoder_channels. Only pixel gates with those set change.
+# The pixel gate's own version: its segmenter follows segmenter.encoder_depth and
+# segmenter.decoder_channels (experiments.builders.build_segmenter); other gates are unaffected.
 PIXEL_GATE_VERSION = 2
 
 

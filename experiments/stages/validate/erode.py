@@ -3,8 +3,8 @@
 Only the pixels generation painted are uncertain at their rim. With ``generation.source=real`` the
 source image's own lesions are in the label too (label = existing ∪ new); they are real, drawn by an
 annotator, and keep their rims. The generate stage records the new lesion of every sample
-(``new_masks/<id>.png``, the manifest's ``new_mask``); a row without one (folders written before it
-existed) has its whole label eroded, as before.
+(``new_masks/<id>.png``, the manifest's ``new_mask``); a row without one (a manifest that does not
+record it) has its whole label eroded.
 """
 from __future__ import annotations
 
