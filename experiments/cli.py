@@ -126,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"meddiffaug {version()}")
         return 0
     command, rest = argv[0], argv[1:]
+    from experiments.console import bars_off_the_terminal, one_line_warnings
+
+    bars_off_the_terminal()  # before any command imports tqdm or transformers
+    one_line_warnings()
     if command not in COMMANDS:
         print(f"meddiffaug: unknown command '{command}'.\n{USAGE}", file=sys.stderr)
         return 2

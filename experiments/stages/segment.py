@@ -72,7 +72,8 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
     module = build_segmenter(cfg, datamodule, total_steps=cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/dice", mode="max",
                                  save_last=True, save_top_k=1, auto_insert_metric_name=False)
-    trainer = build_trainer(cfg, workdir, logger=logger, callbacks=[checkpoint, *callbacks], **trainer_overrides)
+    trainer = build_trainer(cfg, workdir, logger=logger, callbacks=[checkpoint, *callbacks], train_batches=len(train),
+                            **trainer_overrides)
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, train_dataloaders=train, val_dataloaders=datamodule.val_dataloader(),
                 ckpt_path=str(last) if last.is_file() else None)

@@ -128,7 +128,8 @@ def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[s
     active = torch.arange(b, device=dev)
     z_full, eps_full = z.clone(), torch.zeros_like(z)
     stopped_at = torch.full((b,), -1, dtype=torch.long)
-    for i, t in enumerate(tqdm(timesteps, desc="inpaint", disable=not progress, leave=False)):
+    # disable=None: tqdm draws only on a terminal; in a log file every redraw would be a line
+    for i, t in enumerate(tqdm(timesteps, desc="inpaint", disable=None if progress else True, leave=False)):
         if len(active) == 0:
             break
         if guides is not None:  # blended latent denoising: outside the guide, the source at noise level t
