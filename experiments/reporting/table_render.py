@@ -95,21 +95,7 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
             n_text = str(r["n"]) + (f" (+{r['no_accept']} accepted none)" if r.get("no_accept") else "")
             body.append([label] + ([VALIDATOR_NAMES[r.get("validator")]] if validators else [])
                         + cells + [n_text] + diffs)
-            if r["gate_warning"]:
-                rate = r["metrics"][GATE_METRIC]["mean"]
-                if rate < spec["gate_min_real_pass"]:
-                    # fractions in the columns' own format, so a note never disagrees with its cell by rounding
-                    notes.append(f"⚠ {r['label']}: the gate's real pass rate is only {fmt(rate, '.2f')} (mean "
-                                 f"`{GATE_METRIC}` on real validation lesion pairs < "
-                                 f"{spec['gate_min_real_pass']:.2f}); "
-                                 "its verdicts on synthetic pairs are not trustworthy.")
-                else:
-                    rejects = ", ".join(f"{fmt(r['metrics'][m]['mean'], '.2f')} ({m.split('_')[1]})"
-                                        for m in GATE_REJECT_METRICS)
-                    notes.append(f"⚠ {r['label']}: the gate's reject rates on real lesions made wrong are "
-                                 f"only {rejects} (mean < "
-                                 f"{spec['gate_min_real_reject']:.2f}); it passes wrong pairs too.")
-            notes += thin_run_notes(r, spec)
+            notes += gate_notes(r, spec) + thin_run_notes(r, spec)
         if any(r["collapsed"] for r in table["rows"]):
             notes.append("collapsed: a run whose best validation Dice stayed under "
                          "`segmenter.collapse_dice`; such runs are included in the mean and counted.")
@@ -121,18 +107,8 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                     + ["pending"] * (len(header) - 2))
     if body:
         out += [render_markdown_table(header, body), ""]
-    seeds = sorted({s for r in table["rows"] for s in r["seeds"]}, key=lambda s: (len(s), s))
     if table["n_runs"]:
-        ns = sorted({r["n"] for r in table["rows"] if r["n"]})
-        n_text = str(ns[0]) if ns[0] == ns[-1] else f"{ns[0]}–{ns[-1]}"
-        out += [f"n = {n_text} seeds per row (seeds {', '.join(seeds)}); cells are mean ± std over seeds"
-                + (", [95 % t-CI]" if any(c.get("ci") for c in cols) else "")
-                + ("; Δ columns are paired by seed (mean difference, unadjusted 95 % t-CI, number of pairs, "
-                   "MDE: the smallest true Δ a paired t-test finds with 80 % power, from the observed paired SD, "
-                   f"at two-sided α = 0.05/{table.get('holm_family', 0)}, Holm's strictest step); **bold** Δ: "
-                   f"significant after Holm's correction over the {table.get('holm_family', 0)} paired comparisons "
-                   "of this table (paired t-tests, family-wise α = 0.05; ▲ better, ▼ worse)" if spec["baselines"] else "")
-                + ".", ""]
+        out += [seed_line(spec, table), ""]
     out += list(extra.get("markdown") or [])
     if table["n_runs"] and spec.get("notes"):  # numbers in notes come from the table, never typed
         notes.append(render(spec["notes"], table, spec.get("path", spec["id"]), _names(extra.get("notes")),
@@ -145,6 +121,37 @@ def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[s
                 "lowest seed; columns: source | mask | generated | overlay):", "",
                 f"![real vs generated samples]({samples})", ""]
     return "\n".join(out)
+
+
+def seed_line(spec: Dict[str, Any], table: Dict[str, Any]) -> str:
+    """The sentence under a table: seeds per row, what a cell holds, what a Δ cell and bold mean."""
+    seeds = sorted({s for r in table["rows"] for s in r["seeds"]}, key=lambda s: (len(s), s))
+    ns = sorted({r["n"] for r in table["rows"] if r["n"]})
+    n_text = str(ns[0]) if ns[0] == ns[-1] else f"{ns[0]}–{ns[-1]}"
+    family = table.get("holm_family", 0)
+    return (f"n = {n_text} seeds per row (seeds {', '.join(seeds)}); cells are mean ± std over seeds"
+            + (", [95 % t-CI]" if any(c.get("ci") for c in spec["columns"]) else "")
+            + ("; Δ columns are paired by seed (mean difference, unadjusted 95 % t-CI, number of pairs, "
+               "MDE: the smallest true Δ a paired t-test finds with 80 % power, from the observed paired SD, "
+               f"at two-sided α = 0.05/{family}, Holm's strictest step); **bold** Δ: "
+               f"significant after Holm's correction over the {family} paired comparisons "
+               "of this table (paired t-tests, family-wise α = 0.05; ▲ better, ▼ worse)" if spec["baselines"] else "")
+            + ".")
+
+
+def gate_notes(row: Dict[str, Any], spec: Dict[str, Any]) -> list:
+    """The ⚠ footnote of a row whose gate is flagged: which rate fell short of the spec's threshold."""
+    if not row["gate_warning"]:
+        return []
+    rate = row["metrics"][GATE_METRIC]["mean"]
+    if rate < spec["gate_min_real_pass"]:
+        # fractions in the columns' own format, so a note never disagrees with its cell by rounding
+        return [f"⚠ {row['label']}: the gate's real pass rate is only {fmt(rate, '.2f')} (mean "
+                f"`{GATE_METRIC}` on real validation lesion pairs < {spec['gate_min_real_pass']:.2f}); "
+                "its verdicts on synthetic pairs are not trustworthy."]
+    rejects = ", ".join(f"{fmt(row['metrics'][m]['mean'], '.2f')} ({m.split('_')[1]})" for m in GATE_REJECT_METRICS)
+    return [f"⚠ {row['label']}: the gate's reject rates on real lesions made wrong are only {rejects} (mean < "
+            f"{spec['gate_min_real_reject']:.2f}); it passes wrong pairs too."]
 
 
 def thin_run_notes(row: Dict[str, Any], spec: Dict[str, Any]) -> list:
