@@ -126,7 +126,7 @@ def vae_psnr_by_kind(vae, size: int, seed: int, n: int = 32) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meddiffaug pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(TINY_DIR), help="diffusers folder to write (default: the shipped tiny base)")
     p.add_argument("--work", default="outputs/pretrain", help="scratch folder: log, resume checkpoint")
@@ -148,7 +148,11 @@ def main(argv=None) -> int:
                    help="diffusers folder (or 'tiny') whose VAE is reused frozen: skips the VAE phase "
                         "(the VAE is trained on images only, never on masks)")
     p.add_argument("--resume", action="store_true", help="continue from WORK/state.pt")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work, out = Path(args.work), Path(args.out)
@@ -156,11 +160,31 @@ def main(argv=None) -> int:
     log, state_path, t0 = work / "pretrain.log", work / "state.pt", time.time()
     command = "meddiffaug pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     _log(log, f"start: {command}")
-
     images, kinds, captions = load_pool(args.pool_size, args.image_size, args.seed)
     _log(log, f"pool: {len(images)} images of {len(captions)} kinds, no lesion masks; captions {captions}")
     comps = build_tiny_components(work / "tokenizer", width=args.width, image_size=args.image_size, seed=args.seed)
     state = torch.load(state_path, weights_only=False) if args.resume and state_path.is_file() else {}
+    psnr_by_kind = vae_phase(args, comps, images, state, state_path, log, t0)
+    ema, step, final_loss = unet_phase(args, comps, images, kinds, captions, state, state_path, log, t0)
+    comps["unet"] = ema
+    card = {
+        "command": command, "data": f"procedural pool, {args.pool_size} images x {len(captions)} kinds at {args.image_size}px (seeds {args.seed}+1000+k)",
+        "vae_steps": state.get("vae_step"), "vae_batch_size": args.vae_batch_size, "vae_crop": args.vae_crop, "vae_psnr_db": None if state["vae_psnr"] is None else round(state["vae_psnr"], 2),
+        "vae_source": state.get("vae_source"), "vae_widths": list(comps["vae"].config.block_out_channels),
+        "unet_widths": list(ema.config.block_out_channels), "out": str(out), "vae_psnr_by_kind": psnr_by_kind, "vae_scaling_factor": round(state["vae_scale"], 5),
+        "unet_steps": step, "batch_size": args.batch_size, "final_unet_loss": round(final_loss, 5),
+        "unet_params": sum(p.numel() for p in ema.parameters()),
+        "wall_minutes": round((time.time() - t0) / 60, 1), "threads": args.threads,
+        "captions": captions, "lesion_masks_seen": 0,
+    }
+    write_base(comps, out, card)
+    _log(log, f"done: {json.dumps(card)}")
+    return 0
+
+
+def vae_phase(args: argparse.Namespace, comps: dict, images: np.ndarray, state: dict, state_path: Path, log: Path,
+              t0: float) -> dict:
+    """Phase 1: reuse a frozen VAE (``--vae-from``) or train one; returns its PSNR per kind on fresh images."""
     if args.vae_from and not state.get("vae_done"):
         from diffusers import AutoencoderKL
 
@@ -173,8 +197,6 @@ def main(argv=None) -> int:
         _log(log, f"vae reused from {source} (frozen; VAE phase skipped)")
     if "vae" in state:
         comps["vae"].load_state_dict(state["vae"])
-
-    # ---- phase 1: VAE
     if not state.get("vae_done"):
         budget = 60 * args.max_minutes * args.vae_share if args.max_minutes else float("inf")
         psnr = train_vae(comps["vae"], images, args.vae_steps, args.vae_batch_size, log, state, budget, args.vae_crop)
@@ -190,8 +212,12 @@ def main(argv=None) -> int:
     comps["vae"].eval().requires_grad_(False)
     psnr_by_kind = vae_psnr_by_kind(comps["vae"], args.image_size, args.seed)
     _log(log, f"vae PSNR by kind (fresh images): {psnr_by_kind}")
+    return psnr_by_kind
 
-    # ---- phase 2: UNet + text encoder on inpainting
+
+def unet_phase(args: argparse.Namespace, comps: dict, images: np.ndarray, kinds: np.ndarray, captions: list,
+               state: dict, state_path: Path, log: Path, t0: float) -> tuple:
+    """Phase 2: the UNet and text encoder on inpainting of random shapes; returns ``(ema_unet, steps, loss)``."""
     from lightning_modules.diffusion import InpaintingDiffusion
     from lightning_modules.diffusion_bank import RANDOM, build_inpainting_bank, variant_weights
 
@@ -244,24 +270,15 @@ def main(argv=None) -> int:
             state.update(unet=model.unet.state_dict(), text_encoder=model.text_encoder.state_dict(), ema=ema.state_dict(),
                          opt=opt.state_dict(), unet_step=step)
             torch.save(state, state_path)
-    final_loss = float(np.mean(losses[-200:])) if losses else float("nan")
+    return ema, step, float(np.mean(losses[-200:])) if losses else float("nan")
 
-    # ---- write the diffusers folder atomically (EMA UNet weights)
-    comps["unet"] = ema
+
+def write_base(comps: dict, out: Path, card: dict) -> None:
+    """Write the diffusers folder (EMA UNet weights), its card and metrics, replacing ``out`` atomically."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_components(comps, tmp)
-    n_unet = sum(p.numel() for p in ema.parameters())
-    size_mb = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2 ** 20
-    card = {
-        "command": command, "data": f"procedural pool, {args.pool_size} images x {len(captions)} kinds at {args.image_size}px (seeds {args.seed}+1000+k)",
-        "vae_steps": state.get("vae_step"), "vae_batch_size": args.vae_batch_size, "vae_crop": args.vae_crop, "vae_psnr_db": None if state["vae_psnr"] is None else round(state["vae_psnr"], 2),
-        "vae_source": state.get("vae_source"), "vae_widths": list(comps["vae"].config.block_out_channels),
-        "unet_widths": list(ema.config.block_out_channels), "out": str(out), "vae_psnr_by_kind": psnr_by_kind, "vae_scaling_factor": round(state["vae_scale"], 5),
-        "unet_steps": step, "batch_size": args.batch_size, "final_unet_loss": round(final_loss, 5), "unet_params": n_unet,
-        "wall_minutes": round((time.time() - t0) / 60, 1), "threads": args.threads, "weights_mb": round(size_mb, 2),
-        "captions": captions, "lesion_masks_seen": 0,
-    }
+    card["weights_mb"] = round(sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) / 2 ** 20, 2)
     (tmp / "MODEL_CARD.md").write_text(_card(card))
     (tmp / "pretrain_metrics.json").write_text(json.dumps(card, indent=2))
     old = out.with_name(out.name + ".old")
@@ -270,8 +287,6 @@ def main(argv=None) -> int:
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    _log(log, f"done: {json.dumps(card)}")
-    return 0
 
 
 def _card(c: dict) -> str:
