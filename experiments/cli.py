@@ -19,10 +19,12 @@ commands:
   data inspect --dataset NAME --root DIR [--json]               check a dataset folder before training
   sweep STUDY.yaml [--n-trials N] [--storage URL]               Optuna study logged to MLflow
   grid GRID.yaml [--dry-run]                                    ablation grid; reruns only missing cells
+  grid GRID.yaml --status                                       each cell's state, workers, time left
   table TABLE.yaml [--write results.md]                         paper table from MLflow runs
   pretrain [--out DIR] ...                                      pretrain the tiny diffusion base
   demo                                                          the main job on procedural data
   ui [--port 5000]                                              MLflow UI on 127.0.0.1
+  dashboard [STORAGE_URL] [--port 8080]                         optuna-dashboard on 127.0.0.1
 
   meddiffaug --version                                          print the installed version
 """
@@ -113,6 +115,7 @@ COMMANDS: Dict[str, Callable[[Optional[List[str]]], int]] = {
     "pretrain": _lazy("experiments.pretrain:main"),
     "demo": _lazy("sweeps.demo:main"),
     "ui": _lazy("experiments.ui:ui_main"),
+    "dashboard": _lazy("sweeps.dashboard:main"),
 }
 
 

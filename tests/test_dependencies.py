@@ -18,6 +18,7 @@ SOURCE_PACKAGES = ("experiments", "lightning_modules", "datamodules", "sweeps", 
 # Declared without being imported by the suite's own code, and why.
 DECLARED_NOT_IMPORTED = {
     "torchvision": "segmentation-models-pytorch and timm import it; the lock pins it with its torch",
+    "psutil": "MLflow imports it to sample a run's system metrics (CPU, memory, disk)",
 }
 # Imported only when present (behind a try/except with a clear message), so not declared.
 OPTIONAL_IMPORTS = {
