@@ -92,3 +92,67 @@ def prompt_table_shape(components: dict) -> tuple:
     if "text_encoder_2" in components:  # SDXL: both encoders' states plus the pooled "token"
         return (3, 78, hidden + components["text_encoder_2"].config.hidden_size)
     return (3, 77, hidden)
+
+
+def _added_token(content: str) -> dict:
+    # the serialisation of a special token in the published SD tokenizer configs (transformers' older format)
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False}
+
+
+def write_sd_tokenizer(folder):
+    """A tokenizer folder in the published SD file format: ``vocab.json`` and ``merges.txt`` of a CLIP BPE (the
+    project's small vocabulary) with the published ``tokenizer_config.json`` and ``special_tokens_map.json``
+    (special tokens as ``"__type": "AddedToken"`` objects). Returns the folder as a Path."""
+    import json
+
+    from lightning_modules.tokenizer import END, START, write_tiny_vocab
+
+    tok = write_tiny_vocab(folder)
+    special = {"bos_token": _added_token(START), "eos_token": _added_token(END), "pad_token": END,
+               "unk_token": _added_token(END)}
+    (tok / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"add_prefix_space": False, **special, "do_lower_case": True, "errors": "replace", "model_max_length": 77,
+         "special_tokens_map_file": "./special_tokens_map.json", "tokenizer_class": "CLIPTokenizer"}, indent=2))
+    return tok
+
+
+def write_sd15_inpainting_folder(out, scale: int = 5, seed: int = 0):
+    """A folder in the published SD-1.5-inpainting layout, random weights, widths divided by ``scale``.
+
+    ``unet/``, ``vae/``, ``text_encoder/`` (config.json + diffusion_pytorch_model / model .safetensors),
+    ``scheduler/scheduler_config.json``, ``model_index.json`` and ``tokenizer/`` in the published file
+    format: ``vocab.json`` and ``merges.txt`` of a CLIP BPE (the project's small vocabulary,
+    :func:`lightning_modules.tokenizer.write_tiny_vocab`) with the ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` of the published folder (special tokens as ``"__type": "AddedToken"``
+    objects). What a user's download looks like to the loader, with nothing downloaded.
+
+    Args:
+        out: the folder to write (made).
+        scale: width divisor (5: a 9-channel UNet of about 37 M parameters).
+        seed: seeds the random weights.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    import json
+    from pathlib import Path
+
+    from lightning_modules.tokenizer import END, START
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    comps = build_components("sd15", scale, "cpu")
+    tok = write_sd_tokenizer(out / "tokenizer")
+    ids = json.loads((tok / "vocab.json").read_text())
+    text = comps["text_encoder"].config  # its special ids are the vocabulary's (the pooled output reads eos)
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = ids[START], ids[END], ids[END]
+    for name in ("unet", "vae", "text_encoder"):
+        comps[name].save_pretrained(out / name, safe_serialization=True)
+    comps["scheduler"].save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionInpaintPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    return out

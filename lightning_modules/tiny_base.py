@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from lightning_modules.tokenizer import build_tiny_tokenizer
+from lightning_modules.tokenizer import build_tiny_tokenizer, legacy_special_tokens
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
@@ -145,10 +145,12 @@ def load_components(base_model: str | Path) -> Tuple[dict, Path]:
         unet=unet,
         vae=AutoencoderKL.from_pretrained(path / "vae", local_files_only=True),
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
-        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True,
+                                                **legacy_special_tokens(path / "tokenizer")),
         scheduler=DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True),
     )
     if (path / "text_encoder_2").is_dir():
         comps["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True)
-        comps["tokenizer_2"] = CLIPTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
+        comps["tokenizer_2"] = CLIPTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True,
+                                                             **legacy_special_tokens(path / "tokenizer_2"))
     return comps, path

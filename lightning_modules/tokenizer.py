@@ -80,6 +80,26 @@ def write_tiny_vocab(out_dir: str | Path, words: Iterable[str] = PROMPT_WORDS) -
     return out
 
 
+def legacy_special_tokens(folder: str | Path) -> dict:
+    """The special tokens a tokenizer folder stores in the older ``{"__type": "AddedToken", ...}`` form, as
+    ``tokenizers.AddedToken`` objects to pass to ``from_pretrained``.
+
+    The published SD tokenizer configs store their special tokens so. Read as they are, the tokenizers
+    library takes each such dict as keyword arguments and prints "Ignored unknown kwarg option __type" on
+    every load; passed as objects, the same tokens (content, strip and normalisation flags) load silently.
+    """
+    from tokenizers import AddedToken
+
+    tokens = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config's entries win
+        file = Path(folder) / name
+        config = json.loads(file.read_text()) if file.is_file() else {}
+        for key, value in config.items():
+            if isinstance(value, dict) and value.get("__type") == "AddedToken":
+                tokens[key] = AddedToken(**{k: v for k, v in value.items() if k != "__type"})
+    return tokens
+
+
 def build_tiny_tokenizer(out_dir: str | Path, model_max_length: int = 32):
     """Generate the vocabulary in ``out_dir`` and load it as a ``CLIPTokenizer``.
 

@@ -81,3 +81,33 @@ def test_a_step_bounded_training_bar_counts_steps_not_epochs(tmp_path):
     trainer.fit(Tiny(), loader)
     shown = bar.train_progress_bar
     assert (shown.desc.rstrip(": "), shown.n, shown.total) == ("fine-tune steps", 3, 3)  # 6 batches, 3 optimizer steps
+
+
+def test_a_published_sd_tokenizer_loads_silently_with_the_same_tokens(tmp_path, capfd):
+    from transformers import CLIPTokenizer
+
+    from benchmarks.memory_shapes import write_sd_tokenizer
+    from lightning_modules.tokenizer import legacy_special_tokens
+
+    folder = write_sd_tokenizer(tmp_path / "tokenizer")
+    plain = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    assert "Ignored unknown kwarg option __type" in capfd.readouterr().out  # the tokenizers library prints it
+    quiet = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **legacy_special_tokens(folder))
+    assert "__type" not in "".join(capfd.readouterr())
+    text = ["a polyp, in the COLON!"]
+    assert quiet(text).input_ids == plain(text).input_ids
+    assert (quiet.bos_token, quiet.eos_token, quiet.unk_token, quiet.pad_token) == \
+        (plain.bos_token, plain.eos_token, plain.unk_token, plain.pad_token)
+
+
+def test_the_bf16_cast_prints_no_empty_fp32_notice(caplog):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from lightning_modules.diffusion_memory import _quiet_empty_fp32_notice
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    _quiet_empty_fp32_notice()
+    with caplog.at_level("WARNING"):
+        vae.to(torch.bfloat16)
+    assert "should be kept in float32" not in caplog.text
