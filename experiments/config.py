@@ -135,10 +135,13 @@ class ValidatorConfig:
     mode: str = "single_step"  # single_step | full | pixel | none
     iou_threshold: float = 0.7
     # None: θ as given (DiffAug). A share q in (0, 1]: θ is lowered (never raised) to the IoU that q of
-    # held-out real pairs reach, for validators too weak to give real pairs θ (see README, "Quality gate")
+    # held-out real pairs reach, for validators too weak to give real pairs θ (see docs/gate.md)
     calibrate_real_pass: Optional[float] = None
     # the calibrated θ never drops below this: at θ = 0 a gate passes pairs with no overlap at all
     calibrate_min_threshold: float = 0.05
+    # 0: the gate is checked (and θ calibrated) on the validation pairs. K >= 2: on every labelled pair,
+    # cross-fitted over K folds of train_few + val (latent gates; see docs/gate-trust.md)
+    crossfit_folds: int = 0
     t_eval: int = 200  # timestep for the single-step clean-latent estimate
     prompted: bool = True  # the latent validator also sees the intended mask (verification, not segmentation)
     augment_copies: int = 8  # the real pairs plus transformed copies the latent validator trains on
@@ -331,6 +334,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("'validator.calibrate_real_pass' must lie in (0, 1] (a share of real pairs), or be null.")
     if not 0.0 <= cfg.validator.calibrate_min_threshold <= 1.0:
         raise ConfigError("'validator.calibrate_min_threshold' must lie in [0, 1].")
+    k = cfg.validator.crossfit_folds
+    if k != 0 and (k < 2 or cfg.validator.mode == "pixel"):
+        raise ConfigError(f"'validator.crossfit_folds' is {k}; use 0 (off) or K >= 2 folds, with a latent gate "
+                          f"(validator.mode single_step or full), not the pixel gate.")
     if q is not None and cfg.validator.early_reject_t is not None:
         raise ConfigError("'validator.calibrate_real_pass' and 'validator.early_reject_t' cannot be combined: early "
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")

@@ -118,7 +118,7 @@ def gate_sanity(ious: dict, threshold: float) -> dict:
     ``gen/real_pass_rate``, ``gen/real_mean_iou`` and the rejection rates of misplaced / missing real
     lesions, on lesion pairs only; ``gen/real_normal_false_claim_rate`` on lesion-free pairs only
     (:func:`false_claim_rate`); ``gen/n_real_lesion_pairs`` / ``gen/n_real_normal_pairs``: how many
-    pairs each figure rests on.
+    pairs each figure rests on. ``threshold``: θ, a float or one per lesion pair (N_lesion,) (cross-fitting).
     """
     def rate(x: torch.Tensor) -> float:
         return float(x.float().mean()) if len(x) else float("nan")

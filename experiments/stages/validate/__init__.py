@@ -2,7 +2,8 @@
 
 Reads the generate stage's ``manifest.jsonl``; writes ``accepted.jsonl``, ``decisions.jsonl``,
 eroded masks under ``masks/`` and ``accept_reject.png``; returns ``gen/*`` metrics including the gate
-sanity check on real validation lesion pairs (``gen/real_pass_rate``, ``gen/gate_flagged``), the false-claim
+sanity check on real validation lesion pairs, or cross-fitted over all labelled pairs with ``validator.crossfit_folds``
+(``gen/real_pass_rate``, ``gen/gate_flagged``), the false-claim
 rate on lesion-free ones (``gen/real_normal_false_claim_rate``), the quality filter's rejection rate on
 held-out real images (``gen/quality_real_reject_rate``) and which validator judged (``gen/validator_prompted``).
 """
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from datamodules.synthetic import load_generated, to_tensor
 from experiments.hashing import subtree
+from experiments.stages.validate.crossfit import crossfit_cache, crossfit_scorer
 from experiments.stages.validate.filter import feature_extractor, quality_filter
 from experiments.stages.validate.gate import FULL_STEPS, device_of, gate, stage_prompt
 from experiments.stages.validate.gate_model import gate_training_needed, train_gate_model  # noqa: F401 (pipeline)
@@ -68,7 +70,9 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     Returns:
         ``gen/*`` metrics: accept_rate, n_accepted, n_samples, mean_iou, iou_threshold (θ applied),
         iou_pass_rate, quality_reject_rate, near_copy_rate, real_pass_rate, real_misplaced_reject_rate,
-        real_missing_reject_rate, gate_flagged (these four on real lesion pairs only), real_normal_false_claim_rate
+        real_missing_reject_rate, gate_flagged (these four on real lesion pairs only: the validation pairs, or
+        with ``validator.crossfit_folds`` = K every labelled pair, cross-fitted; then also crossfit_folds = K),
+        real_normal_false_claim_rate
         (lesion-free real pairs only), n_real_lesion_pairs, n_real_normal_pairs, normal_pool_false_claim_rate
         and n_normal_pool (with a ``normal`` pool: ``data.n_normal``), real_quality_pass_rate,
         quality_real_reject_rate, validator_prompted (latent gates), validate_sps, n_early_rejected.
@@ -94,8 +98,13 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         ious, preds, description = judged["ious"], judged["preds"], judged["description"]
         diffusion = judged["diffusion"]  # reused by the quality filter's VAE features
         pool = list(datamodule.split_indices.get("normal") or [])  # lesion-free sources outside the budget
-        theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val], judged["sanity_cache"],
-                               pool_images=real[0][pool] if pool else None)
+        folds, cache = int(cfg.validator.crossfit_folds), judged["sanity_cache"]
+        crossfit = crossfit_scorer(cfg, datamodule, workdir, diffusion, prompt, full_steps) if folds else None
+        theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val],
+                               crossfit_cache(cache, folds) if folds else cache,
+                               pool_images=real[0][pool] if pool else None, crossfit=crossfit)
+        if folds:
+            checks["gen/crossfit_folds"] = float(folds)
         metrics.update(judged["metrics"], **checks, **{"gen/mean_iou": float(ious.mean()) if n else 0.0,
                                                         "gen/iou_threshold": theta})
     else:  # no gate: nothing real can fail it

@@ -13,6 +13,7 @@ import torch
 
 from datamodules.io import atomic_write
 from experiments.tracking import is_rank_zero
+from lightning_modules.gating.crossfit import check_ious, crossfit_thresholds
 from lightning_modules.gating.sanity import (LESION_KEYS, MIN_REAL_PASS, calibrate_threshold, false_claim_rate,
                                              gate_sanity, real_gate_ious, weak_rejects)
 
@@ -27,7 +28,8 @@ def _load_cache(cache: Optional[Path], need: set) -> Optional[dict]:
 
 
 def sanity(cfg, gate: Callable, real_images: torch.Tensor, real_masks: torch.Tensor,
-           cache: Optional[Path] = None, pool_images: Optional[torch.Tensor] = None) -> Tuple[float, dict]:
+           cache: Optional[Path] = None, pool_images: Optional[torch.Tensor] = None,
+           crossfit: Optional[Callable[[], dict]] = None) -> Tuple[float, dict]:
     """Check ``gate`` on the real validation pairs; calibrate θ when ``validator.calibrate_real_pass`` is set.
 
     Args:
@@ -37,6 +39,10 @@ def sanity(cfg, gate: Callable, real_images: torch.Tensor, real_masks: torch.Ten
         pool_images: the normal pool (``split_indices["normal"]``: lesion-free real images outside the
             label budget, never seen by the gate) (M,3,S,S), or None: judged claiming no lesion, like
             the lesion-free validation pairs, for ``gen/normal_pool_false_claim_rate``.
+        crossfit: ``() -> lightning_modules.gating.crossfit.crossfit_ious output`` (``validator.crossfit_folds``),
+            or None. Given, the real-pair figures are the cross-fitted ones over all labelled pairs (``real_images``
+            are not scored), θ is what the calibration share of them reaches and each fold is checked at the θ
+            of the other folds; otherwise the validation pairs are scored and split (even: θ, odd: the check).
 
     Returns:
         ``(θ applied, metrics)`` with ``gen/real_pass_rate``, ``gen/real_mean_iou``, the rejection
@@ -46,21 +52,29 @@ def sanity(cfg, gate: Callable, real_images: torch.Tensor, real_masks: torch.Ten
     """
     v, mode = cfg.validator, str(cfg.validator.mode)
     pool = pool_images is not None and len(pool_images) > 0
-    ious = _load_cache(cache, {*LESION_KEYS, "normal_claim"} | ({"pool_claim"} if pool else set()))
+    need = {*LESION_KEYS, "normal_claim"} | ({"pool_claim"} if pool else set()) | ({"fold"} if crossfit else set())
+    ious = _load_cache(cache, need)
     if ious is None:
-        ious = real_gate_ious(gate, real_images, real_masks)
+        ious = crossfit() if crossfit is not None else real_gate_ious(gate, real_images, real_masks)
         if pool:  # a validation pair's small share of lesion-free images: the pool is the larger sample
             empty = torch.zeros((len(pool_images), *real_masks.shape[1:]), dtype=real_masks.dtype)
             ious["pool_claim"] = real_gate_ious(gate, pool_images, empty)["normal_claim"]
         if cache is not None and is_rank_zero():
             atomic_write(cache, lambda f: torch.save(ious, f))
-    theta, check = calibrate_threshold(ious, float(v.iou_threshold), v.calibrate_real_pass, v.calibrate_min_threshold)
-    metrics = gate_sanity(check, theta)
+    if crossfit is not None:
+        theta, per_pair = crossfit_thresholds(ious, float(v.iou_threshold), v.calibrate_real_pass,
+                                              v.calibrate_min_threshold)
+        metrics = gate_sanity(check_ious(ious), per_pair)
+    else:
+        theta, check = calibrate_threshold(ious, float(v.iou_threshold), v.calibrate_real_pass,
+                                           v.calibrate_min_threshold)
+        metrics = gate_sanity(check, theta)
     if pool:
         metrics.update({"gen/normal_pool_false_claim_rate": false_claim_rate(ious["pool_claim"]),
                         "gen/n_normal_pool": float(len(ious["pool_claim"]))})
     if not len(ious["real"]):
-        warnings.warn(f"[validate] no real validation pair holds a lesion: the {mode} gate's sanity check has "
+        where = "labelled pair" if crossfit is not None else "validation pair"
+        warnings.warn(f"[validate] no real {where} holds a lesion: the {mode} gate's sanity check has "
                       f"nothing to judge (gen/real_pass_rate is NaN). Use a larger data.val_fraction.")
     metrics["gen/gate_flagged"] = flag(metrics, mode, theta, v.calibrate_real_pass is not None)
     return theta, metrics
