@@ -84,6 +84,7 @@ def create_datamodule(name: str, **cfg: Any):
     from datamodules.base import Layout, SegmentationDataModule
 
     entry = _lookup(name)
+    cfg.pop("external_tests", None)  # other datasets, loaded beside this one (datamodules/external.py)
     if isinstance(entry, type) and issubclass(entry, Layout):
         # Layout options (e.g. folder's ``classes``) go to the layout, the rest to the module.
         params = set(_inspect.signature(entry.__init__).parameters) - {"self"}

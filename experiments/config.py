@@ -47,6 +47,9 @@ class DataConfig:
     # procedural only: the test split is this many pairs of a reserved test stream, the same for every
     # seed and disjoint from every training pool; null: test is split from the run's own content
     test_pool: Optional[int] = None
+    # test sets from elsewhere, tested with the selected checkpoint and never trained, validated or selected on:
+    # {name: cvc_clinicdb, root: DIR}, {name: folder, root: DIR}, {name: procedural_polyp, center: b} (experiments/external_tests.py)
+    external_tests: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -348,6 +351,9 @@ def _validate(cfg: DictConfig) -> None:
     from experiments.config_ranges import check_ranges  # every count, size and ratio
 
     check_ranges(cfg, ConfigError)
+    from experiments.external_tests import external_specs
+
+    external_specs(cfg, ConfigError)
 
 
 def _validate_memory_options(d: DictConfig) -> None:

@@ -40,3 +40,9 @@ def _content_key(data_json: str) -> str:
         return root
     records = sorted(layout.find(datamodule.root), key=lambda r: natural_key(r.id))
     return f"content:{datamodule._cache_key(records)}"
+
+
+def folder_identity(name: str, root: str, **options) -> str:
+    """``"content:<hash>"`` of a dataset folder outside ``cfg.data`` (an external test set), as for
+    :func:`data_root_identity`: its content, not the path it is mounted at."""
+    return _content_key(json.dumps({"name": name, "root": root, **options}, sort_keys=True))

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.io import short_hash  # noqa: F401  (the one hash, re-exported for the orchestration)
 
 # Keys that change no result: excluded from every signature.
-IGNORED = {"data": {"num_workers", "cache_dir"},
+# data.external_tests: read only by the segment stage, which adds them to its own inputs when set.
+IGNORED = {"data": {"num_workers", "cache_dir", "external_tests"},
            "trainer": {"accelerator", "devices", "strategy", "log_every_n_steps"},
            # recomputed activations and where the frozen parts wait change memory, not the weights
            # allow_upscaled_tiny only lets preflight pass: the stages never read it

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.io import atomic_write_text
 from experiments import tracking
 from experiments.config import STAGES, ConfigError
+from experiments.external_tests import external_sets
 from experiments.hashing import short_hash, subtree
 from experiments.stages import finetune, generate, segment, validate
 
@@ -140,8 +141,9 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
 
     if datamodule is None:
         datamodule = build_datamodule(cfg)
+    external = external_sets(cfg, datamodule)  # loaded and checked against the run's data before any stage
     if run is not None:
-        tracking.log_data_inputs(cfg, datamodule)
+        tracking.log_data_inputs(cfg, datamodule, external)
     root = Path(cfg.artifacts_dir)
     result = PipelineResult()
     from experiments.distributed import coordinator as launched

@@ -15,6 +15,7 @@ from typing import List, Mapping, Tuple
 
 from omegaconf import DictConfig
 
+from experiments.external_tests import external_caveats
 from experiments.stages.validate.sanity import flag_reasons
 
 EXIT_NOT_A_RESULT = 3
@@ -55,6 +56,7 @@ def run_verdicts(cfg: DictConfig, metrics: Mapping[str, float]) -> Tuple[List[st
     if metrics.get("gen/gate_flagged", 0.0) >= 0.5:  # the validate stage's reasons, also for a cached stage
         theta = metrics.get("gen/iou_threshold", cfg.validator.iou_threshold)
         caveats += flag_reasons(dict(metrics), str(cfg.validator.mode), theta, cfg.validator.calibrate_real_pass is not None)
+    caveats += external_caveats(cfg, metrics)  # a configured external set without a Dice
     return not_a_result, caveats
 
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -125,11 +125,12 @@ def mark_model_training(experiment_id: str) -> None:
     MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
 
-def log_data_inputs(cfg: DictConfig, datamodule: Any) -> None:
+def log_data_inputs(cfg: DictConfig, datamodule: Any, external: Sequence[Any] = ()) -> None:
     """Log each split of the run's data as an MLflow dataset input (the runs table's Dataset column).
 
     The name is the dataset, the context the split, and the digest a hash of the split's image ids,
-    so runs on the same split share a digest and can be filtered by it.
+    so runs on the same split share a digest and can be filtered by it. Each external test set
+    (:class:`datamodules.external.ExternalSet`) is one more input, named by its label, context ``external``.
     """
     import mlflow
     from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -154,6 +155,9 @@ def log_data_inputs(cfg: DictConfig, datamodule: Any) -> None:
         except MlflowException as err:
             # Workers logging the same new dataset at once race on the store's unique (name,
             # digest) row; the loser finds the row on its next try. Any other error is a bug.
+    for ext in external:
+        datasets.append(MetaDataset(HTTPDatasetSource(url=ext.source), name=ext.label, digest=ext.digest))
+    splits += ("external",) * len(external)
             if "unique" not in str(err).lower() and "integrity" not in str(err).lower():
                 raise
             if attempt == 3:

@@ -102,6 +102,7 @@ class SegmenterModule(L.LightningModule):
         self.val_dice, self.val_iou = dice_metric(self.num_classes), iou_metric(self.num_classes)
         self.test_dice, self.test_iou = dice_metric(self.num_classes), iou_metric(self.num_classes)
         self.test_fnr = LesionFNR(self.num_classes, small_lesion_area)
+        self.test_prefix = "test"  # "test/<set>" while an external test set is tested
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B,K,H,W) (K = 1 binary, else num_classes) of images (B,3,H,W) in [0,1]."""
@@ -172,13 +173,14 @@ class SegmenterModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         dice, iou = self.test_dice.compute().float(), self._iou_values(self.test_iou.compute()).float()
         fnr = self.test_fnr.compute()
-        values = {"test/dice": dice.nanmean(), "test/iou": iou.nanmean(), "test/fnr": fnr["fnr"],
-                  "test/fnr_small": fnr["fnr_small"], "test/n_small": fnr["n_small"]}
+        p = self.test_prefix
+        values = {f"{p}/dice": dice.nanmean(), f"{p}/iou": iou.nanmean(), f"{p}/fnr": fnr["fnr"],
+                  f"{p}/fnr_small": fnr["fnr_small"], f"{p}/n_small": fnr["n_small"]}
         if not self.binary:
             for c, name in enumerate(self.class_names[1:]):
-                values[f"test/dice_{name}"] = dice[c]
-                values[f"test/iou_{name}"] = iou[c]
-                values[f"test/fnr_small_{name}"] = fnr["fnr_small_per_class"][c]
+                values[f"{p}/dice_{name}"] = dice[c]
+                values[f"{p}/iou_{name}"] = iou[c]
+                values[f"{p}/fnr_small_{name}"] = fnr["fnr_small_per_class"][c]
         for key, value in values.items():
             self.log(key, value.float())
         for m in (self.test_dice, self.test_iou, self.test_fnr):

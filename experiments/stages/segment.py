@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.augmented import training_set
 from datamodules.io import atomic_write
 from experiments.builders import build_segmenter
+from experiments.external_tests import evaluate_external, external_sets, signature_inputs
 from experiments.hashing import subtree
 from experiments.trainer import build_trainer
 from lightning_modules.segmenter import SegmenterModule
@@ -30,7 +31,7 @@ VERSION = 1
 def inputs(cfg: DictConfig) -> Dict[str, Any]:
     """The config values this stage's result depends on (its part of the signature)."""
     return {"data": subtree(cfg, "data"), "augment": subtree(cfg, "augment"), "segmenter": subtree(cfg, "segmenter"),
-            "trainer": subtree(cfg, "trainer"), "seed": cfg.seed}
+            "trainer": subtree(cfg, "trainer"), "seed": cfg.seed, **signature_inputs(cfg)}
 
 
 def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> Dict[str, float]:
@@ -39,7 +40,7 @@ def _metrics(trainer: L.Trainer, prefixes: tuple[str, ...]) -> Dict[str, float]:
 
 def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger: Any = None,
                   train_set: Optional[Dataset] = None, callbacks: Iterable[Any] = (),
-                  **trainer_overrides: Any) -> Dict[str, float]:
+                  external: Iterable[Any] = (), **trainer_overrides: Any) -> Dict[str, float]:
     """Train, select the best epoch on ``val/dice``, and test it.
 
     Checkpoints go to ``workdir/checkpoints`` (``best-<epoch>.ckpt`` and ``last.ckpt``); an existing
@@ -55,11 +56,13 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
         train_set: the training Dataset of ``{"image", "mask", "id"}`` samples (see
             :func:`datamodules.augmented.training_set`); default the datamodule's own train loader.
         callbacks: extra callbacks.
+        external: external test sets (:func:`experiments.external_tests.external_sets`), tested after
+            the in-domain test with the same checkpoint.
         **trainer_overrides: extra ``L.Trainer`` keywords (tests).
 
     Returns:
         Floats: ``val/dice``, ``val/iou``, ``val/loss`` of the best checkpoint, every ``test/*``
-        metric, ``seg/best_epoch`` and ``seg/collapsed`` (1.0 when best val/dice is under
+        metric (``test/<set>/*`` of each external set), ``seg/best_epoch`` and ``seg/collapsed`` (1.0 when best val/dice is under
         ``cfg.segmenter.collapse_dice`` or NaN).
     """
     L.seed_everything(cfg.seed, workers=True)
@@ -85,6 +88,7 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
     metrics = _metrics(trainer, ("val/",))
     trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics.update(_metrics(trainer, ("test/",)))
+    metrics.update(evaluate_external(trainer, module, list(external), best or None, datamodule.batch_size, workdir))
     match = re.search(r"best-(\d+)", Path(best).name) if best else None
     metrics["seg/best_epoch"] = float(match.group(1)) if match else float("nan")
     dice = metrics.get("val/dice", float("nan"))
@@ -112,7 +116,8 @@ def run_segment(cfg: DictConfig, datamodule: Any, workdir: str | Path, upstream:
                              Path(upstream["validate"]) if synthetic else None, ratio=cfg.augment.ratio,
                              seed=cfg.augment.seed, synthetic_transforms=cfg.data.transforms,
                              include_real=not cfg.augment.get("synthetic_only", False))
-    return fit_segmenter(cfg, datamodule, workdir, logger=logger, train_set=train_set, callbacks=callbacks)
+    return fit_segmenter(cfg, datamodule, workdir, logger=logger, train_set=train_set, callbacks=callbacks,
+                         external=external_sets(cfg, datamodule))
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
