@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from experiments import pipeline, tracking
 from experiments.config import ConfigError, load_config
 from sweeps import space as sp
 
-GRID_KEYS = {"name", "description", "base_config", "overrides", "axes", "variants", "seeds", "seed_keys", "tags"}
+GRID_KEYS = {"name", "description", "extends", "base_config", "overrides", "axes", "variants", "seeds", "seed_keys", "tags"}
 DEFAULT_SEED_KEYS = ["seed", "data.split_seed", "augment.seed", "generation.seed"]
 
 
@@ -90,6 +91,25 @@ def _variant_plan(name: Any, spec: Any, axes: Dict[str, List[Any]], source: str)
     return sp.as_overrides(spec.get("overrides"), f"variant '{name}' of {source}"), own
 
 
+def extended(raw: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """A grid with ``extends: <grid.yaml>`` is that grid with its own keys on top: its ``overrides`` are
+    appended (a later override of a key wins), its ``tags`` merged, any other key replaces the base's.
+
+    A cell's signature hashes its variant and final overrides, so a grid split into a base and a
+    few lines per modality keeps the cells (and their records) of the file it replaces.
+    """
+    sp.check_keys(raw, GRID_KEYS, str(path))
+    if "extends" not in raw:
+        return raw
+    base_path = sp.resolve_path(str(raw["extends"]), path.parent)
+    base = extended(sp.load_yaml(base_path, "Grid"), base_path)
+    merged = {**base, **{k: v for k, v in raw.items() if k != "extends"}}
+    merged["overrides"] = (sp.as_overrides(base.get("overrides"), str(base_path))
+                           + sp.as_overrides(raw.get("overrides"), str(path)))
+    merged["tags"] = {**(base.get("tags") or {}), **(raw.get("tags") or {})}
+    return merged
+
+
 def grid_cells(grid_yaml: str | Path) -> List[Cell]:
     """Every cell of a grid YAML, seeds outermost (so partial results are already paired).
 
@@ -98,8 +118,7 @@ def grid_cells(grid_yaml: str | Path) -> List[Cell]:
             or a cell whose overrides do not resolve (checked for every cell before any runs).
     """
     path = Path(grid_yaml)
-    raw = sp.load_yaml(path, "Grid")
-    sp.check_keys(raw, GRID_KEYS, str(path))
+    raw = extended(sp.load_yaml(path, "Grid"), path)
     for required in ("name", "base_config"):
         if required not in raw:
             raise ConfigError(f"'{required}' is missing in {path}.")
@@ -274,9 +293,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from sweeps import worker
 
     worker.check_environment(cells)
-
+    runner = worker.CellRunner("meddiffaug grid " + shlex.join(sys.argv[1:] if argv is None else argv), args.grid[0])
     if args.rerun:
-        report = worker.run_cells(cells, done={})
+        report = worker.run_cells(cells, {}, runner)
     else:
         cfg = cells[0].config()
         storage = args.storage or default_storage(cfg)
@@ -288,7 +307,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return worker.run_workers(list(sys.argv[1:] if argv is None else argv), args.workers)
         kwargs = {k: v for k, v in (("heartbeat_interval", args.heartbeat_interval),
                                     ("grace_period", args.grace_period)) if v is not None}
-        report = worker.run_queue(cells, finished_cells(cells), storage, lambda: _mlflow_experiment(cells), **kwargs)
+        report = worker.run_queue(cells, finished_cells(cells), storage, lambda: _mlflow_experiment(cells), runner,
+                                  **kwargs)
     print(f"[grid] ran {len(report['ran'])}, already done {len(report['skipped'])}, "
           f"failed {len(report['failed'])}: {' '.join(report['failed'])}", flush=True)
     return 1 if report["failed"] else 0

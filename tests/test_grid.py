@@ -1,6 +1,7 @@
 """Ablation grids with fake stages: cells, signatures, seed pairing, dry-run, partial reruns."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -137,3 +138,41 @@ def test_shipped_grids_resolve(name, n_cells):
 
     cells = grid_cells(REPO / "sweeps" / "grids" / f"{name}.yaml")
     assert len(cells) == n_cells
+
+
+def test_a_grid_that_extends_a_base_has_the_cells_of_the_flat_grid(tmp_path):
+    """``extends``: the base's overrides come first, the grid's own win; tags merge; the cells (and so
+    the records that count them as done) are those of the same grid written out flat."""
+    from sweeps.grid import grid_cells
+
+    flat = write_grid(tmp_path)
+    spec = yaml.safe_load(flat.read_text())
+    base = {k: v for k, v in spec.items() if k not in ("name", "seeds")}
+    base["overrides"] = spec["overrides"] + ["augment.seed=99"]  # overridden below by the seed key
+    base["tags"] = {"table": "t", "block": "b"}
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "base.yaml").write_text(yaml.safe_dump(base))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"name": "t_grid", "extends": "bases/base.yaml", "seeds": [0, 1],
+                                     "tags": {"block": "own"}}))
+    want, got = grid_cells(flat), grid_cells(child)
+    assert [c.sig for c in got] == [c.sig for c in want] and len(got) == 8
+    assert got[0].tags["block"] == "own" and got[0].tags["table"] == "t"
+    child.write_text(yaml.safe_dump({"name": "t_grid", "extends": "bases/base.yaml", "colour": "red"}))
+    with pytest.raises(ConfigError, match="colour"):
+        grid_cells(child)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid", ["headline_polyp", "headline_skin", "headline_fundus", "headline_ultrasound",
+                                  "data_efficiency"])
+def test_committed_records_count_every_block_cell_as_done(grid, capsys, monkeypatch):
+    """No change of a stage signature or a grid file leaves a committed block cell to be rerun."""
+    from sweeps.grid import main
+
+    monkeypatch.setenv("MEDDIFFAUG_RECORDS_DIR", str(REPO / "sweeps" / "records"))  # read only: a dry run
+
+    assert main([str(REPO / "sweeps" / "grids" / f"{grid}.yaml"), "--dry-run"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    total, done = (int(x) for x in re.search(r"(\d+) cells: (\d+) done", summary).groups())
+    assert total == done, summary
