@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -35,6 +36,8 @@ subcommands:
   inspect --dataset NAME --root DIR [--json] [--image-size S] [--n-real N] [--split-file F]
           check a dataset folder (pairs, sizes, mask values, splits, lesions) before training;
           exits 1 when it finds a problem
+  inspect --dataset procedural_<kind> [--center a|b] [--grid PNG] [--json]
+          a procedural pool (center b: the second acquisition center) and its sample grid
 """
 
 
@@ -63,7 +66,9 @@ def run_main(argv: Optional[List[str]] = None) -> int:
     from experiments.preflight import preflight
 
     datamodule = preflight(cfg)  # config, environment and data faults stop here, before MLflow
-    result = run_pipeline(cfg, targets=stages, force=args.force, datamodule=datamodule)
+    command = "meddiffaug run " + shlex.join(sys.argv[2:] if argv is None else argv)
+    result = run_pipeline(cfg, targets=stages, force=args.force, datamodule=datamodule,
+                          tags={"mlflow.note.content": f"Run by `{command}`."})  # the run's description
     from experiments.tracking import is_rank_zero
 
     if not is_rank_zero():  # under torchrun/srun every rank runs this command; rank 0 speaks for the run

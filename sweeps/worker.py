@@ -7,6 +7,7 @@ and shares its host's cores with the other workers there (:mod:`sweeps.cores`).
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 import traceback
@@ -16,11 +17,27 @@ from experiments import pipeline, tracking
 from sweeps import space as sp
 
 
-class CellRunner:
-    """Runs cells one after another in this process, reusing the datamodule while the data is the same."""
+def description(cell: Any, command: str, grid_path: str) -> str:
+    """A cell run's MLflow description (``mlflow.note.content``): its grid cell, the command that ran it
+    and the command that runs it alone."""
+    only = [f"variant={cell.variant}"] + [f"{k}={sp.format_value(v)}" for k, v in cell.axes.items()]
+    only += [f"seed={cell.seed}"] if cell.seed is not None else []
+    alone = shlex.join(["meddiffaug", "grid", grid_path, "--rerun"] + [a for o in only for a in ("--only", o)])
+    return (f"Grid `{cell.grid}`, cell `{cell.label}` (`{cell.sig}`).\n\n"
+            f"Run by `{command}`.\n\nThis cell alone: `{alone}`")
 
-    def __init__(self) -> None:
+
+class CellRunner:
+    """Runs cells one after another in this process, reusing the datamodule while the data is the same.
+
+    Args:
+        command: the command line that started this worker, for the runs' descriptions.
+        grid_path: the grid YAML, for the command that runs one cell alone.
+    """
+
+    def __init__(self, command: str = "", grid_path: str = "GRID.yaml") -> None:
         self.dm_key, self.datamodule = None, None
+        self.command, self.grid_path = command, grid_path
 
     def __call__(self, cell: Any, index: int, total: int,
                  on_stage: Optional[Callable[[str], None]] = None) -> Optional[float]:
@@ -34,7 +51,8 @@ class CellRunner:
             key = sp.short_hash(OmegaConf.to_container(cfg.data, resolve=True))
             if key != self.dm_key:  # seeds are outermost: consecutive cells mostly share the data
                 self.dm_key, self.datamodule = key, pipeline.build_datamodule(cfg)
-            result = pipeline.run_pipeline(cfg, run_name=cell.label, tags=cell.tags, experiment=cell.grid,
+            tags = {**cell.tags, "mlflow.note.content": description(cell, self.command, self.grid_path)}
+            result = pipeline.run_pipeline(cfg, run_name=cell.label, tags=tags, experiment=cell.grid,
                                            datamodule=self.datamodule, on_stage=on_stage)
             from experiments.reporting.run_records import export_cell
 
@@ -85,14 +103,13 @@ def check_environment(cells: Sequence[Any]) -> None:
             check_base(cfg)
 
 
-def run_cells(cells: Sequence[Any], done: Dict[str, str]) -> Dict[str, List[str]]:
-    """Run the cells not in ``done`` in this process (no queue).
+def run_cells(cells: Sequence[Any], done: Dict[str, str], runner: CellRunner) -> Dict[str, List[str]]:
+    """Run the cells not in ``done`` in this process (no queue) with ``runner``.
 
     Returns:
         ``{"ran": [...], "skipped": [...], "failed": [...]}`` lists of cell signatures.
     """
     report: Dict[str, List[str]] = {"ran": [], "skipped": [], "failed": []}
-    runner = CellRunner()
     for i, cell in enumerate(cells):
         if cell.sig in done:
             report["skipped"].append(cell.sig)
@@ -102,7 +119,7 @@ def run_cells(cells: Sequence[Any], done: Dict[str, str]) -> Dict[str, List[str]
 
 
 def run_queue(cells: Sequence[Any], done: Dict[str, str], storage: str, experiment: Callable[[], Optional[str]],
-              poll_s: float = 2.0, **queue_kwargs: Any) -> Dict[str, List[str]]:
+              runner: CellRunner, poll_s: float = 2.0, **queue_kwargs: Any) -> Dict[str, List[str]]:
     """Work on the grid's shared queue in ``storage`` until none of ``cells`` waits or runs anywhere.
 
     Cells not in ``done`` are enqueued (once, whatever the number of workers); this worker then
@@ -111,6 +128,7 @@ def run_queue(cells: Sequence[Any], done: Dict[str, str], storage: str, experime
 
     Args:
         experiment: returns the grid's MLflow experiment id (None before its first run).
+        runner: runs one cell (:class:`CellRunner`).
 
     Returns:
         ``{"ran": [...], "skipped": [...], "failed": [...]}``: what this worker did.
@@ -124,7 +142,7 @@ def run_queue(cells: Sequence[Any], done: Dict[str, str], storage: str, experime
     queue.enqueue({cell.key(): {"cell": cell.sig, "label": cell.label} for cell in cells if cell.sig not in done})
     report: Dict[str, List[str]] = {"ran": [], "skipped": sorted(done), "failed": []}
     experiment_id = experiment()
-    runner, cores = CellRunner(), CoreShare()
+    cores = CoreShare()
     todo = set(by_key) - {c.key() for c in cells if c.sig in done}
     while True:
         claim = queue.claim(todo)

@@ -101,3 +101,23 @@ def test_running_a_grid_takes_one_grid(tmp_path):
     path = str(write_grid(tmp_path))
     with pytest.raises(ConfigError, match="one grid to run"):
         main([path, path])
+
+
+def test_a_cell_run_has_system_metrics_grouping_tags_and_a_description(tmp_path, fakes, monkeypatch):
+    import mlflow
+
+    from sweeps.grid import main
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a fake cell lasts a second
+    monkeypatch.setenv("FAKE_SEGMENT_SLEEP", "1.5")
+    path = str(write_grid(tmp_path))
+    assert main([path, "--only", "augment.ratio=2"]) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["t_status"], output_format="list")
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    tags = run.data.tags
+    assert (tags["grid"], tags["variant"], tags["seed"]) == ("t_status", "default", "0")
+    note = tags["mlflow.note.content"]
+    assert f"Grid `t_status`, cell `default/ratio=2/seed0` (`{tags['cell']}`)" in note
+    assert f"Run by `meddiffaug grid {path} --only augment.ratio=2`" in note
+    assert f"meddiffaug grid {path} --rerun --only variant=default --only augment.ratio=2 --only seed=0" in note
