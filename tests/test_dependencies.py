@@ -19,6 +19,7 @@ SOURCE_PACKAGES = ("experiments", "lightning_modules", "datamodules", "sweeps", 
 DECLARED_NOT_IMPORTED = {
     "torchvision": "segmentation-models-pytorch and timm import it; the lock pins it with its torch",
     "psutil": "MLflow imports it to sample a run's system metrics (CPU, memory, disk)",
+    "nvidia-ml-py": "MLflow imports it (pynvml) to sample a run's GPU metrics",
 }
 # Imported only when present (behind a try/except with a clear message), so not declared.
 OPTIONAL_IMPORTS = {
