@@ -37,7 +37,8 @@ def crossfit_scorer(cfg, datamodule, workdir: Path, diffusion, prompt: str,
                     full_steps: int = FULL_STEPS) -> Callable[[], dict]:
     """``() -> crossfit_ious output`` for the run's labelled pairs under ``cfg.validator.mode``'s latent gate.
 
-    Fold f's validator trains under ``workdir/crossfit/fold{f}`` (checkpoints there: a killed run resumes).
+    Fold f's validator trains under ``workdir/crossfit/fold{f}`` (checkpoints there: a killed run resumes);
+    the scorer keeps the fold validators it trained in its ``validators`` list (fold order).
 
     Args:
         datamodule: set up; its uint8 ``images`` (N,S,S,3) and ``masks`` (N,S,S).
@@ -61,6 +62,11 @@ def crossfit_scorer(cfg, datamodule, workdir: Path, diffusion, prompt: str,
                                            datamodule.masks[labelled[train]], prompt, ncls,
                                            Path(workdir) / "crossfit" / f"fold{fold}")
         validator = validator.to(device) if hasattr(validator, "to") else validator
+        score.validators.append(validator)
         return make_gate(mode, cfg, prompt, ncls, device, diffusion, validator, full_steps=full_steps)
 
-    return lambda: crossfit_ious(fit_gate, images, masks, folds)
+    def score() -> dict:
+        return crossfit_ious(fit_gate, images, masks, folds)
+
+    score.validators = []
+    return score
