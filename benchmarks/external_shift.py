@@ -1,7 +1,7 @@
 """Is center B a shift? A real-only segmenter's Dice on center A (in-domain) vs center B, per modality.
 
 ``OMP_NUM_THREADS=1 python -m benchmarks.external_shift [--kinds polyp skin fundus ultrasound]
-[--seeds 0 1 2] [--test-pool 200] [--out outputs/external_shift] [overrides ...]``
+[--seeds 0 1 2] [--test-pool 200] [--out outputs/external_shift] [--pictures docs/images] [overrides ...]``
 
 For each kind and seed, trains the real-only baseline (the frozen block's real-only arm:
 ``experiments/configs/procedural_polyp_baseline.yaml``, 16 labelled pairs of which 4 validate,
@@ -10,7 +10,9 @@ checkpoint is tested on the fixed center-A test pool (``test/dice``) and on the 
 same size (``test/procedural_<kind>_center_b/dice``). Seed s sets the segmenter seed, the split and
 the seed's own training content. Prints one JSON line per run, then one per kind with the mean Dice
 of each center and the paired gap A − B with its 95 % t-interval over seeds. Stages are cached under
-``--out`` (by signature), so a rerun prints the same numbers without training.
+``--out`` (by signature), so a rerun prints the same numbers without training. With ``--pictures DIR``
+it only writes ``DIR/external_center_<kind>.png`` per kind (8 pairs of each center at 64 px: center
+A images and mask outlines over center B's) and trains nothing.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -56,14 +59,37 @@ def summarise(kind: str, rows: list) -> dict:
             "n_collapsed": sum(r["collapsed"] for r in rows)}
 
 
+def save_pictures(kinds, folder: str, n: int = 8, size: int = 64) -> list:
+    """Write one PNG per kind: center A's test pool (images over outlines) above center B's.
+
+    Stored with a 256-colour palette: a quarter of the bytes of full colour, for pictures kept in the repository.
+    """
+    from PIL import Image
+
+    from datamodules.inspect_procedural import center_pool, sample_grid
+    from datamodules.io import atomic_write
+
+    paths = []
+    for kind in kinds:
+        rows = [sample_grid(*(a[:n] for a in center_pool(kind, c, n, size)), n) for c in ("a", "b")]
+        gap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+        picture = Image.fromarray(np.concatenate([rows[0], gap, rows[1]], 0)).quantize(256)
+        path = Path(folder) / f"external_center_{kind}.png"
+        paths.append(str(atomic_write(path, lambda f, p=picture: p.save(f, format="png", optimize=True), fsync=False)))
+    return paths
+
+
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.external_shift", description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--test-pool", type=int, default=200, help="pairs of each center's test pool")
     parser.add_argument("--out", default="outputs/external_shift", help="where stages are cached")
+    parser.add_argument("--pictures", default=None, help="only write the center A vs B pictures to this folder")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides")
     args = parser.parse_args(argv)
+    if args.pictures:
+        return save_pictures(args.kinds, args.pictures)
     summaries = []
     for kind in args.kinds:
         rows = []

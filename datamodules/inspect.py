@@ -186,8 +186,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``meddiffaug data inspect``; returns 0, or 1 when problems were found."""
     ap = argparse.ArgumentParser(prog="meddiffaug data inspect",
                                  description="Check a dataset folder and summarise it.")
-    ap.add_argument("--dataset", required=True, help="registered name, e.g. kvasir_seg")
-    ap.add_argument("--root", required=True, help="folder in the dataset's published layout")
+    ap.add_argument("--dataset", required=True, help="registered name, e.g. kvasir_seg or procedural_polyp")
+    ap.add_argument("--root", default=None, help="folder in the dataset's published layout (file-based datasets)")
+    ap.add_argument("--center", choices=("a", "b"), default="a",
+                    help="procedural datasets: a (the test pool) or b (the second acquisition center)")
+    ap.add_argument("--grid", default=None, help="procedural datasets: where to write the sample grid PNG "
+                    "(default outputs/inspect/<dataset>_center_<center>.png)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--image-size", type=int, default=None,
                     help="also count lesions that vanish when resized to this side")
@@ -202,6 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--n-normal", type=int, default=0,
                     help="also draw the pool of lesion-free sources outside the budget (data.n_normal)")
     args = ap.parse_args(argv)
+    if args.dataset.startswith("procedural_"):
+        return _procedural_main(args)
+    if args.root is None:
+        print(f"error: --root is required for {args.dataset}: the folder holding its files", file=sys.stderr)
+        return 1
     try:
         result = inspect_dataset(args.dataset, args.root, args.image_size, args.split_seed,
                                  args.val_fraction, args.test_fraction, n_real=args.n_real,
@@ -211,6 +220,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(json.dumps(result, indent=1) if args.json else format_report(result))
     return 1 if result["problems"] else 0
+
+
+def _procedural_main(args: argparse.Namespace) -> int:
+    from datamodules.inspect_procedural import format_procedural, inspect_procedural
+
+    try:
+        result = inspect_procedural(args.dataset, args.center, image_size=args.image_size or 64, grid=args.grid)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=1) if args.json else format_procedural(result))
+    return 0
 
 
 if __name__ == "__main__":

@@ -232,3 +232,22 @@ def test_run_with_center_b_logs_external_metrics_and_keeps_selection(tmp_path, c
     inputs = mlflow.get_run(logged.iloc[0]["run_id"]).inputs.dataset_inputs
     contexts = {next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in inputs}
     assert contexts == {"train_few", "val", "test", "external"}
+
+
+# ---------------------------------------------------------------- data inspect
+def test_inspect_shows_a_center_b_grid_and_what_shifted(tmp_path, capsys):
+    from PIL import Image
+
+    from datamodules.inspect import main
+
+    grid = tmp_path / "b.png"
+    assert main(["--dataset", "procedural_skin", "--center", "b", "--grid", str(grid), "--image-size", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["center"] == "b" and out["n_pairs"] == 200 and set(out["shift"]) == {"a", "b"}
+    assert Image.open(grid).size == (16 * 32, 2 * 32)  # 16 samples: images over their mask outlines
+    assert main(["--dataset", "procedural_skin", "--grid", str(tmp_path / "a.png"), "--image-size", "32"]) == 0
+    assert "center a" in capsys.readouterr().out and (tmp_path / "a.png").is_file()
+    assert main(["--dataset", "procedural_skn", "--center", "b"]) == 1
+    assert "procedural_<polyp|fundus|skin|ultrasound>" in capsys.readouterr().err
+    assert main(["--dataset", "kvasir_seg"]) == 1
+    assert "--root is required for kvasir_seg" in capsys.readouterr().err
