@@ -99,6 +99,28 @@ def test_same_stems_with_other_content_are_not_an_overlap(tmp_path, make_dataset
     assert external_sets(cfg, dm)[0] is ext  # loaded once per datamodule
 
 
+def test_cross_dataset_kvasir_to_cvc_on_tiny_layouts(tmp_path, make_dataset):
+    """The cross-dataset protocol: train on Kvasir-SEG, test on all of CVC-ClinicDB; the root enters by content."""
+    from experiments.external_tests import external_sets
+    from experiments.pipeline import build_datamodule, stage_inputs
+
+    kvasir, cvc = make_dataset("kvasir_seg"), make_dataset("cvc_clinicdb")
+    moved = shutil.copytree(cvc, tmp_path / "elsewhere", copy_function=shutil.copy2)  # same files, other mount
+
+    def config(root):
+        return load_config("experiments/configs/kvasir_seg_baseline.yaml", [
+            f"data.root={kvasir}", "data.image_size=16", "data.n_real=null", "data.num_workers=0",
+            f"data.cache_dir={tmp_path}/cache", f"output_dir={tmp_path}/out",
+            f"data.external_tests=[{{name: cvc_clinicdb, root: {root}}}]"])
+
+    cfg = config(cvc)
+    (ext,) = external_sets(cfg, build_datamodule(cfg))
+    assert ext.label == "cvc_clinicdb" and len(ext.ids) == 14 and ext.masks.max() == 1  # every frame, no split
+    assert ext.source.startswith("file://")
+    item = stage_inputs(cfg, "segment")["external_tests"][0]
+    assert item["root"].startswith("content:") and item == stage_inputs(config(moved), "segment")["external_tests"][0]
+
+
 # ---------------------------------------------------------------- center B
 def _digests(images):
     return {hashlib.sha256(im.tobytes()).hexdigest() for im in images}
