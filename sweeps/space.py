@@ -6,7 +6,6 @@ raised before the first trial, naming the key and the closest valid spelling.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.errors import did_you_mean
+from datamodules.io import short_hash as io_short_hash
 from experiments.config import Config, ConfigError, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -113,9 +113,8 @@ def overrides_dict(overrides: Sequence[str]) -> Dict[str, str]:
 
 
 def short_hash(payload: Any, n: int = 12) -> str:
-    """A stable short hash of a JSON-able payload."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
+    """The project's one hash (:func:`datamodules.io.short_hash`), 12 hex digits for cells and trials."""
+    return io_short_hash(payload, n)
 
 
 @dataclass(frozen=True)
