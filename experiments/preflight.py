@@ -163,7 +163,8 @@ def preflight(cfg: DictConfig) -> Any:
 
     Raises:
         ConfigError: an output location is not writable, the base is damaged or mismatched.
-        DataError: the data cannot give a meaningful run (see ``datamodules.checks``).
+        DataError: the data cannot give a meaningful run (see ``datamodules.checks``), or an external
+            test set cannot be loaded or shares images with the run's data.
         FileNotFoundError: the diffusion base folder or one of its parts is missing.
     """
     from experiments.pipeline import build_datamodule
@@ -175,4 +176,8 @@ def preflight(cfg: DictConfig) -> Any:
                           f"train, val and test of sample ids (as in outputs/splits/), or set "
                           f"data.split_file=null to split by seed.")
     check_base(cfg)
-    return build_datamodule(cfg)
+    datamodule = build_datamodule(cfg)
+    from experiments.external_tests import external_sets
+
+    external_sets(cfg, datamodule)  # data.external_tests: loaded (kept on the datamodule) and checked against its data
+    return datamodule

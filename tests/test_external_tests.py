@@ -84,6 +84,20 @@ def test_a_set_sharing_training_images_is_refused_naming_them(tmp_path, make_dat
     assert ("case0" in trained) == any(e == "renamed0" and r == "case0" for e, r, _ in overlap)  # found by content
 
 
+def test_run_stops_on_an_overlapping_set_before_any_mlflow_run(tmp_path, make_dataset, capsys, monkeypatch):
+    from experiments.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = make_dataset("folder")
+    code = main(["run", BASE, "data.name=folder", f"data.root={root}", "data.image_size=16", "data.n_real=null",
+                 "data.val_fraction=0.2", "data.test_fraction=0.2", f"data.cache_dir={tmp_path}/cache",
+                 f"output_dir={tmp_path}/out", f"artifacts_dir={tmp_path}/a", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                 f"data.external_tests=[{{name: folder, root: {root}, label: same}}]"])
+    assert code == 2
+    assert "external test set 'same'" in capsys.readouterr().err
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "a").exists()
+
+
 def test_same_stems_with_other_content_are_not_an_overlap(tmp_path, make_dataset):
     from PIL import Image
 
