@@ -39,9 +39,12 @@ import numpy as np
 from scipy import stats
 
 MODALITIES = ("polyp", "fundus", "skin", "ultrasound")
-# gate name -> its validator overrides. prompted: the suite's validator (sees the intended mask);
-# plain: DiffAug's (segments from the latent alone)
-GATES = {"prompted": ["validator.prompted=true"], "plain": ["validator.prompted=false"]}
+# gate name -> its overrides. prompted: the suite's validator (sees the intended mask); plain: DiffAug's
+# (segments from the latent alone); pasted: also trains on 64 labelled lesions pasted into 64 lesion-free
+# pool images (not for fundus: every retina shows a disc, so it has no lesion-free pool)
+GATES = {"prompted": ["validator.prompted=true"], "plain": ["validator.prompted=false"],
+         "pasted": ["validator.prompted=true", "data.n_normal=64", "validator.pasted_pairs=64"]}
+NEEDS_POOL = {"pasted"}
 SEED_KEYS = ("seed", "data.split_seed", "data.procedural_seed", "augment.seed", "generation.seed")
 CONFIG = "experiments/configs/procedural_polyp_diffaug.yaml"
 
@@ -97,6 +100,9 @@ def main(argv=None) -> list:
     rows, diffusion = [], None
     for modality in args.modalities:
         for gate in args.gates:
+            if gate in NEEDS_POOL and modality == "fundus":
+                print(f"[gate_trust] {modality} {gate}: skipped (no lesion-free pool)", file=sys.stderr, flush=True)
+                continue
             runs = []
             for seed in args.seeds:
                 start = time.time()

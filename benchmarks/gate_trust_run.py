@@ -13,7 +13,7 @@ import torch
 
 from datamodules.procedural import render_procedural
 from datamodules.synthetic import to_tensor
-from experiments.gate_training import train_latent_validator
+from experiments.gate_training import normal_pool, train_latent_validator
 from experiments.stages.validate.crossfit import crossfit_scorer
 from experiments.stages.validate.gate import make_gate
 from experiments.stages.validate.sanity import flag_reasons
@@ -54,7 +54,7 @@ def judge_run(cfg, datamodule, diffusion, kind: str, n_heldout: int) -> dict:
         scorer = crossfit_scorer(cfg, datamodule, Path(workdir), diffusion, prompt)
         scores = scorer()
         validator = train_latent_validator(cfg, diffusion, datamodule.images[few], datamodule.masks[few], prompt,
-                                           ncls, Path(workdir) / "final")
+                                           ncls, Path(workdir) / "final", pool=normal_pool(datamodule))
     theta, per_pair = crossfit_thresholds(scores, float(v.iou_threshold), v.calibrate_real_pass,
                                           v.calibrate_min_threshold)
     in_run = _rates(check_ious(scores), per_pair)

@@ -148,6 +148,9 @@ class ValidatorConfig:
     t_eval: int = 200  # timestep for the single-step clean-latent estimate
     prompted: bool = True  # the latent validator also sees the intended mask (verification, not segmentation)
     augment_copies: int = 8  # the real pairs plus transformed copies the latent validator trains on
+    # label-free pairs the latent validator also trains on: labelled lesions pasted into the normal pool
+    # (data.n_normal); 0 = none (see docs/gate-trust.md)
+    pasted_pairs: int = 0
     early_reject_t: Optional[int] = None
     train_steps: int = 300
     lr: float = 1e-3

@@ -39,6 +39,7 @@ INT_RANGES: Dict[str, Tuple[Optional[int], Optional[int], str]] = {
     "validator.t_eval": (1, 999, "a diffusion timestep"),
     "validator.early_reject_t": (1, 999, "a diffusion timestep (null = no early rejection)"),
     "validator.augment_copies": (1, 1000, "the real pairs plus transformed copies (1 = real only)"),
+    "validator.pasted_pairs": (0, 100000, "a number of pasted label-free pairs (0 = none)"),
     "validator.train_steps": (1, None, "a number of training steps"),
     "validator.erode_px": (0, 64, "an erosion in pixels"),
     "augment.seed": (0, None, "a seed"),

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from datamodules.io import atomic_write
 from experiments.builders import build_segmenter
 from experiments.trainer import build_trainer
+from lightning_modules.gating.pasted_pairs import PastedPairs
 from lightning_modules.gating.validator_bank import AugmentedPairs, build_validator_bank
 from lightning_modules.validator import LatentValidator
 
@@ -46,19 +47,26 @@ def _fit(module: L.LightningModule, loader: DataLoader, cfg, steps: int, ckpt_di
 
 
 def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
-                           num_classes: int, workdir: Path, logger=None) -> LatentValidator:
+                           num_classes: int, workdir: Path, logger=None, pool=None) -> LatentValidator:
     """Train the :class:`LatentValidator` on real pairs (clean, ẑ0 estimates, noised) and return it (eval).
 
     Args:
         images: the real pairs' images, (N,3,H,W) float in [0,1] on any device or the datamodule's uint8
             (N,H,W,3) array; moved to the diffusion model's device a batch at a time.
         masks: (N,H,W) class indices.
+        pool: uint8 (M,S,S,3) lesion-free images (the normal pool) for ``validator.pasted_pairs`` pasted
+            pairs, or None.
         workdir: checkpoints go under ``workdir/checkpoints/validator``; the training items wait on disk in a
             temporary folder under ``workdir`` (removed when training ends).
     """
     v, seed = cfg.validator, int(cfg.generation.seed)
     t_focus = [int(v.t_eval)] + ([int(v.early_reject_t)] if v.early_reject_t is not None else [])
     pairs = AugmentedPairs(images, masks, int(v.augment_copies), seed=seed)
+    if int(v.pasted_pairs):  # label-free pairs: the labelled lesions pasted into the normal pool
+        if pool is None or not len(pool):
+            raise ValueError(f"validator.pasted_pairs={v.pasted_pairs} needs a normal pool of lesion-free images: "
+                             f"set data.n_normal (procedural data) or split 'normal', or validator.pasted_pairs=0.")
+        pairs = PastedPairs(pairs, pool, int(v.pasted_pairs), seed=seed)
     # about as many ε̂ estimates in total whatever the number of copies (bank cost stays flat):
     # 9 per image without copies, a multiple of 3 (one per bank variant), at least 3
     per_image = max(3, 9 // max(1, int(v.augment_copies)) // 3 * 3)
@@ -68,7 +76,8 @@ def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
     try:
         start = time.perf_counter()
         bank = build_validator_bank(diffusion, pairs, prompt, t_focus, folder, per_image=per_image, seed=seed)
-        print(f"[gate] training data: {len(masks)} real pairs x {max(1, int(v.augment_copies))} copies -> "
+        print(f"[gate] training data: {len(masks)} real pairs x {max(1, int(v.augment_copies))} copies "
+              f"+ {int(v.pasted_pairs)} pasted -> "
               f"{len(bank)} items of {tuple(bank.arrays['x'].shape[1:])} latents on disk, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         L.seed_everything(seed, workers=True, verbose=False)
@@ -83,6 +92,12 @@ def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return model.eval()
+
+
+def normal_pool(datamodule):
+    """The datamodule's lesion-free pool images (uint8 (M,S,S,3), split ``normal``), or None without one."""
+    idx = list(datamodule.split_indices.get("normal") or [])
+    return datamodule.images[idx] if idx else None
 
 
 def train_pixel_segmenter(cfg, datamodule, workdir: Path, logger=None):
@@ -115,7 +130,9 @@ def validator_settings(cfg, prompt: str, num_classes: int) -> dict:
     return {"t_eval": int(v.t_eval), "early_reject_t": None if v.early_reject_t is None else int(v.early_reject_t),
             "train_steps": int(v.train_steps), "lr": float(v.lr), "seed": int(cfg.generation.seed),
             "prompt": str(prompt), "num_classes": int(num_classes), "prompted": bool(v.prompted),
-            "augment_copies": int(v.augment_copies)}
+            "augment_copies": int(v.augment_copies),
+            # added only when used, so validators cached before the key existed are still found
+            **({"pasted_pairs": int(v.pasted_pairs)} if int(v.pasted_pairs) else {})}
 
 
 def save_validator(path: Path, model: LatentValidator, settings: dict) -> Path:

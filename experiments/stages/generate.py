@@ -77,7 +77,7 @@ def load_validator(cfg, model, datamodule, workdir: Path, prompt: str):
     """The latent validator for early rejection: ``workdir/validator.pt`` if trained with these
     settings, else trained on the real ``train_few`` pairs (resumable) and saved (tests monkeypatch this)."""
     from experiments.gate_training import load_validator as load, save_validator, train_latent_validator
-    from experiments.gate_training import validator_settings
+    from experiments.gate_training import normal_pool, validator_settings
 
     ncls = _num_classes(datamodule)
     settings = validator_settings(cfg, prompt, ncls)
@@ -86,7 +86,7 @@ def load_validator(cfg, model, datamodule, workdir: Path, prompt: str):
         few = list(datamodule.split_indices["train_few"])
         # the datamodule's uint8 arrays: the bank converts and moves them to the model a batch at a time
         validator = train_latent_validator(cfg, model, datamodule.images[few], datamodule.masks[few], prompt, ncls,
-                                           workdir / "validator_train")
+                                           workdir / "validator_train", pool=normal_pool(datamodule))
         save_validator(workdir / "validator.pt", validator, settings)
     return validator.to(_model_device(model)).eval()
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from datamodules.synthetic import to_tensor
-from experiments.gate_training import train_latent_validator
+from experiments.gate_training import normal_pool, train_latent_validator
 from experiments.stages.validate.gate import FULL_STEPS, device_of, make_gate
 from lightning_modules.gating.crossfit import crossfit_folds, crossfit_ious
 
@@ -60,7 +60,7 @@ def crossfit_scorer(cfg, datamodule, workdir: Path, diffusion, prompt: str,
               flush=True)
         validator = train_latent_validator(cfg, diffusion, datamodule.images[labelled[train]],
                                            datamodule.masks[labelled[train]], prompt, ncls,
-                                           Path(workdir) / "crossfit" / f"fold{fold}")
+                                           Path(workdir) / "crossfit" / f"fold{fold}", pool=normal_pool(datamodule))
         validator = validator.to(device) if hasattr(validator, "to") else validator
         score.validators.append(validator)
         return make_gate(mode, cfg, prompt, ncls, device, diffusion, validator, full_steps=full_steps)

@@ -15,7 +15,7 @@ from datamodules import latent_store
 from datamodules.io import short_hash
 from experiments.builders import load_finetuned
 from experiments.gate_training import (PIXEL_SEGMENTER, load_pixel_segmenter, load_validator, save_validator,
-                                       train_latent_validator, train_pixel_segmenter,
+                                       normal_pool, train_latent_validator, train_pixel_segmenter,
                                        validator_settings)
 from experiments.tracking import is_rank_zero
 from lightning_modules.gating.batching import gate_in_batches
@@ -201,7 +201,7 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
             val_src = "trained here"
             # the datamodule's uint8 arrays: the bank converts and moves them a batch at a time
             validator = train_latent_validator(cfg, diffusion, datamodule.images[few], datamodule.masks[few],
-                                               prompt, ncls, workdir, logger)
+                                               prompt, ncls, workdir, logger, pool=normal_pool(datamodule))
             if is_rank_zero() and not models_given:
                 save_validator(validator_cache_path(cfg, upstream, settings), validator, settings)
         validator = validator.to(device) if hasattr(validator, "to") else validator

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.io import read_manifest
-from experiments.gate_training import (PIXEL_SEGMENTER, save_pixel_segmenter, save_validator, train_latent_validator,
+from experiments.gate_training import (PIXEL_SEGMENTER, normal_pool, save_pixel_segmenter, save_validator, train_latent_validator,
                                        train_pixel_segmenter, validator_settings)
 from experiments.stages.validate.gate import (device_of, load_diffusion, reuse_validator, stage_prompt,
                                              validator_cache_path)
@@ -56,7 +56,7 @@ def train_gate_model(cfg, datamodule, workdir: Path, upstream: dict, logger=None
     diffusion = diffusion.to(device).eval()
     # the datamodule's uint8 arrays (n,S,S,3), (n,S,S): the bank converts and moves them a batch at a time
     validator = train_latent_validator(cfg, diffusion, datamodule.images[few], datamodule.masks[few], prompt, ncls,
-                                       workdir, logger)
+                                       workdir, logger, pool=normal_pool(datamodule))
     if is_rank_zero():
         settings = validator_settings(cfg, prompt, ncls)
         save_validator(validator_cache_path(cfg, upstream, settings), validator, settings)
