@@ -1,6 +1,9 @@
-"""``meddiffaug``: one console script, one subcommand per job.
+"""The experiment commands of ``meddiffaug`` (run, data, table, pretrain, ui) and their dispatcher.
 
-Each subcommand is a ``main(argv=None)`` function so tests call it in-process.
+Each subcommand is a ``main(argv=None)`` function so tests call it in-process. The console script
+(:mod:`sweeps.cli`) adds the commands of the layer above (sweep, grid, demo, dashboard); this module
+never names them, so imports only go down. ``python -m experiments.cli run ...`` is what a launcher
+(torchrun, srun) starts on every rank.
 """
 from __future__ import annotations
 
@@ -18,14 +21,9 @@ USAGE = """usage: meddiffaug <command> [args]
 commands:
   run CONFIG [key=value ...] [--stages S1,S2] [--force STAGE]   run an experiment (stage cache on)
   data inspect --dataset NAME --root DIR [--json]               check a dataset folder before training
-  sweep STUDY.yaml [--n-trials N] [--storage URL]               Optuna study logged to MLflow
-  grid GRID.yaml [--dry-run]                                    ablation grid; reruns only missing cells
-  grid GRID.yaml --status                                       each cell's state, workers, time left
-  table TABLE.yaml [--write results.md]                         paper table from MLflow runs
+  table TABLE.yaml [--write FILE.md] [--runs RECORDS]           paper tables from MLflow runs or run records
   pretrain [--out DIR] ...                                      pretrain the tiny diffusion base
-  demo                                                          the main job on procedural data
   ui [--port 5000]                                              MLflow UI on 127.0.0.1
-  dashboard [STORAGE_URL] [--port 8080]                         optuna-dashboard on 127.0.0.1
 
   meddiffaug --version                                          print the installed version
 """
@@ -103,7 +101,7 @@ def _data_main(argv: Optional[List[str]] = None) -> int:
     return inspect_main(argv[1:])
 
 
-def _lazy(target: str) -> Callable[[Optional[List[str]]], int]:
+def lazy(target: str) -> Callable[[Optional[List[str]]], int]:
     def call(argv: Optional[List[str]] = None) -> int:
         module_name, func_name = target.split(":")
         return getattr(importlib.import_module(module_name), func_name)(argv)
@@ -114,21 +112,23 @@ def _lazy(target: str) -> Callable[[Optional[List[str]]], int]:
 COMMANDS: Dict[str, Callable[[Optional[List[str]]], int]] = {
     "run": run_main,
     "data": _data_main,
-    "sweep": _lazy("sweeps.study:main"),
-    "grid": _lazy("sweeps.grid:main"),
-    "table": _lazy("experiments.reporting.table_cli:main"),
-    "pretrain": _lazy("experiments.pretrain:main"),
-    "demo": _lazy("sweeps.demo:main"),
-    "ui": _lazy("experiments.ui:ui_main"),
-    "dashboard": _lazy("sweeps.dashboard:main"),
+    "table": lazy("experiments.reporting.table_cli:main"),
+    "pretrain": lazy("experiments.pretrain:main"),
+    "ui": lazy("experiments.ui:ui_main"),
 }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Dispatch ``meddiffaug <command> ...``; bad input exits 2 with a message, not a traceback."""
+    """Dispatch ``python -m experiments.cli <command> ...`` over the experiment commands."""
+    return dispatch(argv, COMMANDS, USAGE)
+
+
+def dispatch(argv: Optional[List[str]], commands: Dict[str, Callable[[Optional[List[str]]], int]],
+             usage: str) -> int:
+    """Run one of ``commands``; bad input exits 2 with a message, not a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
-        print(USAGE)
+        print(usage)
         return 0 if argv else 2
     if argv[0] in {"-V", "--version"}:
         print(f"meddiffaug {version()}")
@@ -138,13 +138,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     bars_off_the_terminal()  # before any command imports tqdm or transformers
     one_line_warnings()
-    if command not in COMMANDS:
-        print(f"meddiffaug: unknown command '{command}'.\n{USAGE}", file=sys.stderr)
+    if command not in commands:
+        print(f"meddiffaug: unknown command '{command}'.\n{usage}", file=sys.stderr)
         return 2
     from datamodules.errors import DataError
 
     try:
-        return int(COMMANDS[command](rest) or 0)
+        return int(commands[command](rest) or 0)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"meddiffaug {command}: error: {err}", file=sys.stderr)
         return 2

@@ -183,7 +183,7 @@ def run_workers(argv: List[str], workers: int) -> int:
     if "--workers" in argv:  # drop "--workers N" given as two tokens
         i = argv.index("--workers")
         base = argv[:i] + argv[i + 2:]
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.cli", "grid", *base]) for _ in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "sweeps.cli", "grid", *base]) for _ in range(workers)]
     codes = [p.wait() for p in procs]
     for i, code in enumerate(codes):
         if code < 0:

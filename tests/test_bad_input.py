@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from fakes import _save, free_port, make_cvc, make_folder, make_kvasir, make_refuge
-from experiments.cli import main
+from sweeps.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = str(REPO / "experiments/configs/procedural_polyp_baseline.yaml")
@@ -387,7 +387,7 @@ def test_stage_lock_permission_error_names_artifacts_dir(tmp_path, monkeypatch):
 
 def test_yaml_error_reaches_stderr_without_traceback(tmp_path):
     bad = write(tmp_path, "exp.yaml", "trainer:\n  max_epochs: 3\n   precision: 32\n")
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "run", str(bad)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(bad)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and f"{bad}', line 3, column" in proc.stderr
@@ -419,7 +419,7 @@ def _unprivileged() -> tuple:
 
 NOBODY_SCRIPT = """
 import contextlib, io, sys
-from experiments.cli import main
+from sweeps.cli import main
 for argv in sys.argv[1:]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import main
+from sweeps.cli import main
 
 TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.n_procedural=40", "data.image_size=32",
         "data.batch_size=4", "data.n_real=8",

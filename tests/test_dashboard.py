@@ -14,7 +14,7 @@ from fakes import free_port
 
 
 def test_a_missing_sqlite_storage_is_named_and_nothing_is_created(tmp_path, capsys):
-    from experiments.cli import main
+    from sweeps.cli import main
 
     assert main(["dashboard", f"sqlite:///{tmp_path}/nope.db"]) == 2
     assert f"no study database at {tmp_path}/nope.db" in capsys.readouterr().err

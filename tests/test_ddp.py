@@ -11,7 +11,7 @@ import pytest
 def test_segment_stage_under_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "experiments.cli", "run", "experiments/configs/procedural_polyp_baseline.yaml",
+    command = [sys.executable, "-m", "sweeps.cli", "run", "experiments/configs/procedural_polyp_baseline.yaml",
                "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=4", "trainer.val_check_interval=2",
                "data.n_procedural=40", "data.image_size=32", "data.batch_size=4", "data.n_real=8",
                "segmenter.collapse_dice=0",  # 4 steps may stay under the collapse line (exit 3)
@@ -83,7 +83,7 @@ def test_whole_pipeline_under_torchrun_two_cpu_ranks(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "experiments.cli", "run", *_tiny_pipeline(tmp_path)]
+               "-m", "sweeps.cli", "run", *_tiny_pipeline(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, _failure_report(done)
     _check_every_rank_trained([done.stdout] * 2)
@@ -101,7 +101,7 @@ def test_whole_pipeline_with_slurm_variables_two_cpu_tasks(tmp_path):
                SLURM_NODEID="0", SLURM_JOB_NAME="meddiffaug-test", SLURM_JOB_ID="4242",
                SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(port))
     # the pixel gate here (its segmenter trains under DDP), the latent validator under torchrun above
-    command = [sys.executable, "-m", "experiments.cli", "run", *_tiny_pipeline(tmp_path), "validator.mode=pixel"]
+    command = [sys.executable, "-m", "sweeps.cli", "run", *_tiny_pipeline(tmp_path), "validator.mode=pixel"]
     tasks = [subprocess.Popen(command, env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [t.communicate(timeout=900)[0] for t in tasks]

@@ -85,7 +85,7 @@ def test_a_set_sharing_training_images_is_refused_naming_them(tmp_path, make_dat
 
 
 def test_run_stops_on_an_overlapping_set_before_any_mlflow_run(tmp_path, make_dataset, capsys, monkeypatch):
-    from experiments.cli import main
+    from sweeps.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = make_dataset("folder")
@@ -242,7 +242,7 @@ def test_run_with_center_b_logs_external_metrics_and_keeps_selection(tmp_path, c
     """End to end: the external set adds test/<set>/* and changes nothing the run trained or selected."""
     import mlflow
 
-    from experiments.cli import main
+    from sweeps.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tiny = ["trainer.max_steps=4", "trainer.val_check_interval=2", "data.n_procedural=40", "data.image_size=32",

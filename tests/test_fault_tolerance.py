@@ -17,7 +17,7 @@ def test_killed_finetune_resumes_from_last_checkpoint(tmp_path):
     save_components(build_tiny_components(tmp_path / "tok", width="test", image_size=32), base)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "experiments.cli", "run", "experiments/configs/procedural_polyp_diffaug.yaml",
+    command = [sys.executable, "-m", "sweeps.cli", "run", "experiments/configs/procedural_polyp_diffaug.yaml",
                "--stages", "finetune", f"diffusion.base_model={base}", "diffusion.steps=400",
                "diffusion.checkpoint_every=5", "diffusion.batch_size=2", "data.image_size=32",
                "data.n_procedural=40", "data.n_real=4", f"artifacts_dir={tmp_path}/artifacts",

@@ -35,7 +35,7 @@ def test_cell_killed_during_generate_is_rerun_and_counted_once(tmp_path):
     path.write_text(yaml.safe_dump(grid))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "experiments.cli", "grid", str(path)]
+    command = [sys.executable, "-m", "sweeps.cli", "grid", str(path)]
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not list((tmp_path / "artifacts" / "generate").glob("*.partial")):

@@ -65,7 +65,7 @@ def test_run_pictures_go_through_the_server(tmp_path, mlflow_server):
     client_dir = tmp_path / "client"
     client_dir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "experiments.cli", "run",
+    command = [sys.executable, "-m", "sweeps.cli", "run",
                str(REPO / "experiments/configs/procedural_polyp_baseline.yaml"),
                "trainer.max_steps=2", "trainer.val_check_interval=1", "data.n_procedural=24", "data.image_size=32",
                "data.batch_size=4", "data.n_real=4", "segmenter.collapse_dice=0", f"artifacts_dir={client_dir}/artifacts",

@@ -116,7 +116,7 @@ def test_a_tiny_cells_worker_log_in_a_file_is_short_and_plain(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "worker.log"
     with open(log, "w") as handle:  # as under nohup or SLURM: stdout and stderr in one file
-        code = subprocess.call([sys.executable, "-m", "experiments.cli", "grid", str(path)], cwd=REPO, env=env,
+        code = subprocess.call([sys.executable, "-m", "sweeps.cli", "grid", str(path)], cwd=REPO, env=env,
                                stdout=handle, stderr=subprocess.STDOUT, timeout=900)
     text = log.read_text()
     assert code == 0, text[-3000:]

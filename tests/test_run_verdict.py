@@ -1,7 +1,7 @@
 """A run whose numbers measure nothing says so and exits 3; caveats are printed, exit 0."""
 import pytest
 
-from experiments.cli import main
+from sweeps.cli import main
 from experiments.config import load_config
 from experiments.pipeline import PipelineResult
 from experiments.run_verdict import EXIT_NOT_A_RESULT, run_verdicts

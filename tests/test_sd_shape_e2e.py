@@ -37,7 +37,7 @@ def inputs(tmp_path_factory):
 
 
 def _run(config: str, tmp: Path, base: Path, data: Path, *extra: str) -> tuple:
-    command = [sys.executable, "-m", "experiments.cli", "run", f"experiments/configs/{config}",
+    command = [sys.executable, "-m", "sweeps.cli", "run", f"experiments/configs/{config}",
                f"artifacts_dir={tmp}/artifacts", f"output_dir={tmp}/outputs", f"data.cache_dir={tmp}/cache",
                f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/mlruns",
                f"data.root={data}", f"diffusion.base_model={base}", *TINY_STEPS, *extra]

@@ -151,7 +151,7 @@ def test_bad_study_files_fail_before_any_trial(tmp_path, fakes, change, needle):
 
 
 def test_cli_reports_config_errors(tmp_path, fakes, capsys):
-    from experiments.cli import main
+    from sweeps.cli import main
 
     bad = write_study(tmp_path, search_space={"augment.ration": SPACE["augment.ratio"]})
     assert main(["sweep", str(bad)]) == 2
