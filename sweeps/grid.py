@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from experiments import pipeline, tracking
 from experiments.config import ConfigError, load_config
 from sweeps import space as sp
+from sweeps.finished import default_storage, finished_cells, mlflow_experiment
 
 GRID_KEYS = {"name", "description", "extends", "base_config", "overrides", "axes", "variants", "seeds", "seed_keys", "tags"}
 DEFAULT_SEED_KEYS = ["seed", "data.split_seed", "augment.seed", "generation.seed"]
@@ -167,56 +168,6 @@ def grid_cells(grid_yaml: str | Path) -> List[Cell]:
     return cells
 
 
-def default_storage(cfg: Any) -> str:
-    """The queue's default storage: ``optuna.db`` beside a SQLite MLflow store, else under ``output_dir``."""
-    uri = tracking.tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).parent / 'optuna.db'}"
-    return f"sqlite:///{Path(cfg.output_dir) / 'optuna.db'}"
-
-
-def _mlflow_experiment(cells: Sequence[Cell]) -> Optional[str]:
-    import mlflow
-
-    uri = tracking.tracking_uri(cells[0].config())
-    tracking.require_server(uri, tracking.uri_source())  # fail in seconds, not after MLflow's retries
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(cells[0].grid)
-    return None if experiment is None else experiment.experiment_id
-
-
-def finished_cells(cells: Sequence[Cell]) -> Dict[str, str]:
-    """Cell signature -> run id of its done MLflow run, for cells already done.
-
-    Done means FINISHED, logged for the cell's current final-stage signature (a base-YAML edit or a
-    stage-version bump makes a cell not done) and holding the final stage's metric: a run's status
-    alone is a claim (a killed run's logger may have ended it), the final metric is the fact.
-    """
-    from mlflow.tracking import MlflowClient
-
-    if not cells:
-        return {}
-    from experiments.reporting.run_records import exported_cells
-
-    wanted = {c.sig: c.identity() for c in cells}
-    # Cells in the committed run records are done on any machine (the MLflow store is not committed).
-    done: Dict[str, str] = exported_cells(cells[0].grid, wanted)
-    experiment_id = _mlflow_experiment(cells)
-    if experiment_id is None:
-        return done
-    token = None
-    while True:  # paginate: a grid can hold more cells than one page
-        page = MlflowClient().search_runs([experiment_id], max_results=1000, page_token=token,
-                                          filter_string=f"tags.grid = '{cells[0].grid}' and attributes.status = 'FINISHED'")
-        for run in page:
-            cell = run.data.tags.get("cell")
-            if cell in wanted and run.data.tags.get("sig") == wanted[cell][1] and wanted[cell][2] in run.data.metrics:
-                done[cell] = run.info.run_id
-        token = page.token
-        if not token:
-            return done
-
-
 def select(cells: Sequence[Cell], only: Sequence[str]) -> List[Cell]:
     """Keep cells matching every ``KEY=VALUE`` (KEY: ``variant``, ``seed`` or an axis key);
     repeating a key allows any of its values."""
@@ -307,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return worker.run_workers(list(sys.argv[1:] if argv is None else argv), args.workers)
         kwargs = {k: v for k, v in (("heartbeat_interval", args.heartbeat_interval),
                                     ("grace_period", args.grace_period)) if v is not None}
-        report = worker.run_queue(cells, finished_cells(cells), storage, lambda: _mlflow_experiment(cells), runner,
+        report = worker.run_queue(cells, finished_cells(cells), storage, lambda: mlflow_experiment(cells), runner,
                                   **kwargs)
     print(f"[grid] ran {len(report['ran'])}, already done {len(report['skipped'])}, "
           f"failed {len(report['failed'])}: {' '.join(report['failed'])}", flush=True)

@@ -106,7 +106,7 @@ def cell_state(cell: Any, done: bool, trials: Sequence[Any], duration: Optional[
         dead = _why_dead(trial, now, grace_period, host)
         if dead:
             return CellState(cell, "failed", f"worker {_worker(trial)} died ({dead}); the next worker to poll "
-                                             f"the queue re-queues it", elapsed)
+                                             f"the queue re-queues it")
         beat = trial.system_attrs.get("beat")
         retry = len(trial.system_attrs.get("retry_history") or [])
         detail = (f"worker {_worker(trial)}, stage {trial.system_attrs.get('stage', 'starting')}"
@@ -128,7 +128,7 @@ def cell_state(cell: Any, done: bool, trials: Sequence[Any], duration: Optional[
 
 
 def grid_states(cells: Sequence[Any], done: Mapping[str, str], storage: str, grace_period: float) -> List[CellState]:
-    """Every cell's state: ``done`` from :func:`sweeps.grid.finished_cells`, the rest from the queue."""
+    """Every cell's state: ``done`` from :func:`sweeps.finished.finished_cells`, the rest from the queue."""
     import socket
 
     if not cells:
