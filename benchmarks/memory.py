@@ -129,7 +129,7 @@ def build_model(model: str, scale: int, device: str, finetune: str, checkpointin
     return m
 
 
-def _materialize_fake(module: torch.nn.Module) -> None:
+def materialize_fake(module: torch.nn.Module) -> None:
     """Replace every meta parameter/buffer by an empty CPU tensor (fake under the active FakeTensorMode)."""
     done: dict = {}
     for sub in module.modules():
@@ -182,7 +182,7 @@ def estimate(setting: dict, scale: int = 1) -> dict:
                     setting["precision"])
     tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True), tracker:
-        _materialize_fake(m)
+        materialize_fake(m)
         tracker.track_module(m)
         trained = m.trainable_parameters()
         frozen = sum(t.untyped_storage().nbytes() for n, t in m.named_parameters()
@@ -195,7 +195,7 @@ def estimate(setting: dict, scale: int = 1) -> dict:
                 ema=4 * sum(p.numel() for p in trained))
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
@@ -207,7 +207,7 @@ def measure_real(setting: dict, scale: int) -> int:
     run_steps(warm, setting["precision"], torch.optim.AdamW(warm.trainable_parameters(), foreach=True), 8, 1, steps=1)
     del warm
     gc.collect()
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident size
     m = build_model(setting["model"], scale, "cpu", setting["finetune"], setting["gradient_checkpointing"],
@@ -216,11 +216,11 @@ def measure_real(setting: dict, scale: int) -> int:
     opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-4, weight_decay=1e-2, foreach=not fused, fused=fused or None)
     gc.collect()
     # building made transient copies (fp32 weights cast to bf16): only the step's peak counts
-    rss_built = _status_kib("VmRSS")
+    rss_built = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     run_steps(m, setting["precision"], opt, setting["resolution"] // 8, setting["batch_size"])
-    return (_status_kib("VmHWM") - base) * 1024
+    return (status_kib("VmHWM") - base) * 1024
 
 
 def validate(setting: dict, scale: int) -> dict:
@@ -255,11 +255,26 @@ def main(argv=None) -> None:
     parser.add_argument("--val-scale", type=int, default=5, help="width divisor of the validation model (5: 320->64)")
     parser.add_argument("--only", default=None, help="run only settings whose model is this (sd15 | sdxl)")
     parser.add_argument("--no-validate", action="store_true", help="skip the real CPU runs (estimates only)")
+    parser.add_argument("--stage", default=None, help="only rows of this stage (finetune | gate_train | gate_score | "
+                        "generate | segment)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one real run, in a subprocess
+    parser.add_argument("--measure-stage", default=None, help=argparse.SUPPRESS)  # likewise, for a stage row
     args = parser.parse_args(argv)
     if args.measure:
         print(measure_real(json.loads(args.measure), args.val_scale))
         return
+    if args.measure_stage:
+        from benchmarks.memory_stages import measure_stage
+
+        print(measure_stage(json.loads(args.measure_stage), args.val_scale))
+        return
+    if args.stage in (None, "finetune"):
+        _finetune_rows(args)
+    if args.stage != "finetune":
+        _stage_rows(args)
+
+
+def _finetune_rows(args) -> None:
     checks: dict = {}
     for s in SETTINGS:
         if args.only and s["model"] != args.only:
@@ -271,7 +286,7 @@ def main(argv=None) -> None:
             checks[key] = validate(dict(s, model="sd15", resolution=512, optimizer=key[3]), args.val_scale)
         check = checks.get(key)
         print(json.dumps(dict(
-            model=f"{s['model']}-inpainting", finetune=s["finetune"], gradient_checkpointing=s["gradient_checkpointing"],
+            stage="finetune", model=f"{s['model']}-inpainting", finetune=s["finetune"], gradient_checkpointing=s["gradient_checkpointing"],
             precision=s["precision"] if s["precision"] == "fp32" else f"{s['precision']}-mixed",
             optimizer=s.get("optimizer", "adamw"), resolution=s["resolution"], batch_size=s["batch_size"],
             trainable_params=est["trainable"], peak_gib=round(est["peak"] / GIB, 2),
@@ -281,6 +296,44 @@ def main(argv=None) -> None:
             validation=dict(model=f"sd15-inpainting/{args.val_scale}", estimate_gib=round(check["estimate"] / GIB, 3),
                             measured_gib=round(check["measured"] / GIB, 3),
                             optimizer=key[3]) if check else None,
+        )), flush=True)
+
+
+def _real_run(flag: str, setting: dict, scale: int) -> int:
+    """One real CPU measurement in a fresh process (``glibc`` returning every freed block to the OS)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", flag, json.dumps(setting),
+                           "--val-scale", str(scale)], capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"real measurement of {setting} failed:\n{proc.stderr[-2000:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def _stage_rows(args) -> None:
+    """The other stages' rows (:mod:`benchmarks.memory_stages`), each validated on the width/``val_scale`` model."""
+    from benchmarks.memory_stages import ROWS, VALIDATION, estimate_stage
+
+    checks: dict = {}
+    for row in ROWS:
+        if (args.only and row["model"] != args.only) or (args.stage and row["stage"] != args.stage):
+            continue
+        peak = estimate_stage(row)
+        stage = row["stage"]
+        if not args.no_validate and stage not in checks:
+            # the SDXL rows reuse the SD-1.5 validation of the same stage (same code, same method)
+            small = dict(row, model="sd15", **VALIDATION[stage])
+            measured = _real_run("--measure-stage", small, args.val_scale)
+            est = estimate_stage(small, args.val_scale)
+            checks[stage] = dict(estimate=est, measured=measured, error=abs(est - measured) / measured, setting=small)
+        check = checks.get(stage)
+        scaled = "smp.Unet-resnet18" if stage == "segment" else f"sd15-inpainting/{args.val_scale}"
+        print(json.dumps(dict(
+            stage=stage, model="smp.Unet-resnet18" if stage == "segment" else f"{row['model']}-inpainting",
+            precision="fp32", resolution=row["resolution"], batch_size=row["batch_size"],
+            peak_gib=round(peak / GIB, 2), validated_error=round(check["error"], 3) if check else None,
+            validation=dict(model=scaled, resolution=check["setting"]["resolution"],
+                            batch_size=check["setting"]["batch_size"], estimate_gib=round(check["estimate"] / GIB, 3),
+                            measured_gib=round(check["measured"] / GIB, 3)) if check else None,
         )), flush=True)
 
 

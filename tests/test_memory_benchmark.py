@@ -47,3 +47,18 @@ def test_fake_estimate_matches_the_same_step_on_real_tensors():
         opt = torch.optim.AdamW(m.trainable_parameters(), foreach=True)  # the real optimizer, not the model of it
         run_steps(m, "fp32", opt, 8, 1)
     assert abs(est - tracker.max_peak) / tracker.max_peak < 0.05
+
+
+def test_stage_estimates_match_the_same_work_on_real_tensors():
+    from benchmarks.memory_stages import _model, estimate_stage, run_stage
+
+    for stage in ("gate_train", "gate_score", "generate", "segment"):
+        row = dict(stage=stage, model="sd15", resolution=64, batch_size=2)
+        est = estimate_stage(row, scale=10)
+        torch.manual_seed(0)
+        model = _model(row, 10, "cpu")
+        tracker = LiveBytes()
+        with tracker:
+            tracker.track_module(model)
+            run_stage(model, row)
+        assert abs(est - tracker.max_peak) / tracker.max_peak < 0.05, stage

@@ -4,7 +4,8 @@ Everything here works on latents that are already computed: ``z0`` (B,C,h,w) cle
 samples, their inpainting condition ``mask_lat`` (B,1,h,w) / ``masked_lat`` (B,C,h,w) and one text
 embedding (1,L,D) shared by the batch. The VAE and the text encoder are only touched by
 :func:`encode_condition` / :func:`diffusion_condition`, which callers run once per sample (or once
-per run for the prompt), so the single-step gate costs one ε̂ call plus the validator per batch.
+per run for the prompt), so the single-step gate costs one ε̂ call plus the validator per batch (the UNet
+sees :data:`~lightning_modules.gating.batching.EPS_BATCH` samples at a time).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from lightning_modules.gating.batching import EPS_BATCH, in_chunks
 
 
 def add_noise(z0: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,7 @@ def single_step_z0(diffusion, z0: torch.Tensor, mask_lat: torch.Tensor, masked_l
     """
     z_t, ac = _noised(diffusion, z0, t, generator)
     tt = torch.full((z0.shape[0],), int(t), device=z0.device, dtype=torch.long)
-    eps_hat = diffusion.predict_eps(z_t, tt, mask_lat, masked_lat, _text(text, z0.shape[0]))
+    eps_hat = in_chunks(diffusion.predict_eps, z_t, tt, mask_lat, masked_lat, _text(text, z0.shape[0]), size=EPS_BATCH)
     return estimate_z0(z_t, eps_hat, ac, tt)
 
 
@@ -160,7 +163,7 @@ def full_denoise_z0(diffusion, z0: torch.Tensor, mask_lat: torch.Tensor, masked_
     ts = torch.linspace(int(t), 0, steps + 1).round().long().tolist()
     for t_now, t_next in zip(ts[:-1], ts[1:]):
         tt = torch.full((z.shape[0],), t_now, device=z.device, dtype=torch.long)
-        eps_hat = diffusion.predict_eps(z, tt, mask_lat, masked_lat, text)
+        eps_hat = in_chunks(diffusion.predict_eps, z, tt, mask_lat, masked_lat, text, size=EPS_BATCH)
         x0 = estimate_z0(z, eps_hat, ac, tt)
         a_next = _gather(ac, t_next, z)
         z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps_hat

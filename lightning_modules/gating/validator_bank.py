@@ -6,19 +6,17 @@ pipeline (:mod:`experiments.gate_training`) and the gate sanity check both use t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lightning_modules.gating.bank_store import BankWriter, ValidatorBank
+from lightning_modules.gating.batching import ENCODE_BATCH, in_chunks  # noqa: F401 (ENCODE_BATCH: documented here)
 from lightning_modules.gating.latent_gate import add_noise, encode_condition, encode_prompt, estimate_z0
 from lightning_modules.progress import progress
 
-# Images per VAE encode and ε̂ call while building the bank: a batch of a 512 px SD VAE encode holds
-# about 0.5 GiB of activations per image, so 16 at once (the bank's batch) would need ~8 GiB.
-ENCODE_BATCH = 4
 
 
 class AugmentedPairs:
@@ -96,14 +94,6 @@ def device_of(module) -> torch.device:
     return torch.device(device or "cpu")
 
 
-def _chunked(fn: Callable, *tensors: torch.Tensor, size: int = ENCODE_BATCH):
-    """``fn`` over ``size`` rows of every tensor at a time; its outputs (a tensor or a tuple) concatenated."""
-    parts = [fn(*(x[i:i + size] for x in tensors)) for i in range(0, len(tensors[0]), size)]
-    if torch.is_tensor(parts[0]):
-        return torch.cat(parts)
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
 def _mask_rows(n: int, batch_size: int) -> int:
     """Rows of the bank's mask table: each pair's mask and its erased truth, plus the flipped mask that a
     batch of one claims instead of another pair's."""
@@ -154,7 +144,7 @@ def build_validator_bank(diffusion, pairs: AugmentedPairs, prompt: str, t_focus:
             roll = (lambda x: x.roll(1, 0)) if b > 1 else (lambda x: x.flip(-1).flip(-2))
             img_mix, m_mix = erase_lesions(img, m)
             text = text_1.expand(b, -1, -1)
-            condition = lambda x, c: _chunked(lambda *a: encode_condition(diffusion, *a), x, c)  # noqa: E731
+            condition = lambda x, c: in_chunks(lambda *a: encode_condition(diffusion, *a), x, c)  # noqa: E731
             z0, *cond_true = condition(img, m)
             cond_other = condition(img, roll(m))[1:]
             z0_mix, *cond_mix = condition(img_mix, m)
@@ -175,7 +165,7 @@ def build_validator_bank(diffusion, pairs: AugmentedPairs, prompt: str, t_focus:
                 zc, cond, truth, claimed = variants[j % 3]
                 eps = torch.randn(zc.shape, generator=gen).to(zc.device, zc.dtype)
                 z_t = add_noise(zc, eps, ac, tt)
-                eps_hat = _chunked(diffusion.predict_eps, z_t, tt, *cond)
+                eps_hat = in_chunks(diffusion.predict_eps, z_t, tt, *cond)
                 writer.add_items(estimate_z0(z_t, eps_hat, ac, tt), tt, zc, truth, claimed)
     return writer.close()
 
