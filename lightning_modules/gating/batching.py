@@ -5,6 +5,8 @@ from typing import Callable, Dict, Tuple, Union
 
 import torch
 
+from lightning_modules.progress import progress
+
 Inputs = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
 # Rows per call of the diffusion model's parts inside a gate batch. The SD VAE's encoder holds about
@@ -27,7 +29,8 @@ def gate_in_batches(gate: Callable, inputs: Inputs, masks: torch.Tensor,
         ``(iou (N,), pred (N,H,W))``; empty tensors for N = 0.
     """
     ious, preds = [], []
-    for i in range(0, len(masks), batch_size):
+    starts = range(0, len(masks), batch_size)
+    for i in progress(starts, "gate scoring", total=len(starts), unit="batch"):
         part = {k: v[i:i + batch_size] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i:i + batch_size]
         iou, pred = gate(part, masks[i:i + batch_size])
         ious.append(iou), preds.append(pred)
