@@ -6,7 +6,7 @@ after the table's Holm correction, and the power statement uses the MDE at the s
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from experiments.reporting.stats import fmt
 
