@@ -49,7 +49,8 @@ def test_cell_killed_during_generate_is_rerun_and_counted_once(tmp_path):
     assert killed.info.status != "FINISHED", "the fine-tune's logger must not end the pipeline's run"
     dry = subprocess.run(command + ["--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert "1 cells: 0 done, 0 running, 0 waiting, 0 retried, 1 failed, 0 todo" in dry.stdout, dry.stdout + dry.stderr[-2000:]
-    assert f"{first.pid} died (its process is gone)" in dry.stdout  # the next worker re-queues it
+    status = subprocess.run(command + ["--status"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert f"{first.pid} died (its process is gone)" in status.stdout, status.stdout  # the next worker re-queues it
 
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
