@@ -8,7 +8,9 @@ workers starting together may enqueue the same cell twice: a claimed trial is dr
 ``duplicate_of``) when its cell is already complete or held by a lower-numbered trial, so each
 cell runs once. While a cell runs its worker records a heartbeat; a trial whose worker died (no
 heartbeat for ``grace_period`` s, or a dead process on this host) is failed and re-queued by
-Optuna's heartbeat-stale retry callback, so the surviving workers run it.
+Optuna's heartbeat-stale retry callback, so the surviving workers run it. A running trial also
+holds its worker (host, pid), the time of its last heartbeat and the stage its cell is in, which
+``meddiffaug grid --status`` reads (:mod:`sweeps.status`).
 """
 from __future__ import annotations
 
