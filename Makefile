@@ -18,8 +18,9 @@ ifeq ($(ARCH),x86_64)
 	# The lock was compiled on x86_64 with the torch/torchvision pair pip takes from local disk.
 	cd $(ROOT) && $(BIN)/pip install -r requirements.lock
 else
-	# Elsewhere (aarch64): the CPU pair for that platform, the rest of the lock as constraints.
-	cd $(ROOT) && grep -vE '^(torch|torchvision|triton|nvidia-)' requirements.lock > $(VENV)/lock-noarch.txt
+	# Elsewhere (aarch64): the CPU pair for that platform, the rest of the lock as constraints (the CUDA
+	# wheels left out; nvidia-ml-py, pure Python, stays for GPU system metrics).
+	cd $(ROOT) && grep -vE '^(torch|torchvision|triton|nvidia-[^m])' requirements.lock > $(VENV)/lock-noarch.txt
 	cd $(ROOT) && $(BIN)/pip install torch==2.9.1 torchvision==0.24.1
 	cd $(ROOT) && $(BIN)/pip install -c $(VENV)/lock-noarch.txt -r $(VENV)/lock-noarch.txt
 endif
