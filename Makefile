@@ -15,7 +15,7 @@ $(STAMP): $(ROOT)/pyproject.toml $(ROOT)/requirements.lock
 	cd $(ROOT) && (test -d $(VENV) || $(PY) -m venv $(VENV))
 	cd $(ROOT) && $(BIN)/pip install --upgrade pip
 ifeq ($(ARCH),x86_64)
-	# The lock was compiled on x86_64 with the torch/torchvision pair pip takes from local disk.
+	# The lock was compiled on x86_64 with the torch/torchvision pair of constraints.in.
 	cd $(ROOT) && $(BIN)/pip install -r requirements.lock
 else
 	# Elsewhere (aarch64): the CPU pair for that platform, the rest of the lock as constraints (the CUDA
