@@ -52,7 +52,7 @@ def get_layout(name: str):
     Raises:
         DataError: ``name`` is unknown or is not a file-based dataset.
     """
-    from datamodules.base import Layout
+    from datamodules.pairs import Layout
 
     entry = _lookup(name)
     if not (isinstance(entry, type) and issubclass(entry, Layout)):
@@ -81,7 +81,8 @@ def create_datamodule(name: str, **cfg: Any):
     Raises:
         DataError: Unknown name (the message lists the valid names and the closest one).
     """
-    from datamodules.base import Layout, SegmentationDataModule
+    from datamodules.base import SegmentationDataModule
+    from datamodules.pairs import Layout
 
     entry = _lookup(name)
     cfg.pop("external_tests", None)  # other datasets, loaded beside this one (datamodules/external.py)

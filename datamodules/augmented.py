@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 from torch.utils.data import ConcatDataset, Dataset
 
-from datamodules.base import SegmentationDataset, build_transforms
+from datamodules.base import SegmentationDataset
+from datamodules.transforms import build_transforms
 from datamodules.errors import DataError
 from datamodules.synthetic import SyntheticPairs, synthetic_subset
 

@@ -24,10 +24,9 @@ from datamodules.checks import mask_summary, raise_first, split_problems  # noqa
 from datamodules.budget import pick_normal_pool  # noqa: E402
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.io import atomic_write, atomic_write_text  # noqa: E402
-from datamodules.pairs import (IMAGE_EXTS, Layout, PairRecord, binary_from_raw,  # noqa: E402,F401
-                               list_files, load_pair, natural_key, pair_by_stem, read_image, read_raw_mask, report)
-from datamodules.splits import make_splits, official_parts, read_split_file  # noqa: E402,F401
-from datamodules.transforms import build_transforms, reseed_in_worker  # noqa: E402,F401
+from datamodules.pairs import Layout, PairRecord, load_pair, natural_key  # noqa: E402
+from datamodules.splits import make_splits, official_parts, read_split_file  # noqa: E402
+from datamodules.transforms import build_transforms, reseed_in_worker  # noqa: E402
 
 
 class SegmentationDataset(Dataset):

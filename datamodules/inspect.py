@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from datamodules import get_layout
-from datamodules.base import (load_pair, make_splits, natural_key, official_parts, read_raw_mask,
-                             read_split_file)
+from datamodules.pairs import load_pair, natural_key, read_raw_mask
+from datamodules.splits import make_splits, official_parts, read_split_file
 from datamodules.budget import pick_normal_pool
 from datamodules.checks import split_problems
 from datamodules.errors import DataError

@@ -30,7 +30,7 @@ def data_root_identity(cfg: DictConfig) -> Optional[str]:
 def _content_key(data_json: str) -> str:
     """Cached per process: a grid resolves hundreds of cells over the same folder."""
     from datamodules import create_datamodule
-    from datamodules.base import natural_key
+    from datamodules.pairs import natural_key
 
     kwargs = json.loads(data_json)
     root = kwargs["root"]

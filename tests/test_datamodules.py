@@ -159,7 +159,7 @@ def test_refuge_bmp_exact_values(make_dataset):
 
 
 def test_busi_union_and_normal_empty(make_dataset):
-    from datamodules.base import load_pair
+    from datamodules.pairs import load_pair
     from datamodules.busi import Busi
 
     lay = Busi()

@@ -39,7 +39,7 @@ class AugmentedPairs:
         self.n, self.copies = len(masks), max(1, int(copies))
         self.transform, self.seeds = None, []
         if self.copies > 1:
-            from datamodules.base import build_transforms
+            from datamodules.transforms import build_transforms
 
             self.transform = build_transforms("standard", seed=seed)
             rng = np.random.default_rng(seed)
