@@ -28,7 +28,7 @@ from experiments.config import load_config
 from experiments.pipeline import build_datamodule
 from experiments.builders import build_segmenter
 from experiments.stages.segment import fit_segmenter
-from lightning_modules.validator import mask_iou
+from lightning_modules.gating.latent_gate import mask_iou
 
 
 def mean_iou(module, dataset, num_classes: int) -> float:

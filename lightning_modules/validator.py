@@ -23,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.gating.latent_gate import (  # noqa: F401  (re-exported API)
-    _gather, add_noise, diffusion_condition, encode_condition, encode_prompt, estimate_z0, full_denoise,
-    full_denoise_z0, make_early_reject_callback, mask_iou, single_step_estimate, single_step_z0)
+from lightning_modules.gating.latent_gate import add_noise
 
 
 

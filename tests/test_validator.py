@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lightning_modules.gating.quality import FeatureQualityFilter, ledoit_wolf, pixel_stat_features
-from lightning_modules.validator import (LatentValidator, add_noise, estimate_z0, make_early_reject_callback,
-                                         mask_iou)
+from lightning_modules.gating.latent_gate import add_noise, estimate_z0, make_early_reject_callback, mask_iou
+from lightning_modules.validator import LatentValidator
 
 from fakes import S, FakeDiffusion, OracleLatentValidator, OracleSegmenter, render
 
