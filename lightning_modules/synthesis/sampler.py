@@ -71,6 +71,48 @@ def _drop(scheduler, keep: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def _condition(model, source: torch.Tensor, m: torch.Tensor, prompts: Sequence[str],
+               negative_prompts: Optional[Sequence[str]], cfg: bool) -> tuple:
+    """What every step conditions on: source latents, latent mask, masked-image latents (B,C,h,w) and
+    the prompt embeddings (negative ones only with guidance).
+
+    Raises:
+        ValueError: the prompts do not match the batch.
+    """
+    b = source.shape[0]
+    prompts = list(prompts)
+    negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * b
+    if len(prompts) != b or len(negative_prompts) != b:
+        raise ValueError(f"{b} images but {len(prompts)} prompts / {len(negative_prompts)} negative prompts.")
+    z_src = model.encode_images(source)
+    masked_lat = model.encode_masked(source, m)
+    mask_lat = model.mask_to_latent(m, z_src.shape[-2:])
+    cond = model.encode_prompts(prompts)
+    neg = model.encode_prompts(negative_prompts) if cfg else None
+    return z_src, mask_lat, masked_lat, cond, neg
+
+
+def _guided_eps(model, zin: torch.Tensor, t: int, mask_lat: torch.Tensor, masked_lat: torch.Tensor,
+                cond: torch.Tensor, neg: Optional[torch.Tensor], guidance_scale: float) -> torch.Tensor:
+    """ε̂ of the active rows (B,C,h,w): classifier-free guided when ``neg`` is given, in one batched UNet
+    call ``[negative; conditional]``; the conditional prediction alone otherwise."""
+    if neg is None:
+        return model.predict_eps(zin, t, mask_lat, masked_lat, cond)
+    e = model.predict_eps(torch.cat([zin, zin]), t, torch.cat([mask_lat] * 2), torch.cat([masked_lat] * 2),
+                          torch.cat([neg, cond]))
+    e_neg, e_cond = e.chunk(2)
+    return e_neg + guidance_scale * (e_cond - e_neg)
+
+
+def _composite(generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, feather_px: int) -> torch.Tensor:
+    """The decoded sample inside the mask, the source outside (B,3,H,W); feathered inward only, so
+    outside the mask stays bit-exact source."""
+    if feather_px > 0:
+        k = 2 * feather_px + 1
+        mask = mask * F.avg_pool2d(mask, k, stride=1, padding=feather_px, count_include_pad=False)
+    return mask * generated + (1 - mask) * source
+
+
 def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[str],
             negative_prompts: Optional[Sequence[str]] = None, guidance_scale: float = 4.0, steps: int = 25,
             scheduler: str = "ddim", guiding_mask: bool = True, guide_dilate_px: int = 6,
@@ -104,16 +146,8 @@ def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[s
     source = source.to(dev, torch.float32)
     m = (mask if mask.dim() == 4 else mask[:, None]).to(dev).float().gt(0.5).float()
     b = source.shape[0]
-    prompts = list(prompts)
-    negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * b
-    if len(prompts) != b or len(negative_prompts) != b:
-        raise ValueError(f"{b} images but {len(prompts)} prompts / {len(negative_prompts)} negative prompts.")
-    z_src = model.encode_images(source)
-    masked_lat = model.encode_masked(source, m)
-    mask_lat = model.mask_to_latent(m, z_src.shape[-2:])
     cfg = guidance_scale != 1.0
-    cond = model.encode_prompts(prompts)
-    neg = model.encode_prompts(negative_prompts) if cfg else None
+    z_src, mask_lat, masked_lat, cond, neg = _condition(model, source, m, prompts, negative_prompts, cfg)
     sched = make_scheduler(model.scheduler_config, scheduler)
     sched.set_timesteps(steps, device=dev)
     timesteps = [int(t) for t in sched.timesteps]
@@ -136,14 +170,8 @@ def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[s
             g = guides[i][active]
             bg = noise_sched.add_noise(z_src[active], randn(z.shape), torch.full((len(active),), t, device=dev))
             z = g * z + (1 - g) * bg
-        zin = sched.scale_model_input(z, t)
-        if cfg:  # one batched UNet call: [negative; conditional]
-            e = model.predict_eps(torch.cat([zin, zin]), t, torch.cat([mask_lat[active]] * 2),
-                                  torch.cat([masked_lat[active]] * 2), torch.cat([neg[active], cond[active]]))
-            e_neg, e_cond = e.chunk(2)
-            eps = e_neg + guidance_scale * (e_cond - e_neg)
-        else:
-            eps = model.predict_eps(zin, t, mask_lat[active], masked_lat[active], cond[active])
+        eps = _guided_eps(model, sched.scale_model_input(z, t), t, mask_lat[active], masked_lat[active],
+                          cond[active], neg[active] if cfg else None, guidance_scale)
         if step_callback is not None:
             z_full[active], eps_full[active] = z, eps
             stop = step_callback(i, t, z_full, eps_full)
@@ -157,18 +185,12 @@ def inpaint(model, source: torch.Tensor, mask: torch.Tensor, prompts: Sequence[s
                     if len(active) == 0:
                         break
         z = sched.step(eps, t, z).prev_sample
-    out = source.clone()
-    z_final = torch.zeros_like(z_src)
+    out, z_final = source.clone(), torch.zeros_like(z_src)
     if len(active):
         if guides is not None:  # final blend at t = 0 with the exact (latent) target mask
             z = mask_lat[active] * z + (1 - mask_lat[active]) * z_src[active]
         z_final[active] = z
-        gen = model.decode_latents(z).float()
-        mm = m[active]
-        if feather_px > 0:  # soften only inside the mask, so outside stays bit-exact source
-            k = 2 * feather_px + 1
-            mm = mm * F.avg_pool2d(mm, k, stride=1, padding=feather_px, count_include_pad=False)
-        out[active] = mm * gen + (1 - mm) * source[active]
+        out[active] = _composite(model.decode_latents(z).float(), source[active], m[active], feather_px)
     if return_info:
         return out, {"stopped": stopped_at >= 0, "stopped_at": stopped_at, "latents": z_final,
                      "mask_latents": mask_lat, "masked_latents": masked_lat}
