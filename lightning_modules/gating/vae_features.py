@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.gating.batching import in_chunks
+
 
 def latent_stat_features(latents: torch.Tensor) -> torch.Tensor:
     """Pooled statistics of latents.
@@ -41,6 +43,8 @@ def vae_feature_fn(diffusion) -> Callable[[torch.Tensor], torch.Tensor]:
     """
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
-        return latent_stat_features(diffusion.encode_images(images).detach().float().cpu())
+        # the quality filter passes 32 images per call; the VAE sees ENCODE_BATCH at a time (its activations)
+        latents = in_chunks(lambda x: diffusion.encode_images(x).detach().float().cpu(), images)
+        return latent_stat_features(latents)
 
     return features
