@@ -64,6 +64,43 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         problems.append(str(e))
         records = []
     records = sorted(records, key=lambda r: natural_key(r.id))
+    scan = _scan(layout, records, image_size, problems)
+    good, areas, sizes, values = scan["good"], scan["areas"], scan["sizes"], scan["values"]
+    max_index, present, n_lost = scan["max_index"], scan["present"], scan["n_lost"]
+    classes = tuple(layout.classes_for(max_index))
+    if max_index >= len(classes):
+        problems.append(f"masks under {root} hold class index {max_index} but the dataset has "
+                        f"classes {classes}")
+    splits: dict = {}
+    if good:
+        splits = _split_sizes(name, root, layout, records, good, areas, present, classes, problems,
+                              split_seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                              n_real=n_real, split_file=split_file, n_val=n_val, n_normal=n_normal)
+    elif records or not problems:
+        problems.append(f"no readable image–mask pair under {root}: fix the files listed above "
+                        f"or point --root at the dataset")
+    nonzero = [a for a in areas if a > 0]
+    lesion = {"n_empty": len(areas) - len(nonzero), **_quantiles(nonzero),
+              "small_threshold": small_lesion_area,
+              "n_small": sum(a < small_lesion_area for a in nonzero)}
+    if image_size:
+        lesion["n_lost_at_image_size"] = int(n_lost)
+    wh = sorted(sizes)
+    return {
+        "dataset": name, "root": str(root), "n_pairs": len(good), "splits": splits,
+        "classes": list(classes),
+        "image_sizes": {"min": list(min(wh, key=lambda s: s[0] * s[1])) if wh else None,
+                        "max": list(max(wh, key=lambda s: s[0] * s[1])) if wh else None,
+                        "distinct": len(wh),
+                        "counts": {f"{w}x{h}": n for (w, h), n in sizes.most_common(10)}},
+        "mask_values": {str(k): int(values[k]) for k in sorted(values)},
+        "lesion_area": lesion,
+        "problems": problems,
+    }
+
+
+def _scan(layout, records: list, image_size: Optional[int], problems: list) -> dict:
+    """Decode every pair once: readable pairs, lesion areas, sizes, raw mask values, classes present."""
     sizes: Counter = Counter()
     values: Counter = Counter()
     areas, good, max_index, n_lost = [], [], 0, 0
@@ -89,59 +126,41 @@ def inspect_dataset(name: str, root, image_size: Optional[int] = None, split_see
         if image_size and frac > 0:
             small = Image.fromarray(mask).resize((image_size, image_size), Image.NEAREST)
             n_lost += not np.asarray(small).any()
-    classes = tuple(layout.classes_for(max_index))
-    if max_index >= len(classes):
-        problems.append(f"masks under {root} hold class index {max_index} but the dataset has "
-                        f"classes {classes}")
-    splits: dict = {}
-    if good:
-        ids = [r.id for r in good]
+    return {"good": good, "areas": areas, "sizes": sizes, "values": values, "max_index": max_index,
+            "present": present, "n_lost": n_lost}
+
+
+def _split_sizes(name: str, root: Path, layout, records: list, good: list, areas: list, present: set,
+                 classes: tuple, problems: list, *, split_seed: int, val_fraction: float, test_fraction: float,
+                 n_real, split_file, n_val, n_normal: int) -> dict:
+    """Sizes of the splits a run would use over the readable pairs; their problems go to ``problems``."""
+    ids = [r.id for r in good]
+    try:
+        official = layout.official_split(root, records)
+    except DataError as e:
+        problems.append(str(e))
+        official = None
+    if official:  # drop ids whose files failed, so the split sizes stay truthful
+        keep = set(ids)
+        official = {k: [i for i in v if i in keep] for k, v in official.items()}
+    lesion_of = {r.id: a > 0 for r, a in zip(good, areas)}
+    names = _splits(ids, good, official, split_seed, val_fraction, test_fraction, n_real,
+                    split_file, problems, n_val, lesion_of)
+    if names is not None and n_normal and "normal" not in names:
         try:
-            official = layout.official_split(root, records)
+            names["normal"] = pick_normal_pool(sorted(set(names["train"]) - set(names["train_few"])),
+                                               lesion_of, int(n_normal), split_seed, f"{name} at {root}")
         except DataError as e:
             problems.append(str(e))
-            official = None
-        if official:  # drop ids whose files failed, so the split sizes stay truthful
-            keep = set(ids)
-            official = {k: [i for i in v if i in keep] for k, v in official.items()}
-        lesion_of = {r.id: a > 0 for r, a in zip(good, areas)}
-        names = _splits(ids, good, official, split_seed, val_fraction, test_fraction, n_real,
-                        split_file, problems, n_val, lesion_of)
-        if names is not None and n_normal and "normal" not in names:
-            try:
-                names["normal"] = pick_normal_pool(sorted(set(names["train"]) - set(names["train_few"])),
-                                                   lesion_of, int(n_normal), split_seed, f"{name} at {root}")
-            except DataError as e:
-                problems.append(str(e))
-        if names is not None:
-            splits = {k: len(names[k]) for k in ("train", "val", "test")}
-            splits.update({k: len(names[k]) for k in ("train_few", "normal")
-                           if k in names and (k != "train_few" or n_val is not None)})
-            problems += split_problems(
-                names, {r.id: a > 0 for r, a in zip(good, areas)}, present, classes,
-                {r.id: r.group for r in good}, f"{name} at {root}", layout.group_kind,
-                official_parts(official), str(split_file) if split_file else None, n_real)
-    elif records or not problems:
-        problems.append(f"no readable image–mask pair under {root}: fix the files listed above "
-                        f"or point --root at the dataset")
-    nonzero = [a for a in areas if a > 0]
-    lesion = {"n_empty": len(areas) - len(nonzero), **_quantiles(nonzero),
-              "small_threshold": small_lesion_area,
-              "n_small": sum(a < small_lesion_area for a in nonzero)}
-    if image_size:
-        lesion["n_lost_at_image_size"] = int(n_lost)
-    wh = sorted(sizes)
-    return {
-        "dataset": name, "root": str(root), "n_pairs": len(good), "splits": splits,
-        "classes": list(classes),
-        "image_sizes": {"min": list(min(wh, key=lambda s: s[0] * s[1])) if wh else None,
-                        "max": list(max(wh, key=lambda s: s[0] * s[1])) if wh else None,
-                        "distinct": len(wh),
-                        "counts": {f"{w}x{h}": n for (w, h), n in sizes.most_common(10)}},
-        "mask_values": {str(k): int(values[k]) for k in sorted(values)},
-        "lesion_area": lesion,
-        "problems": problems,
-    }
+    if names is None:
+        return {}
+    splits = {k: len(names[k]) for k in ("train", "val", "test")}
+    splits.update({k: len(names[k]) for k in ("train_few", "normal")
+                   if k in names and (k != "train_few" or n_val is not None)})
+    problems += split_problems(names, lesion_of, present, classes, {r.id: r.group for r in good},
+                               f"{name} at {root}", layout.group_kind, official_parts(official),
+                               str(split_file) if split_file else None, n_real)
+    return splits
 
 
 def _splits(ids, good, official, seed, val_fraction, test_fraction, n_real, split_file,
