@@ -20,9 +20,9 @@ from scipy import ndimage
 from datamodules.procedural import PROCEDURAL_KINDS, TEST_POOL_SEED, render_procedural
 
 CENTER_B_STREAM = "center_b"
-# Bump when center B renders other pairs for the same (kind, n, size): it enters the segment stage's
-# signature of runs tested on center B, so their cached results are recomputed.
-CENTER_B_VERSION = 1
+# Per kind: bump when its center B renders other pairs for the same (n, size). It enters the segment
+# stage's signature of runs tested on that center B, so their cached results are recomputed.
+CENTER_B_VERSION = {"polyp": 1, "skin": 1, "fundus": 2, "ultrasound": 1}
 _ACQ_STREAM = "center_b_acquisition"  # per-sample sensor noise and the size selection
 
 
@@ -63,7 +63,7 @@ ACQUISITIONS: dict[str, Acquisition] = {
     "skin": Acquisition(gain=(0.93, 0.975, 1.06), gamma=0.9, contrast=0.85, blur=0.006, noise=0.013,
                         zoom=1.1, large_area=0.12, large_keep=0.675),
     # another fundus camera: darker, greener, softer focus; fewer large discs
-    "fundus": Acquisition(gain=(0.888, 1.056, 1.14), gamma=1.245, contrast=0.825, blur=0.01, noise=0.017,
+    "fundus": Acquisition(gain=(0.888, 1.056, 1.14), gamma=1.3, contrast=0.825, blur=0.015, noise=0.017,
                           zoom=1.105, large_area=0.045, large_keep=0.545),
     # another probe and preset: brighter, flatter, coarser speckle, more electronic noise; fewer large masses
     "ultrasound": Acquisition(gain=(1.0, 1.0, 1.0), gamma=0.89, contrast=0.84, blur=0.005, noise=0.023,

@@ -126,7 +126,7 @@ def signature_inputs(cfg: DictConfig) -> Dict[str, Any]:
         else:
             from datamodules.procedural_center_b import CENTER_B_VERSION
 
-            item["version"] = CENTER_B_VERSION
+            item["version"] = CENTER_B_VERSION[spec.name[len("procedural_"):]]
         out.append(item)
     return {"external_tests": out}
 
