@@ -287,3 +287,17 @@ def test_inspect_shows_a_center_b_grid_and_what_shifted(tmp_path, capsys):
     assert "procedural_<polyp|fundus|skin|ultrasound>" in capsys.readouterr().err
     assert main(["--dataset", "kvasir_seg"]) == 1
     assert "--root is required for kvasir_seg" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchmarks.external_shift
+def test_shift_benchmark_pairs_the_gap_by_seed_and_draws_both_centers(tmp_path):
+    from PIL import Image
+
+    from benchmarks.external_shift import main, summarise
+
+    rows = [{"dice_a": a, "dice_b": b, "collapsed": False} for a, b in ((0.8, 0.6), (0.7, 0.55), (0.9, 0.65))]
+    out = summarise("skin", rows)
+    assert out["gap"] == pytest.approx(0.2, abs=1e-4) and out["n_seeds"] == 3
+    assert out["gap_ci95"][0] < 0.2 < out["gap_ci95"][1]
+    (path,) = main(["--kinds", "ultrasound", "--pictures", str(tmp_path)])
+    assert Image.open(path).size == (8 * 64, 4 * 64 + 4)  # center A's images and outlines over center B's
