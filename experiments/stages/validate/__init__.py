@@ -49,6 +49,25 @@ def inputs(cfg: DictConfig) -> Dict[str, Any]:
     return out
 
 
+class RowsAs:
+    """A datamodule array read row-wise in another form, converted only for the rows asked for.
+
+    The validate stage reads real images as float (N,3,S,S) in [0,1] and masks as int64 (N,S,S), but only
+    some rows (validation, sources, the normal pool); converting the whole set would take 3 MiB per 512 px
+    image and 2 MiB per mask. ``view[rows]`` takes a list or array of row indices.
+    """
+
+    def __init__(self, array: np.ndarray, convert):
+        self.array, self.convert = array, convert
+        self.shape = (len(array), *convert(array[:1]).shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, rows):
+        return self.convert(self.array[rows])
+
+
 def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, diffusion=None,
                  segmenter=None, feature_fn=None, full_steps: int = FULL_STEPS, validator=None) -> dict:
     """Gate, filter and erode the generated pairs of ``upstream["generate"]``.
@@ -82,7 +101,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     (workdir / "masks").mkdir(parents=True, exist_ok=True)
     mode = str(cfg.validator.mode)
     datamodule.setup()
-    real = to_tensor(datamodule.images), torch.from_numpy(datamodule.masks.astype(np.int64))
+    real = RowsAs(datamodule.images, to_tensor), RowsAs(datamodule.masks, lambda m: torch.from_numpy(m.astype(np.int64)))
     val = datamodule.split_indices["val"]
     gen = load_generated(gen_dir, real[0].shape[-1])
     n, total = len(gen.rows), len(gen.rows) + len(gen.early)
