@@ -39,7 +39,7 @@ class DataConfig:
     transforms: str = "standard"  # albumentations preset for training: standard | none
     small_lesion_area: float = 0.02  # lesions under this image fraction count as "small"
     split_file: Optional[str] = None  # your own split: JSON lists train, val, test (and train_few) of ids
-    # The label budget (README "Your own data"). Null/0 keep the behaviour from before these keys existed.
+    # The label budget (README, "Your own data"). Null/0 keep the behaviour from before these keys existed.
     # Validation pairs taken out of n_real (n_real is then every labelled pair of the run): a count (4) or a
     # share of n_real (0.25 -> n_real // 4, resolved to the count on loading); null: a validation split of its own
     n_val: Any = None
@@ -101,7 +101,7 @@ class DiffusionConfig:
     background_fraction: float = 0.3  # share of training crops that inpaint background
     prompt: Optional[str] = None  # None: the dataset's clinical prompt
     checkpoint_every: int = 100
-    # Memory and speed (README "Fitting a GPU"; benchmarks.memory estimates each at SD size). The
+    # Memory and speed (docs/gpus.md, "Fitting a GPU"; benchmarks.memory estimates each at SD size). The
     # defaults are the behaviour before these keys existed, so cached fine-tunes keep their signatures.
     gradient_checkpointing: bool = False  # recompute UNet (and trained text encoder) activations in backward: same result, less memory
     mixed_precision: Optional[str] = None  # null (trainer.precision) | bf16 | fp16: autocast with fp32 trained weights; frozen VAE, text encoders (LoRA: UNet base) held in half

@@ -65,7 +65,7 @@ def require_server(uri: str, key: str = "MLFLOW_TRACKING_URI", timeout_s: float 
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
         raise ConfigError(f"the MLflow tracking server {uri} ({key}) does not answer: {reason}. Start it "
-                          f"(`mlflow server --host 0.0.0.0 --port 5000 ...`, see README 'Scaling out'), "
+                          f"(`mlflow server --host 0.0.0.0 --port 5000 ...`, see docs/scaling-out.md), "
                           f"correct {key}, or unset MLFLOW_TRACKING_URI to use the local store") from err
 
 
@@ -155,6 +155,9 @@ def log_data_inputs(cfg: DictConfig, datamodule: Any, external: Sequence[Any] = 
         ids = [datamodule.ids[i] for i in datamodule.split_indices.get(split, [])]
         digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
         datasets.append(MetaDataset(source, name=f"{cfg.data.name}/{split}", digest=digest))
+    for ext in external:
+        datasets.append(MetaDataset(HTTPDatasetSource(url=ext.source), name=ext.label, digest=ext.digest))
+    splits += ("external",) * len(external)
     for attempt in range(4):
         try:
             mlflow.log_inputs(datasets=datasets, contexts=list(splits), tags_list=[{} for _ in splits])
@@ -162,9 +165,6 @@ def log_data_inputs(cfg: DictConfig, datamodule: Any, external: Sequence[Any] = 
         except MlflowException as err:
             # Workers logging the same new dataset at once race on the store's unique (name,
             # digest) row; the loser finds the row on its next try. Any other error is a bug.
-    for ext in external:
-        datasets.append(MetaDataset(HTTPDatasetSource(url=ext.source), name=ext.label, digest=ext.digest))
-    splits += ("external",) * len(external)
             if "unique" not in str(err).lower() and "integrity" not in str(err).lower():
                 raise
             if attempt == 3:
