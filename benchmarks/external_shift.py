@@ -32,7 +32,7 @@ BASE = "experiments/configs/procedural_polyp_baseline.yaml"
 def run_one(kind: str, seed: int, test_pool: int, out: str, overrides: list) -> dict:
     """Train one real-only segmenter (or reuse it) and return its center-A and center-B metrics."""
     from experiments.config import load_config
-    from experiments.pipeline import run_stages
+    from experiments.runner.pipeline import run_stages
 
     label = f"procedural_{kind}_center_b"
     cfg = load_config(BASE, [

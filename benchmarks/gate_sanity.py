@@ -42,9 +42,9 @@ def main(argv=None) -> list:
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides")
     args = parser.parse_args(argv)
     from experiments.config import load_config
-    from experiments.builders import load_finetuned
+    from experiments.runner.builders import load_finetuned
     from experiments.gate_training import train_latent_validator
-    from experiments.pipeline import build_datamodule, run_stages
+    from experiments.runner.pipeline import build_datamodule, run_stages
     from datamodules.synthetic import to_tensor
     from experiments.stages.validate.gate import make_gate
     from lightning_modules.gating.sanity import gate_sanity, real_gate_ious

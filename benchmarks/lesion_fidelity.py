@@ -25,8 +25,8 @@ import torch
 from datamodules.errors import DataError
 from datamodules.synthetic import SyntheticPairs
 from experiments.config import load_config
-from experiments.pipeline import build_datamodule
-from experiments.builders import build_segmenter
+from experiments.runner.pipeline import build_datamodule
+from experiments.runner.builders import build_segmenter
 from experiments.stages.segment import fit_segmenter
 from lightning_modules.gating.latent_gate import mask_iou
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.memory import ModelledAdamW, build_model
+from benchmarks.memory_tracking import ModelledAdamW, build_model
 
 PROMPT_LEN = 77
 
@@ -118,7 +118,7 @@ def segmenter():
     """The segment stage's default segmenter (``cfg.segmenter`` defaults: ``smp.Unet``, resnet18; two classes)."""
     from types import SimpleNamespace
 
-    from experiments.builders import build_segmenter
+    from experiments.runner.builders import build_segmenter
     from experiments.config import load_config
 
     return build_segmenter(load_config(None, []), SimpleNamespace(num_classes=2, classes=("background", "lesion")),
@@ -167,7 +167,7 @@ def estimate_stage(row: dict, scale: int = 1) -> int:
     """Peak bytes of ``row`` on fake tensors: the model's weights and everything the work allocates."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmarks.memory import LiveBytes, materialize_fake
+    from benchmarks.memory_tracking import LiveBytes, materialize_fake
 
     model = _model(row, scale, "meta")
     tracker = LiveBytes()
@@ -182,7 +182,7 @@ def measure_stage(row: dict, scale: int) -> int:
     """Peak resident bytes of ``row`` run for real on this CPU, above the process before the model was built."""
     import gc
 
-    from benchmarks.memory import status_kib
+    from benchmarks.memory_tracking import status_kib
 
     # load the kernels once on a small run, so the baseline includes them
     run_stage(_model(row, 10, "cpu"), dict(row, resolution=64, batch_size=1), real=True)

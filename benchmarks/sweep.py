@@ -57,13 +57,13 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the benchmark's runs stay in its temp dir
     from experiments.config import load_config
-    from experiments.pipeline import run_pipeline
+    from experiments.runner.pipeline import run_pipeline
     from sweeps.study import main as sweep_main
 
     import mlflow  # noqa: F401 - imported before the clocks start: both timings exclude import cost
     import optuna  # noqa: F401
 
-    import experiments.pipeline  # noqa: F401 - imports every stage module, before the clocks start
+    import experiments.runner.pipeline  # noqa: F401 - imports every stage module, before the clocks start
     with tempfile.TemporaryDirectory(prefix="bench_sweep_") as name:
         tmp = Path(name)
         base_model = _base_model(tmp)

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -72,6 +72,22 @@ def write_png(path: PathLike, array: np.ndarray) -> Path:
 def read_image(path: PathLike) -> np.ndarray:
     """uint8 (H,W,3) RGB; DataError naming the file if it is missing or unreadable."""
     return np.array(_open(path).convert("RGB"))  # a writable copy (torch.from_numpy warns otherwise)
+
+
+class ImageFiles:
+    """Images read from disk only when sliced: ``files[i:j]`` is uint8 (j-i,H,W,3), ``len(files)`` the count.
+
+    Lets a consumer that walks a set a batch at a time (FID features) hold one batch, not the set.
+    """
+
+    def __init__(self, paths: Sequence[PathLike]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return np.stack([read_image(p) for p in self.paths[index]])
 
 
 def read_mask(path: PathLike) -> np.ndarray:

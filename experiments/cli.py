@@ -60,8 +60,8 @@ def run_main(argv: Optional[List[str]] = None) -> int:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: a typo fails fast
     stages = _parse_stages(args.stages)
     _parse_stages(",".join(args.force))
-    from experiments.pipeline import run_pipeline
-    from experiments.preflight import preflight
+    from experiments.runner.pipeline import run_pipeline
+    from experiments.runner.preflight import preflight
 
     datamodule = preflight(cfg)  # config, environment and data faults stop here, before MLflow
     command = "meddiffaug run " + shlex.join(sys.argv[2:] if argv is None else argv)
@@ -72,7 +72,7 @@ def run_main(argv: Optional[List[str]] = None) -> int:
     if not is_rank_zero():  # under torchrun/srun every rank runs this command; rank 0 speaks for the run
         return 0
     print(json.dumps({"run_id": result.run_id, "sigs": result.sigs, "metrics": result.metrics}, indent=2))
-    from experiments.run_verdict import EXIT_NOT_A_RESULT, run_verdicts
+    from experiments.runner.run_verdict import EXIT_NOT_A_RESULT, run_verdicts
 
     not_a_result, caveats = run_verdicts(cfg, result.metrics)
     for line in caveats:
@@ -134,7 +134,7 @@ def dispatch(argv: Optional[List[str]], commands: Dict[str, Callable[[Optional[L
         print(f"meddiffaug {version()}")
         return 0
     command, rest = argv[0], argv[1:]
-    from experiments.console import bars_off_the_terminal, one_line_warnings
+    from experiments.runner.console import bars_off_the_terminal, one_line_warnings
 
     bars_off_the_terminal()  # before any command imports tqdm or transformers
     one_line_warnings()

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from datamodules.io import atomic_write
-from experiments.builders import build_segmenter
-from experiments.trainer import build_trainer
+from experiments.runner.builders import build_segmenter
+from experiments.runner.trainer import build_trainer
 from lightning_modules.gating.pasted_pairs import PastedPairs
 from lightning_modules.gating.validator_bank import AugmentedPairs, build_validator_bank
 from lightning_modules.validator import LatentValidator
@@ -33,7 +33,7 @@ def _fit(module: L.LightningModule, loader: DataLoader, cfg, steps: int, ckpt_di
     import torch.distributed as dist
 
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=max(1, steps // 4))
-    # Under a launcher every rank joins (experiments.distributed opened the process group): build_trainer's
+    # Under a launcher every rank joins (experiments.runner.distributed opened the process group): build_trainer's
     # DDP over the launcher's world. Otherwise one device: these models are small, and spawning DDP
     # processes (ddp_spawn) would cost more than it saves.
     joined = dist.is_available() and dist.is_initialized()

@@ -33,7 +33,7 @@ def subtree(cfg: DictConfig, section: str) -> Dict[str, Any]:
     """``cfg[section]`` as plain values, without its ignored keys and its neutral keys at their neutral value."""
     node = OmegaConf.to_container(cfg[section], resolve=True)
     if section == "data" and node.get("root") is not None:  # by content: another mount reuses the cache
-        from experiments.data_identity import data_root_identity
+        from experiments.cache.data_identity import data_root_identity
 
         node["root"] = data_root_identity(cfg)
     neutral = NEUTRAL.get(section, {})

@@ -81,7 +81,7 @@ def git_sha() -> str:
 
 def is_rank_zero() -> bool:
     """True outside launched distributed jobs and on global rank 0 inside them (torchrun, SLURM)."""
-    from experiments.distributed import global_rank
+    from experiments.runner.distributed import global_rank
 
     return global_rank() == 0
 
@@ -250,7 +250,7 @@ def lightning_logger(run: Any, cfg: DictConfig) -> Any:
     """
     if run is None:
         return None
-    from experiments.stage_logger import StageLogger
+    from experiments.runner.stage_logger import StageLogger
 
     return StageLogger(tracking_uri=tracking_uri(cfg), run_id=run.info.run_id,
                        experiment_name=_experiment_name(run))

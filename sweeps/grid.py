@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from experiments import pipeline, tracking
+from experiments import tracking
+from experiments.runner import pipeline
 from experiments.config import ConfigError, load_config
 from sweeps import space as sp
 from sweeps.finished import default_storage, finished_cells, mlflow_experiment

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from datamodules.errors import did_you_mean
 from datamodules.io import short_hash as io_short_hash
-from experiments.config import Config, ConfigError, read_yaml
+from experiments.config import ConfigError, config_keys, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SPEC_KEYS = {"float": {"type", "low", "high", "log", "step"},
@@ -32,28 +32,12 @@ def check_keys(data: Dict[str, Any], allowed: Iterable[str], source: str, what: 
                               f"Valid: {', '.join(sorted(allowed))}.")
 
 
-def config_keys() -> List[str]:
-    """Every dotted leaf key of the experiment config schema (``validator.iou_threshold`` ...)."""
-    keys: List[str] = []
-
-    def walk(node: DictConfig, prefix: str) -> None:
-        for name in node:
-            value = node._get_node(name)
-            if isinstance(value, DictConfig):
-                walk(value, f"{prefix}{name}.")
-            else:
-                keys.append(f"{prefix}{name}")
-
-    walk(OmegaConf.structured(Config), "")
-    return keys
-
-
 def check_config_key(key: str, source: str) -> None:
     """Raise :class:`ConfigError` unless ``key`` is a dotted leaf key of the config schema."""
     valid = config_keys()
     if key not in valid:
         raise ConfigError(f"'{key}' in {source} is not a config key.{did_you_mean(key, valid, cutoff=0.5)} "
-                          "Valid keys are the fields of experiments/config.py.")
+                          "Valid keys are the fields of experiments/config/schema.py.")
 
 
 def load_yaml(path: str | Path, kind: str) -> Dict[str, Any]:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from experiments import pipeline, tracking
+from experiments import tracking
+from experiments.runner import pipeline
 from experiments.config import ConfigError, load_config
 from sweeps import space as sp
 from sweeps.runs import parent_run_id, report_best, runs as _runs, client as _client
@@ -256,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             value = int(value) if param.type == "int" else value
             load_config(spec.base_config, spec.overrides + sp.to_overrides({param.key: value}),
                         overrides_source=f"the search space of study file '{args.study}'")
-    from experiments.preflight import check_base, check_outputs
+    from experiments.runner.preflight import check_base, check_outputs
 
     check_outputs(base)  # faults every trial would hit stop the study before trial 0
     check_base(base)

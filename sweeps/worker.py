@@ -13,7 +13,8 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from experiments import pipeline, tracking
+from experiments import tracking
+from experiments.runner import pipeline
 from sweeps import space as sp
 
 
@@ -84,13 +85,13 @@ def close_killed_runs(cell: Any, experiment_id: Optional[str]) -> None:
 
 def check_environment(cells: Sequence[Any]) -> None:
     """Stop before the first cell on faults every cell would hit: an output folder or MLflow store it
-    cannot write, a diffusion base that is missing or damaged (``experiments.preflight``; each distinct
+    cannot write, a diffusion base that is missing or damaged (``experiments.runner.preflight``; each distinct
     setting is checked once). Data faults differ per cell and end that cell as FAILED instead.
 
     Raises:
         ConfigError / FileNotFoundError: naming the key or file and what to do (``meddiffaug`` exits 2).
     """
-    from experiments.preflight import check_base, check_outputs
+    from experiments.runner.preflight import check_base, check_outputs
 
     seen = set()
     for cell in cells:

@@ -1,7 +1,7 @@
 """The tests' shared fakes: fake pipeline stages and datamodules, tiny dataset writers, a fake diffusion.
 
 Tests import this module (``import fakes``), never another test module. ``install()`` points
-``experiments.pipeline.STAGE_FUNCTIONS`` at the fake stages below and replaces the
+``experiments.runner.pipeline.STAGE_FUNCTIONS`` at the fake stages below and replaces the
 datamodule builder, so the real pipeline (signatures, cache, MLflow runs) runs around stages that
 take milliseconds. Every stage call appends one line to ``$FAKE_STAGE_CALLS/<stage>`` (or
 ``<cfg.output_dir>/fake_calls/<stage>``), so tests count invocations across processes.
@@ -98,7 +98,8 @@ class FakeDataModule:
 
 def install(monkeypatch: Any = None) -> None:
     """Route the pipeline to the fake stages (through ``monkeypatch`` in tests, directly in scripts)."""
-    from experiments import pipeline, tracking
+    from experiments import tracking
+    from experiments.runner import pipeline
 
     module = sys.modules[__name__]
     table = {stage: getattr(module, f"run_{stage}") for stage in STAGES}

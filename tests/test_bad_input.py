@@ -374,7 +374,7 @@ def test_version_and_data_help(capsys):
 def test_stage_lock_permission_error_names_artifacts_dir(tmp_path, monkeypatch):
     from experiments.config import ConfigError
 
-    locks = pytest.importorskip("experiments.locks", reason="the stage lock's own module is not there yet")
+    locks = pytest.importorskip("experiments.cache.locks", reason="the stage lock's own module is not there yet")
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied", str(tmp_path / "segment"))

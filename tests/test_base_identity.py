@@ -1,7 +1,7 @@
 """A diffusion base enters signatures by its content: re-pretraining it recomputes, moving it does not."""
 import shutil
 
-from experiments.base_identity import TINY_FOLDER, base_identity
+from experiments.cache.base_identity import TINY_FOLDER, base_identity
 
 
 def _copy_base(tmp_path, name):
@@ -35,7 +35,7 @@ def test_missing_folder_has_no_identity(tmp_path):
 
 def test_finetune_signature_follows_the_base_content_not_its_path(tmp_path):
     from experiments.config import load_config
-    from experiments.pipeline import signatures
+    from experiments.runner.pipeline import signatures
 
     def sig(base):
         cfg = load_config("experiments/configs/procedural_polyp_diffaug.yaml",

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import config, config_ranges, hashing
-from sweeps.space import config_keys
+from experiments import hashing
+from experiments.config import Config, config_keys
+from experiments.config import ranges as config_ranges
+from experiments.config import rules
 
 KEYS = set(config_keys())
 
@@ -16,7 +18,7 @@ def _dotted(table):
 @pytest.mark.parametrize("name, keys", [
     ("config_ranges.INT_RANGES", set(config_ranges.INT_RANGES)),
     ("config_ranges.FLOAT_RANGES", set(config_ranges.FLOAT_RANGES)),
-    ("config._CHOICES", set(config._CHOICES)),
+    ("rules.CHOICES", set(rules.CHOICES)),
     ("hashing.IGNORED", _dotted(hashing.IGNORED)),
     ("hashing.NEUTRAL", _dotted(hashing.NEUTRAL)),
 ])
@@ -29,7 +31,7 @@ def test_neutral_values_are_the_schema_defaults():
     a config that does not set it would be recomputed (or, worse, a changed default reused)."""
     from omegaconf import OmegaConf
 
-    defaults = OmegaConf.structured(config.Config)
+    defaults = OmegaConf.structured(Config)
     wrong = {f"{s}.{k}": (v, OmegaConf.select(defaults, f"{s}.{k}"))
              for s, keys in hashing.NEUTRAL.items() for k, v in keys.items()
              if OmegaConf.select(defaults, f"{s}.{k}") != v}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import shutil
 
-from experiments import data_identity, pipeline
+from experiments.cache import data_identity
+from experiments.runner import pipeline
 from experiments.config import load_config
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.config import load_config
-from experiments.builders import load_finetuned
+from experiments.runner.builders import load_finetuned
 from experiments.stages.finetune import finetune_diffusion
 from lightning_modules.diffusion_bank import build_inpainting_bank, variant_weights
 from lightning_modules.tiny_base import TINY_DIR, build_tiny_components, save_components

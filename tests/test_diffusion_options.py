@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.builders import load_finetuned
+from experiments.runner.builders import load_finetuned
 from experiments.config import ConfigError, load_config
 from experiments.stages import finetune as finetune_stage
 from experiments.stages.finetune import finetune_diffusion

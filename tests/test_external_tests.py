@@ -36,7 +36,7 @@ def test_bad_entries_name_the_entry_and_what_to_do(value, words):
 
 
 def test_default_keeps_every_signature_and_external_sets_change_only_segment():
-    from experiments.pipeline import signatures, stage_inputs
+    from experiments.runner.pipeline import signatures, stage_inputs
 
     diffaug = "experiments/configs/procedural_polyp_diffaug.yaml"
     plain, with_b = load_config(diffaug), load_config(diffaug, [CENTER_B])
@@ -51,7 +51,7 @@ def test_default_keeps_every_signature_and_external_sets_change_only_segment():
 
 # ---------------------------------------------------------------- overlap with the run's own data
 def _folder_run(tmp_path, main_root, external_root):
-    from experiments.pipeline import build_datamodule
+    from experiments.runner.pipeline import build_datamodule
 
     cfg = load_config(BASE, ["data.name=folder", f"data.root={main_root}", "data.image_size=16", "data.n_real=null",
                              "data.val_fraction=0.2", "data.test_fraction=0.2", f"data.cache_dir={tmp_path}/cache",
@@ -61,7 +61,7 @@ def _folder_run(tmp_path, main_root, external_root):
 
 def test_a_set_sharing_training_images_is_refused_naming_them(tmp_path, make_dataset):
     from datamodules.errors import DataError
-    from experiments.external_tests import external_sets
+    from experiments.runner.external_tests import external_sets
 
     main_root = make_dataset("folder")
     copy = tmp_path / "copy"
@@ -101,7 +101,7 @@ def test_run_stops_on_an_overlapping_set_before_any_mlflow_run(tmp_path, make_da
 def test_same_stems_with_other_content_are_not_an_overlap(tmp_path, make_dataset):
     from PIL import Image
 
-    from experiments.external_tests import external_sets
+    from experiments.runner.external_tests import external_sets
 
     main_root = make_dataset("folder")
     other = make_dataset("folder")
@@ -115,8 +115,8 @@ def test_same_stems_with_other_content_are_not_an_overlap(tmp_path, make_dataset
 
 def test_cross_dataset_kvasir_to_cvc_on_tiny_layouts(tmp_path, make_dataset):
     """The cross-dataset protocol: train on Kvasir-SEG, test on all of CVC-ClinicDB; the root enters by content."""
-    from experiments.external_tests import external_sets
-    from experiments.pipeline import build_datamodule, stage_inputs
+    from experiments.runner.external_tests import external_sets
+    from experiments.runner.pipeline import build_datamodule, stage_inputs
 
     kvasir, cvc = make_dataset("kvasir_seg"), make_dataset("cvc_clinicdb")
     moved = shutil.copytree(cvc, tmp_path / "elsewhere", copy_function=shutil.copy2)  # same files, other mount
@@ -191,7 +191,7 @@ def test_external_metrics_are_the_test_metrics_under_the_sets_prefix(tmp_path):
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from experiments.external_tests import evaluate_external
+    from experiments.stages.segment import evaluate_external
     from lightning_modules.segmenter import SegmenterModule
 
     ext = _center_b_set()
@@ -227,7 +227,7 @@ def test_external_set_is_logged_as_a_dataset_input_with_context_external(tmp_pat
 
 
 def test_verdict_says_when_a_configured_set_has_no_dice():
-    from experiments.run_verdict import run_verdicts
+    from experiments.runner.run_verdict import run_verdicts
 
     cfg = load_config(BASE, [CENTER_B])
     metrics = {"test/dice": 0.5, "val/dice": 0.5, "seg/collapsed": 0.0}

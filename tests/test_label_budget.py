@@ -11,7 +11,8 @@ import pytest
 from datamodules import create_datamodule
 from datamodules.budget import split_budget
 from datamodules.errors import DataError
-from experiments import hashing, pipeline
+from experiments import hashing
+from experiments.runner import pipeline
 from experiments.config import ConfigError, load_config
 from lightning_modules.synthesis.planner import Planner
 from lightning_modules.synthesis.sources import source_pool

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from experiments.locks import StageLockTimeout, lock_timeout, stage_lock
+from experiments.cache.locks import StageLockTimeout, lock_timeout, stage_lock
 
 HOLD = """import sys, time
 sys.path.insert(0, {repo!r})
-from experiments.locks import stage_lock
+from experiments.cache.locks import stage_lock
 with stage_lock(__import__("pathlib").Path({path!r})):
     print("held", flush=True)
     time.sleep(30)

@@ -5,7 +5,8 @@ import gc
 
 import torch
 
-from benchmarks.memory import BLOCK, LiveBytes, build_model, estimate, run_steps
+from benchmarks.memory import estimate, run_steps
+from benchmarks.memory_tracking import BLOCK, LiveBytes, build_model
 
 TINY = dict(model="sd15", resolution=64, batch_size=1)  # widths / 10, 8x8 latents
 

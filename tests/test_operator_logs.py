@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_trainer_off_a_terminal_has_no_bar_and_logs_within_the_run(tmp_path):
     from experiments.config import load_config
-    from experiments.trainer import build_trainer
+    from experiments.runner.trainer import build_trainer
 
     cfg = load_config(overrides=["trainer.log_every_n_steps=10"])
     trainer = build_trainer(cfg, tmp_path, train_batches=3)  # pytest captures stdout: not a terminal
@@ -31,7 +31,7 @@ def test_trainable_modules_start_fit_in_train_mode_and_frozen_ones_stay(tmp_path
     from torch import nn
 
     from experiments.config import load_config
-    from experiments.trainer import build_trainer
+    from experiments.runner.trainer import build_trainer
 
     class Model(L.LightningModule):
         def __init__(self):
@@ -59,7 +59,7 @@ def test_trainable_modules_start_fit_in_train_mode_and_frozen_ones_stay(tmp_path
 
 
 def test_lightning_tips_are_dropped_where_they_are_logged(caplog):
-    from experiments.console import quiet_third_party
+    from experiments.runner.console import quiet_third_party
 
     quiet_third_party()
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")

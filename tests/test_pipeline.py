@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from experiments import hashing, pipeline
+from experiments import hashing
+from experiments.runner import pipeline
 from experiments.config import load_config
 from experiments.stages import validate
 from lightning_modules.synthesis import copy_paste

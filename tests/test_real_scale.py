@@ -4,8 +4,8 @@ import pytest
 
 from experiments.config import ConfigError, load_config
 from experiments.hashing import subtree
-from experiments.preflight import check_base
-from experiments.run_verdict import run_verdicts
+from experiments.runner.preflight import check_base
+from experiments.runner.run_verdict import run_verdicts
 from fakes import ArrayDataModule
 
 KVASIR = "experiments/configs/kvasir_seg_diffaug.yaml"

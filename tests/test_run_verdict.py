@@ -3,8 +3,8 @@ import pytest
 
 from sweeps.cli import main
 from experiments.config import load_config
-from experiments.pipeline import PipelineResult
-from experiments.run_verdict import EXIT_NOT_A_RESULT, run_verdicts
+from experiments.runner.pipeline import PipelineResult
+from experiments.runner.run_verdict import EXIT_NOT_A_RESULT, run_verdicts
 
 DIFFAUG = "experiments/configs/procedural_polyp_diffaug.yaml"
 BASELINE = "experiments/configs/procedural_polyp_baseline.yaml"
@@ -53,7 +53,7 @@ def test_a_flagged_gate_is_a_caveat_not_a_failure():
     ({**HEALTHY, "gen/n_accepted": 0.0}, EXIT_NOT_A_RESULT, "meddiffaug run: not a result: augment.method=diffusion"),
 ])
 def test_run_exit_code_follows_the_verdict(monkeypatch, capsys, metrics, code, phrase):
-    from experiments import pipeline, preflight
+    from experiments.runner import pipeline, preflight
 
     monkeypatch.setattr(preflight, "preflight", lambda cfg: None)
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, **kw: PipelineResult(metrics=dict(metrics), run_id="r1"))

@@ -87,7 +87,7 @@ def write_records(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     reader never sees half a line and two workers never lose each other's records. Writing the
     same run again changes nothing; an older run of a cell never replaces a newer one.
     """
-    from experiments.locks import stage_lock
+    from experiments.cache.locks import stage_lock
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def export_run(run_id: Optional[str], path: Optional[Path] = None, tracking_uri:
 
 
 def export_cell(cfg: Any, grid: str, cell: str, tags: Mapping[str, str], result: Any) -> Optional[Path]:
-    """Export a grid cell that just finished (``result``: its :class:`~experiments.pipeline.PipelineResult`).
+    """Export a grid cell that just finished (``result``: its :class:`~experiments.runner.pipeline.PipelineResult`).
 
     Only the process that logs to MLflow exports (rank 0 under a launcher). Without a tracked run
     (``tracking.enabled=false``) the record is made from the config, the cell's tags and the metrics.

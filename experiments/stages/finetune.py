@@ -13,10 +13,10 @@ from typing import Any, Dict, Sequence
 import torch
 from omegaconf import DictConfig
 
-from experiments.builders import build_diffusion
-from experiments.base_identity import base_identity
+from experiments.runner.builders import build_diffusion
+from experiments.cache.base_identity import base_identity
 from experiments.hashing import short_hash, subtree
-from experiments.trainer import build_trainer
+from experiments.runner.trainer import build_trainer
 from lightning_modules.diffusion_bank import LatentBankDataset, build_inpainting_bank, variant_weights
 from lightning_modules.diffusion_memory import prepare_finetune
 from lightning_modules.progress import step_bar
@@ -29,7 +29,7 @@ VERSION = 0
 def inputs(cfg: DictConfig) -> Dict[str, Any]:
     """The config values this stage's result depends on (its part of the signature).
 
-    The base enters by its content (:mod:`experiments.base_identity`): re-pretraining the shipped
+    The base enters by its content (:mod:`experiments.cache.base_identity`): re-pretraining the shipped
     ``tiny`` base recomputes every fine-tune, and a local base mounted at another path does not.
     """
     diffusion = subtree(cfg, "diffusion")
@@ -114,5 +114,5 @@ def finetune_diffusion(cfg, datamodule, workdir, logger=None):
 
 
 def run_finetune(cfg, datamodule, workdir, upstream=None, logger=None) -> dict:
-    """Pipeline entry (``experiments.pipeline.STAGES``): fine-tune, return metrics only."""
+    """Pipeline entry (``experiments.runner.pipeline.STAGES``): fine-tune, return metrics only."""
     return finetune_diffusion(cfg, datamodule, workdir, logger=logger)[1]

@@ -31,15 +31,15 @@ import torch
 from omegaconf import DictConfig
 
 from datamodules import latent_store
-from datamodules.io import (append_manifest, atomic_write, read_image, read_manifest, read_mask, write_manifest,
-                            write_pair, write_png)
+from datamodules.io import (ImageFiles, append_manifest, atomic_write, read_image, read_manifest, read_mask,
+                            write_manifest, write_pair, write_png)
 from experiments.hashing import subtree
 from lightning_modules.synthesis import copy_paste as copy_paste_lib
 from lightning_modules.gating.fidelity import fid_kid
 from lightning_modules.synthesis.copy_paste import lesion_components
 from lightning_modules.synthesis.planner import Planner, copy_paste_batch, sample_id
 
-# Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
+# Bump when this stage's code changes what it produces for the same config (see experiments.runner.pipeline).
 VERSION = 0
 METHODS = ("diffusion", "copy_paste")
 
@@ -62,7 +62,7 @@ def load_model(cfg, upstream: dict):
     if "finetune" not in upstream:
         raise ValueError("augment.method=diffusion needs the finetune stage's output "
                          "(upstream['finetune'] is missing): add 'finetune' to cfg.stages")
-    from experiments.builders import load_finetuned  # lazy: heavy, and written concurrently
+    from experiments.runner.builders import load_finetuned  # lazy: heavy, and written concurrently
 
     return load_finetuned(cfg, Path(upstream["finetune"]))
 
@@ -168,6 +168,29 @@ def _diffusion_batch(cfg, model, plans: list, prompt: str, negative: str, valida
     return [None if stopped[k] else imgs[k] for k in range(len(plans))], extra, info
 
 
+def _write_batch(workdir: Path, cfg, method: str, plans: list, outs: list, extra: list, info: dict) -> list:
+    """Write one batch's PNGs (and latent shard) and return its manifest rows; the caller appends them
+    last, so a killed run never lists a sample whose files are missing."""
+    records = []
+    for p, img, ex in zip(plans, outs, extra):
+        if img is not None:
+            rel_img, rel_mask = write_pair(workdir, p["id"], img, p["label"])
+        else:  # stopped early: never finished, so no image
+            rel_img, rel_mask = None, f"masks/{p['id']}.png"
+            write_png(workdir / rel_mask, p["label"])
+        rel_new = f"new_masks/{p['id']}.png"
+        write_png(workdir / rel_new, p["new_mask"])
+        records.append({**_base_record(cfg, p, method), **ex, "image": rel_img, "mask": rel_mask,
+                        "new_mask": rel_new})
+    done_k = [k for k, img in enumerate(outs) if img is not None]
+    if "latents" in info and done_k:  # shard first, manifest last: the manifest line commits both
+        rel_lat = latent_store.save_shard(workdir, [plans[k]["id"] for k in done_k],
+                                          *(info[key][done_k] for key in ("latents", "mask_latents", "masked_latents")))
+        for k in done_k:
+            records[k]["latents"] = rel_lat
+    return records
+
+
 def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) -> dict[str, float]:
     """Generate ``cfg.generation.n_samples`` pairs into ``workdir`` (resumable).
 
@@ -231,47 +254,36 @@ def run_generate(cfg, datamodule, workdir: Path, upstream: dict, logger=None) ->
             outs, extra, info = _diffusion_batch(cfg, model, plans, prompt, negative, validator, _num_classes(datamodule))
         else:
             outs, extra = copy_paste_batch(plans, images, masks, donors)
-        records = []
-        for p, img, ex in zip(plans, outs, extra):
-            if img is not None:
-                rel_img, rel_mask = write_pair(workdir, p["id"], img, p["label"])
-            else:  # stopped early: never finished, so no image
-                rel_img, rel_mask = None, f"masks/{p['id']}.png"
-                write_png(workdir / rel_mask, p["label"])
-            rel_new = f"new_masks/{p['id']}.png"
-            write_png(workdir / rel_new, p["new_mask"])
-            records.append({**_base_record(cfg, p, method), **ex, "image": rel_img, "mask": rel_mask,
-                            "new_mask": rel_new})
-        done_k = [k for k, img in enumerate(outs) if img is not None]
-        if "latents" in info and done_k:  # shard first, manifest last: the manifest line commits both
-            rel_lat = latent_store.save_shard(workdir, [plans[k]["id"] for k in done_k],
-                                              *(info[key][done_k] for key in ("latents", "mask_latents", "masked_latents")))
-            for k in done_k:
-                records[k]["latents"] = rel_lat
+        records = _write_batch(workdir, cfg, method, plans, outs, extra, info)
         append_manifest(manifest, records)  # commit point of the batch
         progress["seconds"] += time.perf_counter() - t0
         atomic_write(progress_path, lambda f: f.write(json.dumps(progress)), mode="w")
         if logger is not None and hasattr(logger, "log_metrics"):
             logger.log_metrics({"gen/n_done": float(len(done) + b + len(plans))}, step=b // bs)
 
+    metrics = _summary(cfg, workdir, manifest, skipped, progress, images[list(datamodule.split_indices["train"])])
+    if validator is not None:
+        metrics["gen/early_reject_validator_seconds"] = float(t_val)
+    finished = [r for r in read_manifest(manifest) if not r.get("early_rejected")]
+    if finished:
+        save_grid(workdir / "grid.png", finished[:8], workdir, images)
+    return metrics
+
+
+def _summary(cfg, workdir: Path, manifest: Path, skipped: list, progress: dict, real: np.ndarray) -> dict[str, float]:
+    """The stage's metrics: counts, seconds, and FID/KID of the finished samples against ``real``
+    (uint8 (N,S,S,3)); the samples are read a batch at a time."""
     records = read_manifest(manifest)
     finished = [r for r in records if not r.get("early_rejected")]
     if skipped:
-        write_manifest(workdir / "skipped.jsonl",
-                                [{"id": p["id"], "reason": p["skip_reason"]} for p in skipped])
-    fake = np.stack([read_image(workdir / r["image"]) for r in finished]) if finished else np.zeros((0,))
-    real = images[list(datamodule.split_indices["train"])]
+        write_manifest(workdir / "skipped.jsonl", [{"id": p["id"], "reason": p["skip_reason"]} for p in skipped])
     n_early = len(records) - len(finished)
     metrics = {"gen/n_samples": float(len(records)), "gen/n_skipped": float(len(skipped)),
                "gen/n_early_rejected": float(n_early), "gen/early_reject_rate": n_early / max(len(records), 1),
                "gen/seconds": float(progress["seconds"]),
                "gen/samples_per_s": float(len(records) / progress["seconds"]) if progress["seconds"] > 0 else 0.0}
-    if validator is not None:
-        metrics["gen/early_reject_validator_seconds"] = float(t_val)
+    fake = ImageFiles([workdir / r["image"] for r in finished])
     metrics.update(fid_kid(real, fake, seed=int(cfg.generation.seed)))
-    records = finished
-    if records:
-        save_grid(workdir / "grid.png", records[:8], workdir, images)
     return metrics
 
 

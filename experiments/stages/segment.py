@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augmented import training_set
 from datamodules.io import atomic_write
-from experiments.builders import build_segmenter
-from experiments.external_tests import evaluate_external, external_sets, signature_inputs
+from experiments.runner.builders import build_segmenter
+from experiments.runner.external_tests import external_sets, signature_inputs
 from experiments.hashing import subtree
-from experiments.trainer import build_trainer
+from experiments.runner.trainer import build_trainer
 from lightning_modules.segmenter import SegmenterModule
 
-# Bump when this stage's code changes what it produces for the same config (see experiments.pipeline).
+# Bump when this stage's code changes what it produces for the same config (see experiments.runner.pipeline).
 # 1: albumentations augmentations are seeded from augment.seed (before, each run drew them from OS
 #    entropy, so a rerun of a cell was not the same run); the validate stage's version 1 covers the
 #    validator's seeded augment copies.
@@ -56,7 +56,7 @@ def fit_segmenter(cfg: DictConfig, datamodule: Any, workdir: str | Path, logger:
         train_set: the training Dataset of ``{"image", "mask", "id"}`` samples (see
             :func:`datamodules.augmented.training_set`); default the datamodule's own train loader.
         callbacks: extra callbacks.
-        external: external test sets (:func:`experiments.external_tests.external_sets`), tested after
+        external: external test sets (:func:`experiments.runner.external_tests.external_sets`), tested after
             the in-domain test with the same checkpoint.
         **trainer_overrides: extra ``L.Trainer`` keywords (tests).
 
@@ -160,3 +160,25 @@ def save_prediction_figure(module: SegmenterModule, dataset: Any, path: str | Pa
                 axes[r, c].set_title(f"{title} {it.get('id', '')}" if c == 0 else title, fontsize=7)
     fig.tight_layout()
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), fsync=False)
+
+
+def evaluate_external(trainer: Any, module: Any, sets: list, ckpt_path: Optional[str], batch_size: int,
+                      workdir: Path) -> Dict[str, float]:
+    """Test the selected checkpoint on each external set: ``test/<label>/<metric>`` floats.
+
+    The metrics are the in-domain test's (the segmenter's torchmetrics, under another prefix); a
+    prediction grid of each set is written to ``workdir/predictions_<label>.png``.
+    """
+    metrics: Dict[str, float] = {}
+    for ext in sets:
+        prefix = f"test/{ext.label}"
+        module.test_prefix = prefix
+        try:
+            loader = DataLoader(ext.dataset(), batch_size=batch_size, shuffle=False)
+            trainer.test(module, dataloaders=loader, ckpt_path=ckpt_path, verbose=False)
+        finally:
+            module.test_prefix = "test"
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix + "/")})
+        if trainer.is_global_zero:
+            save_prediction_figure(module, ext.dataset(), Path(workdir) / f"predictions_{ext.label}.png")
+    return metrics

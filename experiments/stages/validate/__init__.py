@@ -26,11 +26,11 @@ from experiments.stages.validate.sanity import sanity
 from experiments.stages.validate.write import save_accept_reject, write_decisions
 
 # Part of the stage's signature: raise it when this stage's code changes what it produces for the same
-# config (see experiments.pipeline), so cached results of the older code are not reused. Version 1
+# config (see experiments.runner.pipeline), so cached results of the older code are not reused. Version 1
 # judges the gate on lesion pairs only and erodes only the newly generated lesion.
 VERSION = 1
 # The pixel gate's own version: its segmenter follows segmenter.encoder_depth and
-# segmenter.decoder_channels (experiments.builders.build_segmenter); other gates are unaffected.
+# segmenter.decoder_channels (experiments.runner.builders.build_segmenter); other gates are unaffected.
 PIXEL_GATE_VERSION = 2
 
 

@@ -13,7 +13,7 @@ import torch
 
 from datamodules import latent_store
 from datamodules.io import short_hash
-from experiments.builders import load_finetuned
+from experiments.runner.builders import load_finetuned
 from experiments.gate_training import (PIXEL_SEGMENTER, load_pixel_segmenter, load_validator, save_validator,
                                        normal_pool, train_latent_validator, train_pixel_segmenter,
                                        validator_settings)
@@ -35,7 +35,7 @@ def stage_prompt(cfg, datamodule, rows: list) -> str:
 def device_of(cfg) -> torch.device:
     """The gate's device: CUDA when ``trainer.accelerator`` asks for it and one is available; under a
     launcher the rank's own GPU (its local rank), as Lightning's DDP gives each rank."""
-    from experiments.distributed import launcher
+    from experiments.runner.distributed import launcher
 
     want_gpu = str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
     if not (want_gpu and torch.cuda.is_available()):

@@ -1,6 +1,6 @@
 """The gate's model trained by every rank under a launcher (torchrun, SLURM's srun): DDP, not rank 0 alone.
 
-Under a launcher :mod:`experiments.distributed` runs the validate stage on rank 0 alone. When the gate
+Under a launcher :mod:`experiments.runner.distributed` runs the validate stage on rank 0 alone. When the gate
 has a model still to train (the latent validator, or the pixel gate's segmenter), every rank first
 joins that training here (Lightning's DDP over the launcher's process group); rank 0 saves the model
 where the stage then finds it: the latent validator in its cache (:func:`validator_cache_path`, as a

@@ -64,7 +64,7 @@ def quiet_third_party() -> None:
     # change, and it repeats for every fit.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Lightning warns when any submodule is in eval mode at fit start. The trainer builder puts every
-    # module with trainable weights in train mode before fit (experiments.trainer.TrainMode); what stays
+    # module with trainable weights in train mode before fit (experiments.runner.trainer.TrainMode); what stays
     # in eval mode is frozen on purpose (the diffusion model's VAE and text encoders), so the warning
     # only counts those.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")

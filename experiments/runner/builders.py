@@ -2,7 +2,7 @@
 
 Stages, the gate training and the benchmarks call these, so a new config key reaches every user
 of a model (the gate's segmenter once drifted from the segment stage's). The Trainer has its own
-one place, :mod:`experiments.trainer`.
+one place, :mod:`experiments.runner.trainer`.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import List, Mapping, Tuple
 
 from omegaconf import DictConfig
 
-from experiments.external_tests import external_caveats
+from experiments.runner.external_tests import external_caveats
 from experiments.stages.validate.sanity import flag_reasons
 
 EXIT_NOT_A_RESULT = 3

@@ -61,7 +61,7 @@ class Coordinator:
     def __init__(self, env: Any, accelerator: str):
         import torch.distributed as dist
 
-        from experiments.locks import lock_timeout
+        from experiments.cache.locks import lock_timeout
 
         self.rank, self.world_size = env.global_rank(), env.world_size()
         os.environ.setdefault("MASTER_ADDR", env.main_address)  # SLURM: Lightning derives them
@@ -111,7 +111,7 @@ class Coordinator:
             joint_training: for a stage rank 0 runs alone: ``(needed, train)``; when rank 0 finds
                 ``needed()``, every rank first runs ``train()`` together (the validate stage's gate model).
         """
-        from experiments.locks import stage_lock
+        from experiments.cache.locks import stage_lock
 
         self._step += 1
         if self.rank != 0:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.io import atomic_write_text
 from experiments import tracking
 from experiments.config import STAGES, ConfigError
-from experiments.external_tests import external_sets
+from experiments.runner.external_tests import external_sets
 from experiments.hashing import short_hash, subtree
 from experiments.stages import finetune, generate, segment, validate
 
@@ -146,7 +146,7 @@ def run_stages(cfg: DictConfig, targets: Optional[Iterable[str]] = None, force: 
         tracking.log_data_inputs(cfg, datamodule, external)
     root = Path(cfg.artifacts_dir)
     result = PipelineResult()
-    from experiments.distributed import coordinator as launched
+    from experiments.runner.distributed import coordinator as launched
 
     coordinator = launched(cfg.trainer.accelerator)
     for stage in todo:
@@ -205,8 +205,8 @@ def _compute(cfg: DictConfig, stage: str, datamodule: Any, partial: Path, final:
 
 
 def _stage_lock(path: Path) -> Any:
-    """An exclusive lock across processes and machines (see :mod:`experiments.locks`)."""
-    from experiments.locks import stage_lock
+    """An exclusive lock across processes and machines (see :mod:`experiments.cache.locks`)."""
+    from experiments.cache.locks import stage_lock
 
     return stage_lock(path)
 

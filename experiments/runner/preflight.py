@@ -80,7 +80,7 @@ def check_outputs(cfg: DictConfig) -> None:
 
 def needs_base(cfg: DictConfig) -> bool:
     """Whether the stages of ``cfg`` load the diffusion base (fine-tune, or a latent gate)."""
-    from experiments.pipeline import required_stages
+    from experiments.runner.pipeline import required_stages
 
     stages = required_stages(cfg)
     return "finetune" in stages or ("validate" in stages
@@ -167,7 +167,7 @@ def preflight(cfg: DictConfig) -> Any:
             test set cannot be loaded or shares images with the run's data.
         FileNotFoundError: the diffusion base folder or one of its parts is missing.
     """
-    from experiments.pipeline import build_datamodule
+    from experiments.runner.pipeline import build_datamodule
 
     check_outputs(cfg)
     split_file = cfg.data.split_file
@@ -177,7 +177,7 @@ def preflight(cfg: DictConfig) -> Any:
                           f"data.split_file=null to split by seed.")
     check_base(cfg)
     datamodule = build_datamodule(cfg)
-    from experiments.external_tests import external_sets
+    from experiments.runner.external_tests import external_sets
 
     external_sets(cfg, datamodule)  # data.external_tests: loaded (kept on the datamodule) and checked against its data
     return datamodule

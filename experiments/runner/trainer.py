@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.console import on_terminal, quiet_third_party
+from experiments.runner.console import on_terminal, quiet_third_party
 
 
 class TrainMode(L.Callback):
@@ -51,7 +51,7 @@ def build_trainer(cfg: DictConfig, workdir: str | Path, logger: Any = None, call
 
     Returns:
         The Trainer. ``strategy=ddp`` with ``accelerator=cpu`` uses the gloo backend. Its progress
-        bar is drawn on a terminal only (:mod:`experiments.console`).
+        bar is drawn on a terminal only (:mod:`experiments.runner.console`).
     """
     quiet_third_party()
     t = cfg.trainer
@@ -69,7 +69,7 @@ def build_trainer(cfg: DictConfig, workdir: str | Path, logger: Any = None, call
     )
     if t.val_check_interval:  # step-based validation: same schedule whatever the epoch length
         kwargs.update(val_check_interval=t.val_check_interval, check_val_every_n_epoch=None)
-    from experiments.distributed import launcher_devices
+    from experiments.runner.distributed import launcher_devices
 
     launched = launcher_devices()
     if launched is not None:  # under torchrun/srun every rank joins: the launcher sets the world
@@ -85,6 +85,6 @@ def _strategy(name: str) -> str:
     pipeline's non-training stages in every process; spawning inside ``fit`` keeps the pipeline
     single-process, so only the training step is distributed and only rank 0 writes artifacts.
     """
-    from experiments.distributed import launcher
+    from experiments.runner.distributed import launcher
 
     return "ddp_spawn" if name == "ddp" and launcher() is None else name

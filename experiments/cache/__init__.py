@@ -1,0 +1,2 @@
+"""The cache: stage signatures, what identifies a base and a data folder, and the locks that
+let many processes share one artifacts folder."""
