@@ -89,7 +89,7 @@ def test_rate_intervals_cover_a_known_truth_at_their_nominal_level():
     assert 0.93 <= covered / reps <= 0.97
 
 
-def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc1234", val=None):
+def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc1234", val=None, extra=None):
     records = []
     for seed in seeds:
         for n in budgets:
@@ -97,9 +97,10 @@ def _records(tmp_path, grid, variants, seeds, budgets=(16,), dice=None, sha="abc
                 value = (dice or (lambda v, n, s, i: 0.3 + 0.05 * i + 0.1 * math.log2(n / 8) + 0.003 * (s % 5)))(variant, n, seed, i)
                 cell = f"{variant}-{n}-{seed}"
                 tags = {"grid": grid, "cell": cell, "variant": variant, "seed": str(seed), "git_sha": sha, "sig": "s"}
+                metrics = {"test/dice": value, "test/fnr_small": 0.5 - value / 2,
+                           "val/dice": (val or (lambda v, d: d))(variant, value), **(extra or (lambda v, s, d: {}))(variant, seed, value)}
                 records.append(rr.make_record(grid, cell, f"r-{cell}", 1000 + len(records), "FINISHED", tags,
-                                              {"data.n_real": str(n)}, {"test/dice": value, "test/fnr_small": 0.5 - value / 2,
-                                                                               "val/dice": (val or (lambda v, d: d))(variant, value)}))
+                                              {"data.n_real": str(n)}, metrics))
     rr.write_records(records, tmp_path / f"{grid}.jsonl")
 
 
@@ -191,3 +192,41 @@ def test_note_placeholders_are_checked_and_filled(tmp_path):
     spec["notes"] = "a {dice.a.mean:.2f} {dice.a.ci:.2f}; b {dice.b.mean:.3f}; Δ {diff.dice.b.a.mean:+.3f}"
     text = render_section(spec, build_table(spec, runs))
     assert "a 0.55 [-0.09, 1.19]; b n/a; Δ n/a" in text  # b is declared but has no runs yet
+
+
+def test_external_columns_from_runs_that_have_them_and_not_measured_otherwise(tmp_path):
+    """A table naming each grid's external set reads test/<set>/* as test/external/*: columns, paired Δs
+    in the Holm family, results.json's per-modality ``external`` block, and "not measured" where no run
+    measured the set."""
+    import yaml
+
+    from experiments.reporting.table_cli import main
+
+    arms = ["real_only", "copy_paste", "diffusion", "diffusion_gate"]
+    center_b = lambda v, s, d: {"test/procedural_polyp_center_b/dice": d - 0.1 + 0.02 * (v == "diffusion_gate")}  # noqa: E731
+    _records(tmp_path, "headline_polyp", arms, range(100, 110), extra=center_b)
+    _records(tmp_path, "headline_skin", arms, range(100, 110))
+    spec = yaml.safe_load((TABLES / "headline_by_modality.yaml").read_text())
+    spec["external"] = {"polyp": "procedural_polyp_center_b", "skin": "procedural_skin_center_b"}
+    spec["columns"].append({"metric": "test/external/dice", "name": "Dice (external)", "format": ".3f", "ci": True})
+    spec["compare"] = ["test/dice", "test/external/dice"]
+    path = tmp_path / "headline_external.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--runs", str(tmp_path), "--write", str(tmp_path / "r.md"),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    block = json.loads((tmp_path / "r.json").read_text())["headline_by_modality"]
+    polyp = block["polyp"]["external"]["procedural_polyp_center_b"]
+    # diffusion_gate (i=3) vs copy_paste (i=1): +0.10 in-domain, +0.12 on center B
+    assert polyp["gain_vs_copy_paste"] == pytest.approx(0.12) and polyp["pairs_vs_copy_paste"] == 10
+    assert polyp["dice_diffusion"] - polyp["dice_copy_paste"] == pytest.approx(0.12)
+    assert polyp["mde80_vs_copy_paste"] is not None and polyp["significant_vs_copy_paste"] is not None
+    skin = block["skin"]["external"]["procedural_skin_center_b"]
+    assert skin["dice_diffusion"] is None and skin["gain_vs_copy_paste"] is None and skin["pairs_vs_copy_paste"] == 0
+    text = (tmp_path / "r.md").read_text()
+    skin_row = next(line for line in text.splitlines() if line.startswith("| skin · diffusion + calibrated gate"))
+    assert skin_row.count("not measured") == 3  # the column and its two Δs
+    assert "on the external test sets (polyp: procedural_polyp_center_b" in text
+    with pytest.raises(ConfigError, match="external"):
+        spec["external"] = {"colon": "x"}
+        path.write_text(yaml.safe_dump(spec))
+        main([str(path), "--runs", str(tmp_path)])

@@ -54,6 +54,12 @@ def headline(entries: Mapping[str, Mapping[str, Any]], family: int) -> List[str]
     out = [_choice(entries)]
     out += [s for s in (_contrast(entries, "copy_paste", family, "the copy-paste control"),
                         _contrast(entries, "real_only", family, "real only")) if s]
+    external = {m: {**numbers, "n_seeds": e["n_seeds"]} for m, e in entries.items()
+                for numbers in (e.get("external") or {}).values()}
+    if external:
+        sets = ", ".join(f"{m}: {s}" for m, e in entries.items() for s in (e.get("external") or {}))
+        out += [s for s in (_contrast(external, "copy_paste", family, f"the copy-paste control on the external test sets ({sets})"),
+                            _contrast(external, "real_only", family, "real only on the external test sets")) if s]
     flagged = [m for m, e in entries.items() if e.get("gate_flagged")]
     if flagged:
         out.append(f"The chosen arm's gate is flagged (⚠) in {len(flagged)} of {len(entries)} modalities "

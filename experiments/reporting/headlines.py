@@ -11,10 +11,11 @@ import pandas as pd
 from experiments.reporting import findings
 from experiments.reporting.stats import fmt, jsonable, paired_difference
 from experiments.reporting.aggregate import mde_alpha
-from experiments.reporting.keys import canon, column_of
+from experiments.reporting.keys import EXTERNAL_PREFIX, canon, column_of
 from experiments.reporting.table_render import render_markdown_table
 
 DICE, FNR = "test/dice", "test/fnr_small"
+EXTERNAL_DICE = EXTERNAL_PREFIX + "dice"
 
 
 def _find(table: Dict[str, Any], key: str, prefix: tuple = ()) -> Optional[dict]:
@@ -116,6 +117,10 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
         # chosen arm) with the no-gate arm, whose variant is called "diffusion"
         entry["dice_by_arm"] = {r["key"][-1]: _mean(r, DICE) for r in table["rows"]
                                 if r["key"][0] == canon(label) and r["n"]}
+        external = spec.get("external")
+        external = external.get(label) if isinstance(external, dict) else external
+        if external:
+            entry["external"] = {str(external): _external(real, cp, diff, arms, alpha)}
         out[label] = entry
         if not len(mine):
             pending.append({"dataset": f"{label} ({grid})", "needs": "no runs yet",
@@ -148,12 +153,28 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
                                           table["holm_family"])}
 
 
-def _holm_significant(row: Optional[dict], baseline: str) -> Optional[bool]:
-    """Whether the table marked the row's Dice Δ against ``baseline`` significant after Holm."""
+def _holm_significant(row: Optional[dict], baseline: str, metric: str = DICE) -> Optional[bool]:
+    """Whether the table marked the row's Δ of ``metric`` against ``baseline`` significant after Holm."""
     for vs in (row or {}).get("vs", []):
-        if vs["baseline_key"] == canon(baseline) and vs["diff"].get(DICE):
-            return bool(vs["diff"][DICE].get("significant"))
+        if vs["baseline_key"] == canon(baseline) and vs["diff"].get(metric):
+            return bool(vs["diff"][metric].get("significant"))
     return None
+
+
+def _external(real: Optional[dict], cp: Optional[dict], diff: Optional[dict], arms: Dict[str, Any],
+              alpha: float) -> Dict[str, Any]:
+    """The chosen diffusion arm against both controls on the modality's external set (None: not measured)."""
+    gain, gain_cp = _pair(diff, real, alpha, EXTERNAL_DICE), _pair(diff, cp, alpha, EXTERNAL_DICE)
+    gain, gain_cp = (g if g and g["n"] else None for g in (gain, gain_cp))
+    return {"dice_real_only": _mean(real, EXTERNAL_DICE), "dice_copy_paste": _mean(cp, EXTERNAL_DICE),
+            "dice_diffusion": _mean(diff, EXTERNAL_DICE),
+            "gain_vs_real_only": gain["mean"] if gain else None, "gain_vs_real_only_ci95": _ci(gain),
+            "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None, "gain_vs_copy_paste_ci95": _ci(gain_cp),
+            "mde80_vs_real_only": gain["mde80"] if gain else None,
+            "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None, "mde80_alpha": alpha,
+            "pairs_vs_real_only": gain["n"] if gain else 0, "pairs_vs_copy_paste": gain_cp["n"] if gain_cp else 0,
+            "significant_vs_real_only": _holm_significant(diff, arms["real_only"], EXTERNAL_DICE),
+            "significant_vs_copy_paste": _holm_significant(diff, arms["copy_paste"], EXTERNAL_DICE)}
 
 
 def _excluded(arm: Optional[dict], copy_paste: Optional[dict]) -> Optional[Dict[str, Any]]:

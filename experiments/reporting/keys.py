@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 SEG_PREFIXES = ("test/", "val/")  # metrics a collapsed segmenter corrupts
 GATE_METRIC, COLLAPSE_METRIC = "gen/real_pass_rate", "seg/collapsed"
 # a gate must also reject real pairs made wrong; one that passes them judges nothing
 GATE_REJECT_METRICS = ("gen/real_misplaced_reject_rate", "gen/real_missing_reject_rate")
+# A table names each grid's external test set (data.external_tests, logged as test/<set>/<metric>);
+# its metrics are read under one name, test/external/<metric>, so rows of several grids share columns.
+EXTERNAL_PREFIX = "test/external/"
 
 
 def canon(value: Any) -> str:
@@ -26,3 +31,11 @@ def column_of(key: str) -> str:
     if key.startswith(("params.", "metrics.", "tags.")):
         return key
     return f"metrics.{key}" if "/" in key else f"tags.{key}"
+
+
+def with_external(runs: pd.DataFrame, external_set: str) -> pd.DataFrame:
+    """``runs`` with ``metrics.test/external/<m>`` columns copied from ``metrics.test/<external_set>/<m>``
+    (runs that did not measure the set keep NaN there: "not measured")."""
+    own = f"metrics.test/{external_set}/"
+    copies = {f"metrics.{EXTERNAL_PREFIX}{c[len(own):]}": runs[c] for c in runs.columns if c.startswith(own)}
+    return runs.assign(**copies) if copies else runs

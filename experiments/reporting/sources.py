@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import pandas as pd
 
-from experiments.reporting.keys import canon, column_of
+from experiments.reporting.keys import canon, column_of, with_external
 from experiments.reporting.run_records import runs_frame
 from experiments.reporting.store import default_tracking_uri
 
@@ -63,12 +63,17 @@ def collect_runs(grid: str, tracking_uri: Optional[str] = None, filter: Optional
 def gather_runs(spec: Dict[str, Any], tracking_uri: Optional[str] = None,
                 records: Optional[Sequence[Dict[str, Any]]] = None) -> pd.DataFrame:
     """The runs of every grid a table reads; with ``grids:`` each run gets the tag ``grid_key``
-    (e.g. ``modality``) set to its grid's label, so rows can group by it."""
+    (e.g. ``modality``) set to its grid's label, so rows can group by it; with ``external:`` (one set,
+    or one per grid label) the set's metrics are also read as ``test/external/<metric>``."""
     frames = []
     for label, grid in spec["sources"]:
         df = collect_runs(grid, tracking_uri, spec.get("filter"), records)
         if label is not None and len(df):
             df = df.assign(**{f"tags.{spec.get('grid_key', 'group')}": label})
+        external = spec.get("external")
+        external = external.get(label) if isinstance(external, dict) else external
+        if external and len(df):
+            df = with_external(df, str(external))
         frames.append(df)
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0] if frames else pd.DataFrame()

@@ -19,7 +19,7 @@ from lightning_modules.gating.flags import MIN_REAL_PASS, MIN_WRONG_REJECT
 
 SPEC_KEYS = {"title", "grid", "grids", "grid_key", "command", "rows", "columns", "baseline", "compare", "filter",
              "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes", "note_metrics",
-             "gate_min_real_pass", "gate_min_real_reject", "samples", "summary", "efficiency"}
+             "gate_min_real_pass", "gate_min_real_reject", "samples", "summary", "efficiency", "external"}
 SUMMARIES = {"headline_by_modality": {"by_modality"}, "data_efficiency": {"exchange"}}  # their note names
 
 def load_table(path: str | Path) -> Dict[str, Any]:
@@ -56,6 +56,7 @@ def load_table(path: str | Path) -> Dict[str, Any]:
     grid_cmd = " && ".join(f"meddiffaug grid sweeps/grids/{g}.yaml" for _, g in spec["sources"])
     spec.setdefault("command", f"{grid_cmd} && meddiffaug table {path} --write outputs/{path.stem}.md")
     spec["id"], spec["path"] = path.stem, str(path)
+    _check_external(spec)
     # the validate stage flags a gate at these rates too (gen/gate_flagged); a table may be stricter
     spec.setdefault("gate_min_real_pass", MIN_REAL_PASS)
     spec.setdefault("gate_min_real_reject", MIN_WRONG_REJECT)
@@ -78,3 +79,16 @@ def _check_note_names(spec: Dict[str, Any]) -> None:
     if bad:
         raise ConfigError(f"{spec['path']}: notes use unknown names {bad}; known: {', '.join(sorted(known))} "
                           f"(add a metric to note_metrics to quote it).")
+
+
+def _check_external(spec: Dict[str, Any]) -> None:
+    """``external``: the external test set whose metrics fill ``test/external/*`` columns: one set name
+    (``procedural_polyp_center_b``), or a mapping from each grid label to its set."""
+    external = spec.get("external")
+    if external is None or isinstance(external, str):
+        return
+    labels = {label for label, _ in spec["sources"]}
+    if not isinstance(external, dict) or set(map(str, external)) - labels:
+        raise ConfigError(f"{spec['path']}: 'external' is {external!r}; give one set name (the label of "
+                          f"data.external_tests, e.g. procedural_polyp_center_b) or map each grid label "
+                          f"({', '.join(sorted(str(x) for x in labels))}) to its set.")

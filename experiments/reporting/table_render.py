@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
-from experiments.reporting.keys import GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES
+from experiments.reporting.keys import EXTERNAL_PREFIX, GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES
 from experiments.reporting.notes import Interval, Node, Num, declared_keys, render
 from experiments.reporting.stats import fmt
 
@@ -25,7 +25,7 @@ def _cell(summary: Dict[str, float], col: Dict[str, Any], collapsed: int, n_runs
     # No "best mean" is bolded: an untested ranking of means would look like a finding.
     spec = col.get("format", ".3f")
     if not summary["n"]:
-        return "not logged" if n_runs else "no runs yet"
+        return ("not measured" if col["metric"].startswith(EXTERNAL_PREFIX) else "not logged") if n_runs else "no runs yet"
     text = fmt(summary["mean"], spec)
     if summary["n"] >= 2:
         text += f" ± {fmt(summary['std'], spec)}"
@@ -42,7 +42,7 @@ def _diff_cell(diff: Optional[Dict[str, Any]], col: Dict[str, Any], is_base: boo
     if is_base:
         return "reference"
     if diff is None or not diff["n"]:
-        return "no paired seeds"
+        return "not measured" if str(col.get("metric", "")).startswith(EXTERNAL_PREFIX) else "no paired seeds"
     spec = col.get("format", ".3f")
     text = fmt(diff["mean"], spec, signed=True)
     if diff["n"] < 2:
