@@ -1,8 +1,8 @@
 """Signatures: which config values a stage's result depends on, and the one short hash.
 
 Every stage declares its inputs with :func:`subtree` (a config section minus the keys that change
-no result); :func:`short_hash` turns any JSON-able payload into the hex digest used for stage
-folders, grid cells and study trials alike.
+no result); :func:`datamodules.io.short_hash` turns any JSON-able payload into the hex digest used
+for stage folders, grid cells and study trials alike.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.io import short_hash  # noqa: F401  (the one hash, re-exported for the orchestration)
 
 # Keys that change no result: excluded from every signature.
 # data.external_tests: read only by the segment stage, which adds them to its own inputs when set.
@@ -22,7 +21,8 @@ IGNORED = {"data": {"num_workers", "cache_dir", "external_tests"},
 
 # Keys added after results were cached, at the value that reproduces the old behaviour: left out of
 # the signature at that value, so adding an option does not invalidate every cached stage.
-NEUTRAL = {"validator": {"calibrate_real_pass": None, "crossfit_folds": 0, "pasted_pairs": 0},
+NEUTRAL = {"validator": {"calibrate_real_pass": None, "crossfit_folds": 0, "pasted_pairs": 0,
+                         "quality_features": "random_resnet18"},
            "data": {"split_file": None, "n_val": None, "n_normal": 0, "test_pool": None},
            "augment": {"synthetic_only": False},
            "diffusion": {"mixed_precision": None, "grad_accum": 1, "ema_decay": None, "attention": "sdpa",

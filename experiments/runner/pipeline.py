@@ -14,15 +14,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.io import atomic_write_text
+from datamodules.io import atomic_write_text, short_hash
 from experiments import tracking
 from experiments.config import STAGES, ConfigError
+from experiments.hashing import subtree
 from experiments.runner.external_tests import external_sets
-from experiments.hashing import short_hash, subtree
 from experiments.stages import finetune, generate, segment, validate
 
 # Each stage module declares ``VERSION``, ``inputs(cfg)`` and its ``run_<stage>`` entry next to its code.

@@ -13,9 +13,10 @@ from typing import Any, Dict, Sequence
 import torch
 from omegaconf import DictConfig
 
-from experiments.runner.builders import build_diffusion
+from datamodules.io import short_hash
 from experiments.cache.base_identity import base_identity
-from experiments.hashing import short_hash, subtree
+from experiments.hashing import subtree
+from experiments.runner.builders import build_diffusion
 from experiments.runner.trainer import build_trainer
 from lightning_modules.diffusion_bank import LatentBankDataset, build_inpainting_bank, variant_weights
 from lightning_modules.diffusion_memory import prepare_finetune

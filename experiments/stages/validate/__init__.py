@@ -39,8 +39,8 @@ def inputs(cfg: DictConfig) -> Dict[str, Any]:
     validator = subtree(cfg, "validator")
     if validator.get("calibrate_real_pass") is None:  # the floor only acts on a calibrated θ
         validator.pop("calibrate_min_threshold", None)
-    if validator.get("quality_features") == "random_resnet18" or not validator.get("quality_filter"):
-        validator.pop("quality_features", None)  # the old features (neutral), or no filter to use them
+    if not validator.get("quality_filter"):
+        validator.pop("quality_features", None)  # no filter to use them
     out = {"validator": validator, "base_model": cfg.diffusion.base_model, "prompt": cfg.diffusion.prompt}
     if cfg.validator.mode == "pixel":  # the pixel gate trains a segmenter on the real pairs
         out["segmenter"] = subtree(cfg, "segmenter")
