@@ -5,16 +5,12 @@ loop prints nothing and the caller writes one line when it ends.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Iterable, Optional
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
-
-def on_terminal() -> bool:
-    """True when stdout and stderr are both terminals (bars then redraw in place)."""
-    return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
+from lightning_modules.terminal import on_terminal
 
 
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: str = "it") -> Iterable:

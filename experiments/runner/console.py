@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 
-
-def on_terminal() -> bool:
-    """True when stdout and stderr are both terminals (bars then redraw in place)."""
-    return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
+from lightning_modules.terminal import on_terminal
 
 
 def bars_off_the_terminal() -> None:

@@ -7,7 +7,8 @@ from typing import Any, Iterable, Optional
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.runner.console import on_terminal, quiet_third_party
+from experiments.runner.console import quiet_third_party
+from lightning_modules.terminal import on_terminal
 
 
 class TrainMode(L.Callback):
