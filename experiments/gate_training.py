@@ -5,7 +5,9 @@ generate is saved as ``validator.pt`` with its settings so validate reuses it in
 """
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +74,9 @@ def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
     per_image = max(3, 9 // max(1, int(v.augment_copies)) // 3 * 3)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="validator_bank_", dir=workdir))  # one per rank under a launcher
+    _remove_stale_banks(workdir)
+    # one per rank under a launcher; host and pid in the name tell a killed run's folder from a live one
+    folder = Path(tempfile.mkdtemp(prefix=f"validator_bank_{socket.gethostname()}_{os.getpid()}_", dir=workdir))
     try:
         start = time.perf_counter()
         bank = build_validator_bank(diffusion, pairs, prompt, t_focus, folder, per_image=per_image, seed=seed)
@@ -92,6 +96,24 @@ def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return model.eval()
+
+
+def _remove_stale_banks(workdir: Path) -> None:
+    """Delete gate-data folders this host's killed processes left in ``workdir`` (their pid is gone)."""
+    for folder in workdir.glob(f"validator_bank_{socket.gethostname()}_*_*"):
+        pid = folder.name[len(f"validator_bank_{socket.gethostname()}_"):].split("_")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def normal_pool(datamodule):
