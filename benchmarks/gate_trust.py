@@ -43,8 +43,12 @@ MODALITIES = ("polyp", "fundus", "skin", "ultrasound")
 # (segments from the latent alone); pasted: also trains on 64 labelled lesions pasted into 64 lesion-free
 # pool images (not for fundus: every retina shows a disc, so it has no lesion-free pool)
 GATES = {"prompted": ["validator.prompted=true"], "plain": ["validator.prompted=false"],
-         "pasted": ["validator.prompted=true", "data.n_normal=64", "validator.pasted_pairs=64"]}
-NEEDS_POOL = {"pasted"}
+         "pasted": ["validator.prompted=true", "data.n_normal=64", "validator.pasted_pairs=64"],
+         # the same validator at an operating point that passes 90 % of the cross-fitted real pairs: a gate
+         # calibrated to pass 80 % is flagged (real pass < 0.8) by the check's own noise about half the time
+         "pasted_q0.9": ["validator.prompted=true", "data.n_normal=64", "validator.pasted_pairs=64",
+                         "validator.calibrate_real_pass=0.9"]}
+NEEDS_POOL = {"pasted", "pasted_q0.9"}
 SEED_KEYS = ("seed", "data.split_seed", "data.procedural_seed", "augment.seed", "generation.seed")
 CONFIG = "experiments/configs/procedural_polyp_diffaug.yaml"
 
@@ -94,7 +98,7 @@ def main(argv=None) -> list:
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides (every run)")
     args = parser.parse_args(argv)
     from benchmarks.gate_trust_run import judge_run
-    from experiments.pipeline import build_datamodule
+    from experiments.runner.pipeline import build_datamodule
     from lightning_modules.diffusion import InpaintingDiffusion
 
     rows, diffusion = [], None
