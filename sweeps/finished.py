@@ -26,6 +26,23 @@ def mlflow_experiment(cells: Sequence[Any]) -> Optional[str]:
     return None if experiment is None else experiment.experiment_id
 
 
+def done_in_records(grid: str, wanted: Dict[str, Sequence[str]], path: Optional[Path] = None) -> Dict[str, str]:
+    """Cells of ``grid`` done according to its run records: cell signature -> run id.
+
+    Args:
+        grid: grid name.
+        wanted: cell signature -> ``(final stage, its signature, the metric that proves it done)``, as
+            :meth:`sweeps.grid.Cell.identity` gives; a record counts only for the cell's current
+            final-stage signature and with that metric, exactly as an MLflow run does.
+        path: the records file; default ``sweeps/records/<grid>.jsonl``.
+    """
+    from experiments.reporting.run_records import finished_records
+
+    return {r["cell"]: r["run_id"] for r in finished_records(grid, path)
+            if r["cell"] in wanted and r["tags"].get("sig") == wanted[r["cell"]][1]
+            and r["metrics"].get(wanted[r["cell"]][2]) is not None}
+
+
 def finished_cells(cells: Sequence[Any]) -> Dict[str, str]:
     """Cell signature -> run id of its done MLflow run, for cells already done.
 
@@ -37,11 +54,9 @@ def finished_cells(cells: Sequence[Any]) -> Dict[str, str]:
 
     if not cells:
         return {}
-    from experiments.reporting.run_records import exported_cells
-
     wanted = {c.sig: c.identity() for c in cells}
     # Cells in the committed run records are done on any machine (the MLflow store is not committed).
-    done: Dict[str, str] = exported_cells(cells[0].grid, wanted)
+    done: Dict[str, str] = done_in_records(cells[0].grid, wanted)
     experiment_id = mlflow_experiment(cells)
     if experiment_id is None:
         return done

@@ -109,13 +109,16 @@ def test_bad_records_name_the_file_and_line(tmp_path):
         rr.read_records([tmp_path / "missing.jsonl"])
 
 
-def test_exported_cells_need_the_current_signature_and_the_final_metric(tmp_path):
+def test_recorded_cells_are_done_only_at_the_current_signature_with_the_final_metric(tmp_path):
+    from sweeps.finished import done_in_records
+
     path = tmp_path / "g.jsonl"
     rr.write_record(_record("a", "r1", 1, 0.5), path)
     rr.write_record(rr.make_record("g", "b", "r2", 2, "FINISHED", {"sig": "s"}, {}, {"other": 1.0}), path)
-    assert rr.exported_cells("g", {"a": ("segment", "s", "test/dice")}, path) == {"a": "r1"}
-    assert rr.exported_cells("g", {"a": ("segment", "new", "test/dice")}, path) == {}  # a stage changed
-    assert rr.exported_cells("g", {"b": ("segment", "s", "test/dice")}, path) == {}  # no final metric
+    assert [r["cell"] for r in rr.finished_records("g", path)] == ["a", "b"]  # the records module only reads
+    assert done_in_records("g", {"a": ("segment", "s", "test/dice")}, path) == {"a": "r1"}
+    assert done_in_records("g", {"a": ("segment", "new", "test/dice")}, path) == {}  # a stage changed
+    assert done_in_records("g", {"b": ("segment", "s", "test/dice")}, path) == {}  # no final metric
 
 
 def _committed(repo: Path, path: str):

@@ -216,26 +216,16 @@ def runs_frame(records: Sequence[Mapping[str, Any]], grid: str) -> Any:
     return pd.DataFrame(rows)
 
 
-def exported_cells(grid: str, wanted: Mapping[str, Sequence[str]], path: Optional[Path] = None) -> Dict[str, str]:
-    """Cells of ``grid`` done according to its records: cell signature -> run id.
+def finished_records(grid: str, path: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """The FINISHED records of ``grid``, oldest first (``[]`` without a file).
 
-    Args:
-        grid: grid name.
-        wanted: cell signature -> ``(final stage, its signature, the metric that proves it done)``,
-            as :meth:`sweeps.grid.Cell.identity` gives; a record counts only for the cell's current
-            final-stage signature and with that metric, exactly as an MLflow run does.
-        path: export file; default :func:`records_path`.
+    Whether a record still counts as its cell done (same final-stage signature, the final metric
+    present) is the grid's question (:mod:`sweeps.finished`); this module only reads the file.
     """
     path = path or records_path(grid)
     if not Path(path).is_file():
-        return {}
-    done = {}
-    for r in read_records([path]):
-        want = wanted.get(r["cell"])
-        if (want and r.get("grid") == grid and r.get("status") == "FINISHED" and r["tags"].get("sig") == want[1]
-                and r["metrics"].get(want[2]) is not None):
-            done[r["cell"]] = r["run_id"]
-    return done
+        return []
+    return [r for r in read_records([path]) if r.get("grid") == grid and r.get("status") == "FINISHED"]
 
 
 def export_grid(grid: str, tracking_uri: Optional[str] = None, path: Optional[Path] = None) -> int:
