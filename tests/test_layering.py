@@ -10,7 +10,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("datamodules", "lightning_modules")
@@ -35,18 +34,6 @@ def _modules(folder: str):
     return sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def _imports(path: Path) -> set:
-    """Every module name ``path`` imports (top level or inside functions), absolute."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
 def _top(name: str) -> str:
     return name.split(".")[0]
 
@@ -58,29 +45,11 @@ def _stage_of(path: Path):
     return name if name in STAGES else None
 
 
-@pytest.mark.parametrize("folder", LIBRARY)
-def test_library_never_imports_upper_layers(folder):
-    bad = {str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if _top(n) in ("experiments", "sweeps", "benchmarks"))
-           for p in _modules(folder)}
-    assert not {k: v for k, v in bad.items() if v}
-
-
-def test_experiments_never_import_sweeps_or_benchmarks():
-    bad = {str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if _top(n) in ("sweeps", "benchmarks"))
-           for p in _modules("experiments")}
-    assert not {k: v for k, v in bad.items() if v}
-
-
-def test_sweeps_never_import_benchmarks():
-    bad = {str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if _top(n) == "benchmarks") for p in _modules("sweeps")}
-    assert not {k: v for k, v in bad.items() if v}
-
-
 def test_stage_modules_do_not_import_each_other():
     bad = {}
     for path in _modules("experiments/stages"):
         own = _stage_of(path)
-        others = sorted(n for n in _imports(path) if n.startswith("experiments.stages.")
+        others = sorted(n for n in GRAPH[_module_of(path)] if n.startswith("experiments.stages.")
                         and n.split(".")[2] in STAGES and n.split(".")[2] != own)
         if others:
             bad[str(path.relative_to(ROOT))] = others
