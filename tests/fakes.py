@@ -420,3 +420,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tiny_grid_file(tmp_path: Path, name: str, n_samples: int = 8, steps: int = 4) -> Path:
+    """A one-cell grid on a test-width tiny base at 32 px, its store, artifacts and cache in ``tmp_path``:
+    every stage runs for real in seconds (for tests that run ``meddiffaug grid`` in a subprocess)."""
+    import yaml
+
+    from lightning_modules.tiny_base import build_tiny_components, save_components
+
+    base = tmp_path / "base"
+    save_components(build_tiny_components(tmp_path / "tok", width="test", image_size=32), base)
+    grid = {"name": name, "base_config": "experiments/configs/procedural_polyp_diffaug.yaml", "seeds": [0],
+            "overrides": [f"output_dir={tmp_path}/out", f"artifacts_dir={tmp_path}/artifacts",
+                          f"data.cache_dir={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                          f"diffusion.base_model={base}", "diffusion.steps=2", "diffusion.batch_size=2",
+                          "data.image_size=32", "data.n_procedural=40", "data.n_real=4", "data.batch_size=4",
+                          f"generation.n_samples={n_samples}", f"generation.steps={steps}", "generation.batch_size=4",
+                          "validator.train_steps=2", "trainer.max_steps=2", "trainer.val_check_interval=1"]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,20 +18,10 @@ def test_cell_killed_during_generate_is_rerun_and_counted_once(tmp_path):
     import mlflow
 
     from experiments.reporting.sources import collect_runs
-    from lightning_modules.tiny_base import build_tiny_components, save_components
+    from fakes import tiny_grid_file
 
-    base = tmp_path / "base"
-    save_components(build_tiny_components(tmp_path / "tok", width="test", image_size=32), base)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    grid = {"name": "t_kill", "base_config": "experiments/configs/procedural_polyp_diffaug.yaml", "seeds": [0],
-            "overrides": [f"output_dir={tmp_path}/out", f"artifacts_dir={tmp_path}/artifacts",
-                          f"data.cache_dir={tmp_path}/cache", f"tracking.uri={uri}",
-                          f"diffusion.base_model={base}", "diffusion.steps=2", "diffusion.batch_size=2",
-                          "data.image_size=32", "data.n_procedural=40", "data.n_real=4", "data.batch_size=4",
-                          "generation.n_samples=24", "generation.steps=8", "generation.batch_size=4",
-                          "validator.train_steps=2", "trainer.max_steps=2", "trainer.val_check_interval=1"]}
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
+    path = tiny_grid_file(tmp_path, "t_kill", n_samples=24, steps=8)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "sweeps.cli", "grid", str(path)]

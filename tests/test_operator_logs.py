@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,19 +98,9 @@ def test_workers_of_one_host_split_its_cores(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_tiny_cells_worker_log_in_a_file_is_short_and_plain(tmp_path):
-    from lightning_modules.tiny_base import build_tiny_components, save_components
+    from fakes import tiny_grid_file
 
-    base = tmp_path / "base"
-    save_components(build_tiny_components(tmp_path / "tok", width="test", image_size=32), base)
-    grid = {"name": "t_log", "base_config": "experiments/configs/procedural_polyp_diffaug.yaml", "seeds": [0],
-            "overrides": [f"output_dir={tmp_path}/out", f"artifacts_dir={tmp_path}/artifacts",
-                          f"data.cache_dir={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                          f"diffusion.base_model={base}", "diffusion.steps=2", "diffusion.batch_size=2",
-                          "data.image_size=32", "data.n_procedural=40", "data.n_real=4", "data.batch_size=4",
-                          "generation.n_samples=8", "generation.steps=4", "generation.batch_size=4",
-                          "validator.train_steps=2", "trainer.max_steps=2", "trainer.val_check_interval=1"]}
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
+    path = tiny_grid_file(tmp_path, "t_log")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDDIFFAUG_RECORDS_DIR": str(tmp_path / "records")}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "worker.log"
