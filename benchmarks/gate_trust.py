@@ -1,7 +1,7 @@
 """Can the latent gate be trusted at 16 labels? Its in-run self-check against the truth on held-out pairs.
 
 ``python -m benchmarks.gate_trust [--modalities polyp fundus skin ultrasound] [--seeds 300 ... 309]
-[--heldout 200] [--gates prompted plain] [--folds 4] [key=value ...]``
+[--heldout 200] [--gates prompted plain pasted pasted_q0.9] [--folds 4] [key=value ...]``
 
 For each procedural modality, gate and seed, a run with n_real = 16 labelled pairs (12 ``train_few`` +
 4 ``val``, the headline grids' budget and seed keys) trains the gate as the validate stage does
