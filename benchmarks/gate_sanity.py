@@ -43,7 +43,7 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     from experiments.config import load_config
     from experiments.runner.builders import load_finetuned
-    from experiments.gate_training import train_latent_validator
+    from experiments.runner.gate_training import train_latent_validator
     from experiments.runner.pipeline import build_datamodule, run_stages
     from datamodules.synthetic import to_tensor
     from experiments.stages.validate.gate import make_gate

@@ -13,7 +13,7 @@ import torch
 
 from datamodules.procedural import render_procedural
 from datamodules.synthetic import to_tensor
-from experiments.gate_training import normal_pool, train_latent_validator
+from experiments.runner.gate_training import normal_pool, train_latent_validator
 from experiments.stages.validate.crossfit import crossfit_scorer
 from experiments.stages.validate.gate import make_gate
 from experiments.stages.validate.sanity import flag_reasons

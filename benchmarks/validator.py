@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
         from datamodules import create_datamodule
         from experiments.config import load_config
         from datamodules.synthetic import to_tensor
-        from experiments.gate_training import train_latent_validator, train_pixel_segmenter
+        from experiments.runner.gate_training import train_latent_validator, train_pixel_segmenter
         from experiments.stages.validate.gate import LATENT_BATCH, gate_latents, make_gate
         from lightning_modules.gating.batching import gate_in_batches as run_gate
         from datamodules import latent_store

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import hashing
+from experiments.cache import signatures as hashing
 from experiments.config import Config, config_keys
 from experiments.config import ranges as config_ranges
 from experiments.config import rules

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from experiments.gate_training import _remove_stale_banks
+from experiments.runner.gate_training import _remove_stale_banks
 
 
 def test_only_folders_of_dead_processes_of_this_host_are_removed(tmp_path):

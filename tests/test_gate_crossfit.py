@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from experiments.config import ConfigError, load_config
-from experiments.hashing import subtree
+from experiments.cache.signatures import subtree
 from experiments.stages.validate import run_validate
 from lightning_modules.gating.crossfit import crossfit_folds, crossfit_ious, crossfit_thresholds
 
-from fakes import FakeDiffusion, OracleLatentValidator, OracleSegmenter, RenderedDataModule
+from fakes import FakeDiffusion, OracleLatentValidator, RenderedDataModule
 
 
 def _masks(n_lesion: int, n_free: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 from datamodules import create_datamodule
 from datamodules.budget import split_budget
 from datamodules.errors import DataError
-from experiments import hashing
+from experiments.cache import signatures as hashing
 from experiments.runner import pipeline
 from experiments.config import ConfigError, load_config
 from lightning_modules.synthesis.planner import Planner

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from experiments import hashing
+from experiments.cache import signatures as hashing
 from experiments.runner import pipeline
 from experiments.config import load_config
 from experiments.stages import validate

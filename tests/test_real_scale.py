@@ -1,9 +1,8 @@
-"""Real-data defaults fail fast or announce themselves; exit 3 names what rejected the samples (issue #26)."""
-import numpy as np
+"""Real-data defaults fail fast or announce themselves; exit 3 names what rejected the samples."""
 import pytest
 
 from experiments.config import ConfigError, load_config
-from experiments.hashing import subtree
+from experiments.cache.signatures import subtree
 from experiments.runner.preflight import check_base
 from experiments.runner.run_verdict import run_verdicts
 from fakes import ArrayDataModule

@@ -55,7 +55,7 @@ def test_early_reject_callback_stops_missing_and_misplaced():
 def trained():  # ~20 s on one core: the tests using it are marked slow
     """A latent validator trained on 16 real pairs through the stage's own training path."""
     from experiments.config import load_config
-    from experiments.gate_training import train_latent_validator
+    from experiments.runner.gate_training import train_latent_validator
 
     torch.set_num_threads(1)
     cfg = load_config(None, ["validator.train_steps=100", "validator.t_eval=100", "validator.lr=4e-3"])

@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from experiments.config import load_config
-from experiments.gate_training import train_latent_validator, validator_settings
+from experiments.runner.gate_training import train_latent_validator, validator_settings
 from lightning_modules.gating.ensemble import EnsembleValidator
 from lightning_modules.gating.pasted_pairs import PastedPairs
 from lightning_modules.gating.validator_bank import AugmentedPairs

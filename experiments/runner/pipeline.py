@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.io import atomic_write_text, short_hash
 from experiments import tracking
 from experiments.config import STAGES, ConfigError
-from experiments.hashing import subtree
+from experiments.cache.signatures import subtree
 from experiments.runner.external_tests import external_sets
 from experiments.stages import finetune, generate, segment, validate
 

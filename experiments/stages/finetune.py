@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from datamodules.io import short_hash
 from experiments.cache.base_identity import base_identity
-from experiments.hashing import subtree
+from experiments.cache.signatures import subtree
 from experiments.runner.builders import build_diffusion
 from experiments.runner.trainer import build_trainer
 from lightning_modules.diffusion_bank import LatentBankDataset, build_inpainting_bank, variant_weights

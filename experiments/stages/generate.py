@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from datamodules import latent_store
 from datamodules.io import (ImageFiles, append_manifest, atomic_write, read_image, read_manifest, read_mask,
                             write_manifest, write_pair, write_png)
-from experiments.hashing import subtree
+from experiments.cache.signatures import subtree
 from lightning_modules.synthesis import copy_paste as copy_paste_lib
 from lightning_modules.gating.fidelity import fid_kid
 from lightning_modules.synthesis.copy_paste import lesion_components
@@ -76,8 +76,8 @@ def early_reject_enabled(cfg) -> bool:
 def load_validator(cfg, model, datamodule, workdir: Path, prompt: str):
     """The latent validator for early rejection: ``workdir/validator.pt`` if trained with these
     settings, else trained on the real ``train_few`` pairs (resumable) and saved (tests monkeypatch this)."""
-    from experiments.gate_training import load_validator as load, save_validator, train_latent_validator
-    from experiments.gate_training import normal_pool, validator_settings
+    from experiments.runner.gate_training import load_validator as load, save_validator, train_latent_validator
+    from experiments.runner.gate_training import normal_pool, validator_settings
 
     ncls = _num_classes(datamodule)
     settings = validator_settings(cfg, prompt, ncls)

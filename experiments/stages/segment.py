@@ -17,7 +17,7 @@ from datamodules.augmented import training_set
 from datamodules.io import atomic_write
 from experiments.runner.builders import build_segmenter
 from experiments.runner.external_tests import external_sets, signature_inputs
-from experiments.hashing import subtree
+from experiments.cache.signatures import subtree
 from experiments.runner.trainer import build_trainer
 from lightning_modules.segmenter import SegmenterModule
 

@@ -1,7 +1,7 @@
 """Training items of the latent validator, made from the real pairs (clean latents and ẑ0 estimates).
 
 Pure functions of the diffusion model and the real pairs (no config): the gate training of the
-pipeline (:mod:`experiments.gate_training`) and the gate sanity check both use them.
+pipeline (:mod:`experiments.runner.gate_training`) and the gate sanity check both use them.
 """
 from __future__ import annotations
 

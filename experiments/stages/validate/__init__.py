@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from datamodules.synthetic import load_generated, to_tensor
-from experiments.hashing import subtree
+from experiments.cache.signatures import subtree
 from experiments.stages.validate.crossfit import crossfit_cache, crossfit_scorer
 from experiments.stages.validate.filter import feature_extractor, quality_filter
 from experiments.stages.validate.gate import FULL_STEPS, device_of, gate, stage_prompt

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from datamodules.synthetic import to_tensor
-from experiments.gate_training import normal_pool, train_latent_validator
+from experiments.runner.gate_training import normal_pool, train_latent_validator
 from experiments.stages.validate.gate import FULL_STEPS, device_of, make_gate
 from lightning_modules.gating.crossfit import crossfit_folds, crossfit_ious
 

@@ -14,7 +14,7 @@ import torch
 from datamodules import latent_store
 from datamodules.io import short_hash
 from experiments.runner.builders import load_finetuned
-from experiments.gate_training import (PIXEL_SEGMENTER, load_pixel_segmenter, load_validator, save_validator,
+from experiments.runner.gate_training import (PIXEL_SEGMENTER, load_pixel_segmenter, load_validator, save_validator,
                                        normal_pool, train_latent_validator, train_pixel_segmenter,
                                        validator_settings)
 from experiments.tracking import is_rank_zero

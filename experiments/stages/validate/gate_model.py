@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.io import read_manifest
-from experiments.gate_training import (PIXEL_SEGMENTER, normal_pool, save_pixel_segmenter, save_validator, train_latent_validator,
+from experiments.runner.gate_training import (PIXEL_SEGMENTER, normal_pool, save_pixel_segmenter, save_validator, train_latent_validator,
                                        train_pixel_segmenter, validator_settings)
 from experiments.stages.validate.gate import (device_of, load_diffusion, reuse_validator, stage_prompt,
                                              validator_cache_path)
