@@ -19,8 +19,8 @@ IGNORED = {"data": {"num_workers", "cache_dir", "external_tests"},
            # allow_upscaled_tiny only lets preflight pass: the stages never read it
            "diffusion": {"gradient_checkpointing", "offload_frozen", "allow_upscaled_tiny"}}
 
-# Keys added after results were cached, at the value that reproduces the old behaviour: left out of
-# the signature at that value, so adding an option does not invalidate every cached stage.
+# Options whose default reproduces the results of configs that do not set them: left out of the
+# signature at that value, so adding an option does not invalidate every cached stage.
 NEUTRAL = {"validator": {"calibrate_real_pass": None, "crossfit_folds": 0, "pasted_pairs": 0,
                          "quality_features": "random_resnet18"},
            "data": {"split_file": None, "n_val": None, "n_normal": 0, "test_pool": None},

@@ -29,7 +29,7 @@ class DataConfig:
     transforms: str = "standard"  # albumentations preset for training: standard | none
     small_lesion_area: float = 0.02  # lesions under this image fraction count as "small"
     split_file: Optional[str] = None  # your own split: JSON lists train, val, test (and train_few) of ids
-    # The label budget (README, "Your own data"). Null/0 keep the behaviour from before these keys existed.
+    # The label budget (README, "Your own data"). Null/0: no budget split (a validation split of its own).
     # Validation pairs taken out of n_real (n_real is then every labelled pair of the run): a count (4) or a
     # share of n_real (0.25 -> n_real // 4, resolved to the count on loading); null: a validation split of its own
     n_val: Any = None
@@ -91,8 +91,8 @@ class DiffusionConfig:
     background_fraction: float = 0.3  # share of training crops that inpaint background
     prompt: Optional[str] = None  # None: the dataset's clinical prompt
     checkpoint_every: int = 100
-    # Memory and speed (docs/gpus.md, "Fitting a GPU"; benchmarks.memory estimates each at SD size). The
-    # defaults are the behaviour before these keys existed, so cached fine-tunes keep their signatures.
+    # Memory and speed (docs/gpus.md, "Fitting a GPU"; benchmarks.memory estimates each at SD size). At
+    # their defaults they are neutral signature keys (cache.signatures.NEUTRAL): cached fine-tunes stay valid.
     gradient_checkpointing: bool = False  # recompute UNet (and trained text encoder) activations in backward: same result, less memory
     mixed_precision: Optional[str] = None  # null (trainer.precision) | bf16 | fp16: autocast with fp32 trained weights; frozen VAE, text encoders (LoRA: UNet base) held in half
     grad_accum: int = 1  # Lightning accumulate_grad_batches: one optimizer step per grad_accum batches (effective batch = batch_size x grad_accum)
