@@ -32,8 +32,8 @@ def _contrast(entries: Mapping[str, Mapping[str, Any]], against: str, family: in
     power = ""
     if mdes:
         low, high = min(mdes, key=mdes.get), max(mdes, key=mdes.get)
-        power = (f" At that level these seeds detect a true difference with 80 % power only from "
-                 f"{fmt(mdes[low])} ({low}) to {fmt(mdes[high])} ({high}) Dice; smaller true differences, in either "
+        power = (f" At that level, the smallest true difference these seeds detect with 80 % power ranges from "
+                 f"{fmt(mdes[low])} Dice ({low}) to {fmt(mdes[high])} ({high}); smaller true differences, in either "
                  "direction, are not ruled out.")
     return f"Diffusion against {name} (test Dice, paired by seed, 95 % CI): {listed}; {verdict}.{power}"
 
