@@ -150,11 +150,14 @@ PUBLISHED_DIGITS = 6  # significant digits of results.json: the last bits differ
 def published(value: Any, digits: int = PUBLISHED_DIGITS) -> Any:
     """:func:`jsonable`, with every float rounded to ``digits`` significant digits, so the published
     file is the same on every machine whose arithmetic agrees to far better than that."""
-    value = jsonable(value)
+    return _rounded(jsonable(value), digits)
+
+
+def _rounded(value: Any, digits: int) -> Any:
     if isinstance(value, dict):
-        return {k: published(v, digits) for k, v in value.items()}
+        return {k: _rounded(v, digits) for k, v in value.items()}
     if isinstance(value, list):
-        return [published(v, digits) for v in value]
+        return [_rounded(v, digits) for v in value]
     if isinstance(value, float) and value != 0:
         return float(f"{stable(value):.{digits}g}")
     return value
