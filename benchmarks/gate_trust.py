@@ -1,7 +1,7 @@
 """Can the latent gate be trusted at 16 labels? Its in-run self-check against the truth on held-out pairs.
 
 ``python -m benchmarks.gate_trust [--modalities polyp fundus skin ultrasound] [--seeds 300 ... 309]
-[--heldout 200] [--gates prompted plain pasted pasted_q0.9] [--folds 4] [key=value ...]``
+[--heldout 200] [--gates prompted plain pasted pasted_q0.9] [--folds 4] [--records DIR] [key=value ...]``
 
 For each procedural modality, gate and seed, a run with n_real = 16 labelled pairs (12 ``train_few`` +
 4 ``val``, the headline grids' budget and seed keys) trains the gate as the validate stage does
@@ -20,6 +20,10 @@ Prints one JSON line per modality and gate: ``real_pass_rate``, ``misplaced_reje
 seeds), ``selfcheck_error`` (mean |in-run cross-fitted real pass − held-out real pass|) and
 ``flagged_share`` (share of runs whose in-run check flags the gate).
 
+Each seed's result is kept as one JSON file under ``--records`` (default :data:`RECORDS`, committed with
+the code, each naming the commit that made it); a seed whose file exists is read, not rerun, so a long
+run resumes where it stopped and the printed lines can be rebuilt from the files alone.
+
 No fine-tuned diffusion model: the gate's ε̂ comes from the tiny shipped base (``diffusion.finetune=none``,
 as a copy-paste run's gate does). The validator is trained on real pairs only and judged here on real
 pairs only, so no generated sample and no fine-tune enters the measurement; a run's own gate uses its
@@ -33,7 +37,6 @@ import contextlib
 import json
 import math
 import sys
-import time
 
 import numpy as np
 from scipy import stats
@@ -51,6 +54,7 @@ GATES = {"prompted": ["validator.prompted=true"], "plain": ["validator.prompted=
 NEEDS_POOL = {"pasted", "pasted_q0.9"}
 SEED_KEYS = ("seed", "data.split_seed", "data.procedural_seed", "augment.seed", "generation.seed")
 CONFIG = "experiments/configs/procedural_polyp_diffaug.yaml"
+RECORDS = "benchmarks/records/gate_trust"
 
 
 def run_config(modality: str, gate: str, seed: int, folds: int, extra=()):
@@ -95,13 +99,12 @@ def main(argv=None) -> list:
     parser.add_argument("--heldout", type=int, default=200, help="held-out real lesion pairs per seed")
     parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(GATES))
     parser.add_argument("--folds", type=int, default=4, help="validator.crossfit_folds of the in-run check")
+    parser.add_argument("--records", default=RECORDS, help="folder of the per-seed result files (read, then written)")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides (every run)")
     args = parser.parse_args(argv)
-    from benchmarks.gate_trust_run import judge_run
-    from experiments.runner.pipeline import build_datamodule
-    from lightning_modules.diffusion import InpaintingDiffusion
+    from benchmarks.gate_trust_run import judge_run_once
 
-    rows, diffusion = [], None
+    rows = []
     for modality in args.modalities:
         for gate in args.gates:
             if gate in NEEDS_POOL and modality == "fundus":
@@ -109,16 +112,11 @@ def main(argv=None) -> list:
                 continue
             runs = []
             for seed in args.seeds:
-                start = time.time()
                 cfg = run_config(modality, gate, seed, args.folds, args.overrides)
+                key = {"modality": modality, "gate": gate, "seed": seed, "folds": args.folds,
+                       "heldout": args.heldout, "overrides": list(args.overrides)}
                 with contextlib.redirect_stdout(sys.stderr):  # training logs; stdout holds the JSON lines
-                    if diffusion is None:
-                        diffusion = InpaintingDiffusion.from_base(cfg.diffusion.base_model).eval()
-                    datamodule = build_datamodule(cfg)
-                    datamodule.setup()
-                    runs.append(judge_run(cfg, datamodule, diffusion, modality, args.heldout))
-                print(f"[gate_trust] {modality} {gate} seed {seed}: {json.dumps(runs[-1])} "
-                      f"({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+                    runs.append(judge_run_once(cfg, key, args.records))
             for name, truth in ((gate, "heldout"), (f"{gate}+ensemble", "heldout_ensemble")):
                 rows.append(summarize(modality, name, runs, args.heldout, truth))
                 print(json.dumps(rows[-1]), flush=True)

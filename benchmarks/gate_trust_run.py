@@ -5,18 +5,24 @@ procedural stream no run ever draws from (:data:`HELDOUT_STREAM`), lesion pairs 
 """
 from __future__ import annotations
 
+import functools
+import json
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from datamodules.io import atomic_write_text, short_hash
 from datamodules.procedural import render_procedural
 from datamodules.synthetic import to_tensor
 from experiments.runner.gate_training import normal_pool, train_latent_validator
 from experiments.stages.validate.crossfit import crossfit_scorer
 from experiments.stages.validate.gate import make_gate
 from experiments.stages.validate.sanity import flag_reasons
+from experiments.tracking import git_sha
 from lightning_modules.gating.crossfit import check_ious, crossfit_thresholds
 from lightning_modules.gating.ensemble import EnsembleValidator
 from lightning_modules.gating.sanity import gate_sanity, has_lesion, real_gate_ious
@@ -69,3 +75,41 @@ def judge_run(cfg, datamodule, diffusion, kind: str, n_heldout: int) -> dict:
         gate = make_gate(str(v.mode), cfg, prompt, ncls, torch.device("cpu"), diffusion, judge)
         out[key] = _rates(real_gate_ious(gate, images, masks), theta)
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _base_diffusion(name: str):
+    """The base diffusion model, loaded once per process (every seed's gate uses its ε̂)."""
+    from lightning_modules.diffusion import InpaintingDiffusion  # heavy: only when a seed runs
+    return InpaintingDiffusion.from_base(name).eval()
+
+
+def judge_run_once(cfg, key: dict, records: str) -> dict:
+    """:func:`judge_run` for one seed, read from its record under ``records`` when one exists.
+
+    Args:
+        key: what identifies the run (modality, gate, seed, folds, held-out pairs, overrides); its hash
+            names the file ``<modality>-<gate>-s<seed>-<hash>.json``.
+
+    Returns:
+        The :func:`judge_run` result; a new one is written atomically with ``key``, the commit of the
+        code and the seconds it took.
+    """
+    path = Path(records) / f"{key['modality']}-{key['gate']}-s{key['seed']}-{short_hash(key)}.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        print(f"[gate_trust] {key['modality']} {key['gate']} seed {key['seed']}: from {path}", file=sys.stderr)
+        return record["result"]
+    from experiments.runner.pipeline import build_datamodule
+
+    start = time.time()
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    result = judge_run(cfg, datamodule, _base_diffusion(str(cfg.diffusion.base_model)), key["modality"],
+                       int(key["heldout"]))
+    record = {"key": key, "commit": git_sha(), "seconds": round(time.time() - start, 1), "result": result}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, sort_keys=True, indent=1) + "\n")
+    print(f"[gate_trust] {key['modality']} {key['gate']} seed {key['seed']}: {json.dumps(result)} "
+          f"({record['seconds']:.0f} s) -> {path}", file=sys.stderr, flush=True)
+    return result
