@@ -130,39 +130,59 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 class GeneratedSamples:
     """A generate folder's finished samples (``rows``) and its early-rejected rows (``early``).
 
-    Tensors: ``images`` (N,3,S,S) in [0,1], ``masks`` (N,S,S) int64 labels, ``cond_masks`` (N,S,S)
-    int64: the region generation inpainted (``new_mask``; the label for folders without one): a gate
-    conditions on it as generation did, and outside it a generated image equals its source.
-    ``raw_masks``: the label arrays as stored (N × (H,W)).
+    Views read from disk a few rows at a time (:class:`~datamodules.rows.LazyRows`), resized to the
+    stage's size: ``images`` (N,3,S,S) float in [0,1], ``masks`` (N,S,S) int64 labels, ``cond_masks``
+    (N,S,S) int64: the region generation inpainted (``new_mask``; the label for folders without one): a
+    gate conditions on it as generation did, and outside it a generated image equals its source.
+    ``raw_mask(k)``: row k's label array as stored, (H,W) uint8.
     """
 
     rows: list
-    images: torch.Tensor
-    masks: torch.Tensor
-    raw_masks: list
-    cond_masks: torch.Tensor
+    images: Any
+    masks: Any
+    cond_masks: Any
     early: list
+    folder: Optional[Path] = None
+
+    def raw_mask(self, k: int) -> np.ndarray:
+        """Row ``k``'s label as stored (H,W) uint8."""
+        return read_mask(self.folder / self.rows[k]["mask"])
+
+
+def _resized(arrays: list, size: Optional[int], images: bool) -> torch.Tensor:
+    """uint8 (H,W,3) images -> float (B,3,S,S) bilinear, or (H,W) masks -> int64 (B,S,S) nearest."""
+    import torch.nn.functional as F
+
+    x = to_tensor(np.stack(arrays)) if images else torch.from_numpy(np.stack(arrays).astype(np.int64))
+    if size is None or x.shape[-1] == size:
+        return x
+    if images:
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(x[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
 
 
 def load_generated(gen_dir: Path, size: Optional[int] = None) -> GeneratedSamples:
-    """The generate folder's finished samples, resized to ``size``, and its early-rejected rows."""
-    import torch.nn.functional as F
+    """The generate folder's finished samples as views resized to ``size``, and its early-rejected rows.
+
+    Nothing is read here but the manifest: each view reads the files of the rows it is indexed with.
+    """
+    from datamodules.rows import LazyRows
 
     gen_dir = Path(gen_dir)
     all_rows = read_manifest(gen_dir / "manifest.jsonl", missing_ok=False)
     rows = [r for r in all_rows if not r.get("early_rejected")]
     early = [r for r in all_rows if r.get("early_rejected")]
+    s = size or 1
     if not rows:
-        s = size or 1
         empty = torch.zeros(0, s, s, dtype=torch.long)
-        return GeneratedSamples(rows, torch.zeros(0, 3, s, s), empty, [], empty.clone(), early)
-    imgs = [np.asarray(Image.open(gen_dir / r["image"]).convert("RGB")) for r in rows]
-    msks = [np.asarray(Image.open(gen_dir / r["mask"])) for r in rows]
-    cond = [np.asarray(Image.open(gen_dir / r["new_mask"])) if r.get("new_mask") else m for r, m in zip(rows, msks)]
-    images, masks = to_tensor(np.stack(imgs)), torch.from_numpy(np.stack(msks).astype(np.int64))
-    cond_masks = torch.from_numpy(np.stack(cond).astype(np.int64))
-    if size is not None and images.shape[-1] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        cond_masks = F.interpolate(cond_masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-    return GeneratedSamples(rows, images, masks, msks, cond_masks, early)
+        return GeneratedSamples(rows, torch.zeros(0, 3, s, s), empty, empty.clone(), early, gen_dir)
+
+    def files(key: str, fallback: str = ""):
+        return [gen_dir / (r.get(key) or r[fallback]) for r in rows]
+
+    def view(paths: list, images: bool):
+        read = read_image if images else read_mask
+        return LazyRows(lambda pos: _resized([read(paths[k]) for k in pos], size, images), n=len(rows))
+
+    return GeneratedSamples(rows, view(files("image"), True), view(files("mask"), False),
+                            view(files("new_mask", "mask"), False), early, gen_dir)

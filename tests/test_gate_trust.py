@@ -39,9 +39,10 @@ def test_summary_compares_the_in_run_check_with_the_truth():
 
 
 @pytest.mark.slow
-def test_benchmark_prints_one_line_per_modality_and_gate(capsys):
-    rows = main(["--modalities", "fundus", "--seeds", "300", "301", "--heldout", "8", "--gates", "plain", "pasted",
-                 "--folds", "2", "validator.train_steps=3", "validator.augment_copies=1"])
+def test_benchmark_prints_one_line_per_modality_and_gate(capsys, tmp_path, monkeypatch):
+    argv = ["--modalities", "fundus", "--seeds", "300", "301", "--heldout", "8", "--gates", "plain", "pasted",
+            "--folds", "2", "--records", str(tmp_path), "validator.train_steps=3", "validator.augment_copies=1"]
+    rows = main(argv)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # the fold validators' ensemble gets its own line; fundus has no lesion-free pool to paste into
     assert lines == rows and [r["gate"] for r in rows] == ["plain", "plain+ensemble"]
@@ -50,3 +51,8 @@ def test_benchmark_prints_one_line_per_modality_and_gate(capsys):
         for key in ("real_pass_rate", "misplaced_reject_rate", "missing_reject_rate"):
             assert 0.0 <= row[key] <= 1.0 and row[f"{key}_ci95"] is not None
         assert 0.0 <= row["selfcheck_error"] <= 1.0 and row["flagged_share"] in (0.0, 0.5, 1.0)
+    # one record per seed; a second call reads them and trains nothing
+    assert sorted(p.name.split("-")[2] for p in tmp_path.glob("fundus-plain-*.json")) == ["s300", "s301"]
+    capsys.readouterr()
+    monkeypatch.setattr("benchmarks.gate_trust_run.judge_run", lambda *a, **k: pytest.fail("a recorded seed reran"))
+    assert main(argv) == rows

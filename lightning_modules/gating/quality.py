@@ -159,16 +159,29 @@ class FeatureQualityFilter:
         return self._score(self.features(images))
 
     @torch.no_grad()
-    def assess(self, images: torch.Tensor, sources: Optional[torch.Tensor] = None,
-               masks: Optional[torch.Tensor] = None, has_source: Optional[torch.Tensor] = None) -> QualityReport:
-        """Score generated images and flag outliers and near-copies.
+    def assess(self, images, sources=None, masks=None, has_source: Optional[torch.Tensor] = None) -> QualityReport:
+        """Score generated images and flag outliers and near-copies, ``batch_size`` rows at a time.
 
         Args:
-            images: generated (N,3,H,W) in [0,1].
-            sources: source image of each (N,3,H,W), or None to skip the near-copy test.
-            masks: intended masks (N,H,W) (pixel-change test inside them), or None.
+            images: generated (N,3,H,W) in [0,1], a tensor or a row view (``images[i:j]`` a tensor).
+            sources: source image of each (N,3,H,W) (tensor or row view), or None to skip the near-copy test.
+            masks: intended masks (N,H,W) (pixel-change test inside them; tensor or row view), or None.
             has_source: (N,) bool, False where ``sources`` holds a placeholder.
         """
+        parts = [self._assess_batch(images[i:j], None if sources is None else sources[i:j],
+                                    None if masks is None else masks[i:j],
+                                    None if has_source is None else has_source[i:j])
+                 for i, j in ((i, min(i + self.batch_size, len(images))) for i in range(0, len(images), self.batch_size))]
+        if not parts:
+            empty = torch.zeros(0)
+            return QualityReport(empty, empty.bool(), empty.bool(), empty, empty, self.threshold_,
+                                 self.near_copy_threshold_)
+        score, outlier, near, src_d, change = (torch.cat(p) for p in zip(*parts))
+        return QualityReport(score, outlier, near, src_d, change, self.threshold_, self.near_copy_threshold_)
+
+    def _assess_batch(self, images: torch.Tensor, sources: Optional[torch.Tensor], masks: Optional[torch.Tensor],
+                      has_source: Optional[torch.Tensor]) -> tuple:
+        """:meth:`assess` on one batch: ``(score, outlier, near_copy, source_distance, pixel_change)``, each (B,)."""
         feats = self.features(images)
         score = self._score(feats)
         n = len(images)
@@ -186,5 +199,4 @@ class FeatureQualityFilter:
                 diff = ((images.float() - sources.float()).abs() * fg).sum((1, 2, 3))
                 change = torch.where(ok & (fg.sum((1, 2, 3)) > 0), diff / (3 * fg.sum((1, 2, 3))).clamp(min=1), change)
                 near |= change < self.min_pixel_change  # nan compares False
-        return QualityReport(score, score > self.threshold_, near, src_d, change, self.threshold_,
-                             self.near_copy_threshold_)
+        return score, score > self.threshold_, near, src_d, change

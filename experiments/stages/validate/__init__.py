@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from datamodules.rows import LazyRows
 from datamodules.synthetic import load_generated, to_tensor
 from experiments.cache.signatures import subtree
 from experiments.stages.validate.crossfit import crossfit_cache, crossfit_scorer
@@ -23,7 +24,7 @@ from experiments.stages.validate.filter import feature_extractor, quality_filter
 from experiments.stages.validate.gate import FULL_STEPS, device_of, gate, stage_prompt
 from experiments.stages.validate.gate_model import gate_training_needed, train_gate_model  # noqa: F401 (pipeline)
 from experiments.stages.validate.sanity import sanity
-from experiments.stages.validate.write import save_accept_reject, write_decisions
+from experiments.stages.validate.write import pred_view, pred_writer, save_accept_reject, write_decisions
 
 # Part of the stage's signature: raise it when this stage's code changes what it produces for the same
 # config (see experiments.runner.pipeline), so cached results of the older code are not reused. Version 1
@@ -47,25 +48,6 @@ def inputs(cfg: DictConfig) -> Dict[str, Any]:
         if cfg.segmenter.encoder_depth != 5 or cfg.segmenter.decoder_channels:
             out["pixel_gate_version"] = PIXEL_GATE_VERSION
     return out
-
-
-class RowsAs:
-    """A datamodule array read row-wise in another form, converted only for the rows asked for.
-
-    The validate stage reads real images as float (N,3,S,S) in [0,1] and masks as int64 (N,S,S), but only
-    some rows (validation, sources, the normal pool); converting the whole set would take 3 MiB per 512 px
-    image and 2 MiB per mask. ``view[rows]`` takes a list or array of row indices.
-    """
-
-    def __init__(self, array: np.ndarray, convert):
-        self.array, self.convert = array, convert
-        self.shape = (len(array), *convert(array[:1]).shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, rows):
-        return self.convert(self.array[rows])
 
 
 def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, diffusion=None,
@@ -101,7 +83,9 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     (workdir / "masks").mkdir(parents=True, exist_ok=True)
     mode = str(cfg.validator.mode)
     datamodule.setup()
-    real = RowsAs(datamodule.images, to_tensor), RowsAs(datamodule.masks, lambda m: torch.from_numpy(m.astype(np.int64)))
+    # row views: only the rows read (validation, sources, the normal pool) are converted, a batch at a time
+    real = (LazyRows(lambda rows: to_tensor(datamodule.images[rows]), n=len(datamodule.images)),
+            LazyRows(lambda rows: torch.from_numpy(datamodule.masks[rows].astype(np.int64)), n=len(datamodule.masks)))
     val = datamodule.split_indices["val"]
     gen = load_generated(gen_dir, real[0].shape[-1])
     n, total = len(gen.rows), len(gen.rows) + len(gen.early)
@@ -110,11 +94,12 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     metrics: dict = {"gen/n_samples": float(total), "gen/n_early_rejected": float(len(gen.early))}
 
     # 1. gate and 2. its sanity check on real pairs (θ calibrated there when asked)
-    ious, preds, description, theta = torch.full((n,), float("nan")), None, "none", float(cfg.validator.iou_threshold)
+    ious, description, theta = torch.full((n,), float("nan")), "none", float(cfg.validator.iou_threshold)
     if mode != "none":
         judged = gate(cfg, datamodule, workdir, upstream, gen, real, prompt, logger, diffusion=diffusion,
-                      validator=validator, segmenter=segmenter, full_steps=full_steps)
-        ious, preds, description = judged["ious"], judged["preds"], judged["description"]
+                      validator=validator, segmenter=segmenter, full_steps=full_steps,
+                      sink=pred_writer(workdir, gen.rows))
+        ious, description = judged["ious"], judged["description"]
         diffusion = judged["diffusion"]  # reused by the quality filter's VAE features
         pool = list(datamodule.split_indices.get("normal") or [])  # lesion-free sources outside the budget
         folds, cache = int(cfg.validator.crossfit_folds), judged["sanity_cache"]
@@ -136,18 +121,24 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     metrics.update(quality)
     accepted = iou_ok & ~outlier & ~near
     # 4. erosion of the accepted masks and 5. the stage's files
-    decision = dict(ious=ious, score=score, iou_ok=iou_ok, outlier=outlier, near=near, accepted=accepted, theta=theta)
+    decision = dict(ious=ious, score=score, iou_ok=iou_ok, outlier=outlier, near=near, accepted=accepted, theta=theta,
+                    preds_written=mode != "none")
     write_decisions(workdir, gen_dir, gen, decision, int(cfg.validator.erode_px), description)
     if n:
+        preds = pred_view(workdir, gen.rows) if mode != "none" else None
         save_accept_reject(workdir / "accept_reject.png", gen.images, gen.masks, preds, ious, accepted)
-    metrics.update({
-        "gen/n_accepted": float(accepted.sum()), "gen/accept_rate": float(accepted.sum()) / total if total else 0.0,
-        "gen/early_reject_rate": len(gen.early) / total if total else 0.0,
-        "gen/iou_pass_rate": float(iou_ok.sum()) / total if total else 0.0,
-        "gen/quality_reject_rate": float(outlier.float().mean()) if n else 0.0,
-        "gen/near_copy_rate": float(near.float().mean()) if n else 0.0,
-    })
+    metrics.update(_verdict_rates(decision, total, len(gen.early)))
     return metrics
+
+
+def _verdict_rates(decision: dict, total: int, n_early: int) -> dict:
+    """The stage's rates over all ``total`` samples (the ``n_early`` early-rejected ones count as rejected)."""
+    accepted, n = decision["accepted"], len(decision["accepted"])
+    share = (lambda count: float(count) / total) if total else (lambda count: 0.0)
+    return {"gen/n_accepted": float(accepted.sum()), "gen/accept_rate": share(accepted.sum()),
+            "gen/early_reject_rate": share(n_early), "gen/iou_pass_rate": share(decision["iou_ok"].sum()),
+            "gen/quality_reject_rate": float(decision["outlier"].float().mean()) if n else 0.0,
+            "gen/near_copy_rate": float(decision["near"].float().mean()) if n else 0.0}
 
 
 def _base_diffusion(cfg):

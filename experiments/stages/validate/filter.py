@@ -35,8 +35,9 @@ def quality_filter(cfg, datamodule, real_images: torch.Tensor, gen, feature_fn: 
     near its nominal ``1 − validator.quality_quantile`` (far above it: the filter rejects what is real).
 
     Args:
-        real_images: every real image (N,3,S,S) in [0,1] (``datamodule`` order).
-        gen: the generated samples (``rows``, ``images`` (n,3,S,S), ``masks`` (n,S,S)).
+        real_images: every real image (N,3,S,S) in [0,1] (``datamodule`` order), a
+            :class:`~datamodules.rows.LazyRows` view: the filter reads a batch of rows at a time.
+        gen: the generated samples (``rows``, ``images`` (n,3,S,S), ``masks`` (n,S,S) row views).
         feature_fn: feature extractor; default ``lightning_modules.gating.fidelity.image_features``.
 
     Returns:
@@ -52,17 +53,17 @@ def quality_filter(cfg, datamodule, real_images: torch.Tensor, gen, feature_fn: 
         return score, outlier, near, {}
     idx = datamodule.split_indices
     qf = FeatureQualityFilter(feature_fn, quality_quantile=v.quality_quantile,
-                              near_copy_quantile=v.near_copy_quantile).fit(real_images[idx["train_few"]])
+                              near_copy_quantile=v.near_copy_quantile).fit(real_images.take(idx["train_few"]))
     pos = {sid: i for i, sid in enumerate(datamodule.ids)}
     src_idx = [pos.get(r.get("source_id"), -1) for r in gen.rows]
     has_src = torch.tensor([i >= 0 for i in src_idx], dtype=torch.bool)
-    rep = qf.assess(gen.images, real_images[[max(i, 0) for i in src_idx]], gen.masks, has_src)
+    rep = qf.assess(gen.images, real_images.take([max(i, 0) for i in src_idx]), gen.masks, has_src)
     fitted = set(idx["train_few"])
     held_out = [i for i in idx["val"] if i not in fitted]
     if not held_out:
         return rep.score, rep.outlier, rep.near_copy, {"gen/real_quality_pass_rate": float("nan"),
                                                        "gen/quality_real_reject_rate": float("nan")}
-    real = qf.assess(real_images[held_out])
+    real = qf.assess(real_images.take(held_out))
     return rep.score, rep.outlier, rep.near_copy, {
         "gen/real_quality_pass_rate": float(real.accepted.float().mean()),
         "gen/quality_real_reject_rate": float(real.outlier.float().mean())}

@@ -88,26 +88,49 @@ def encode_latents(diffusion, images: torch.Tensor, cond_masks: torch.Tensor, de
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def gate_latents(mode: str, cfg, diffusion, validator, gen_dir: Path, rows: list, images: torch.Tensor,
-                 masks: torch.Tensor, cond_masks: torch.Tensor, prompt: str, num_classes: int,
-                 device: torch.device, full_steps: int = FULL_STEPS, batch_size: int = LATENT_BATCH):
+class LatentInputs:
+    """The latent condition of generated samples, read a batch at a time (``inputs[i:j]`` -> dict).
+
+    From the generate stage's ``latents/`` shards where every row of the batch has one (no VAE at all:
+    DiffAug's latent-space validation), else the VAE encodes the batch's images once. ``sources``
+    collects which of the two served ("generate", "vae").
+    """
+
+    def __init__(self, diffusion, gen_dir: Path, rows: list, images, cond_masks, device: torch.device):
+        self.diffusion, self.gen_dir, self.rows, self.device = diffusion, Path(gen_dir), rows, device
+        self.images, self.cond_masks, self.sources = images, cond_masks, set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, rows: slice) -> dict:
+        cond = latent_store.load_latents(self.gen_dir, self.rows[rows])
+        self.sources.add("vae" if cond is None else "generate")
+        return cond if cond is not None else encode_latents(self.diffusion, self.images[rows],
+                                                            self.cond_masks[rows], self.device)
+
+
+def gate_latents(mode: str, cfg, diffusion, validator, gen_dir: Path, rows: list, images, masks, cond_masks,
+                 prompt: str, num_classes: int, device: torch.device, full_steps: int = FULL_STEPS,
+                 batch_size: int = LATENT_BATCH, sink=None):
     """What the validate stage runs for a latent gate (timed as a whole by it and by the benchmark).
 
-    Latents come from the generate stage's ``latents/`` shards when every row has one (no VAE at
-    all: DiffAug's latent-space validation); otherwise the VAE encodes each image once. The prompt is
-    encoded once. Returns ``(iou (N,), pred (N,H,W), source)`` with ``source`` in {"generate", "vae"}.
+    Args:
+        images / masks / cond_masks: (N,3,H,W) / (N,H,W) / (N,H,W) tensors or row views
+            (:class:`datamodules.rows.LazyRows`), read ``batch_size`` rows at a time.
+        sink: takes each batch's predictions (see :func:`~lightning_modules.gating.batching.gate_in_batches`).
+
+    Returns ``(iou (N,), pred (N,H,W) or None with a sink, source)``: ``source`` says where the latents
+    came from, "generate", "vae" or "generate+vae" (see :class:`LatentInputs`). The prompt is encoded once.
     """
     if not rows:  # every sample was rejected early (or none generated)
         return torch.zeros(0), torch.zeros((0, *masks.shape[1:]), dtype=torch.long), "none"
-    cond = latent_store.load_latents(gen_dir, rows)
-    source = "generate"
-    if cond is None or cond["z0"].shape[0] != len(rows):
-        cond, source = encode_latents(diffusion, images, cond_masks, device), "vae"
+    inputs = LatentInputs(diffusion, gen_dir, rows, images, cond_masks, device)
     with torch.no_grad():
         text = encode_prompt(diffusion, prompt)
     gate = make_latent_gate(mode, cfg, num_classes, device, diffusion, validator, text, full_steps)
-    ious, preds = gate_in_batches(gate, cond, masks, batch_size)
-    return ious, preds, source
+    ious, preds = gate_in_batches(gate, inputs, masks, batch_size, sink=sink)
+    return ious, preds, "+".join(sorted(inputs.sources))
 
 
 def make_gate(mode: str, cfg, prompt: str, num_classes: int, device: torch.device, diffusion=None,
@@ -178,16 +201,18 @@ def load_diffusion(cfg, upstream: dict):
 
 
 def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str, logger=None, diffusion=None,
-         validator=None, segmenter=None, full_steps: int = FULL_STEPS) -> dict:
+         validator=None, segmenter=None, full_steps: int = FULL_STEPS, sink=None) -> dict:
     """Build (or reuse) the gate of ``cfg.validator.mode`` and score the generated samples with it.
 
     Args:
         gen: the generated samples (:func:`datamodules.synthetic.load_generated` as a namespace:
-            ``rows, images, masks, cond_masks``). real: ``(images (N,3,S,S), masks (N,S,S))``.
+            ``rows, images, masks, cond_masks``, read a batch at a time). real: ``(images (N,3,S,S), masks
+            (N,S,S))`` row views.
         diffusion / validator / segmenter: ready models (tests, benchmarks), else loaded or trained.
+        sink: takes each batch's predictions (``sink(first row, pred (B,H,W))``) instead of "preds".
 
     Returns:
-        ``{"ious" (n,), "preds" (n,H,W), "gate" (image-space gate), "description", "metrics",
+        ``{"ious" (n,), "preds" (n,H,W) or None with a sink, "gate" (image-space gate), "description", "metrics",
         "sanity_cache", "diffusion"}``: ``sanity_cache`` is where the real pairs' IoUs under this gate
         are kept (None for the pixel gate and for given models, which leave nothing to cache by key);
         ``diffusion`` the model the latent gates used (None for the pixel gate). ``metrics`` holds
@@ -216,7 +241,8 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
         metrics["gen/validator_prompted"] = float(prompted)
         start = time.time()  # the whole gate: latents (loaded or encoded) + prompt + ε̂ + validator
         ious, preds, lat_src = gate_latents(mode, cfg, diffusion, validator, Path(upstream["generate"]), gen.rows,
-                                            gen.images, gen.masks, gen.cond_masks, prompt, ncls, device, full_steps)
+                                            gen.images, gen.masks, gen.cond_masks, prompt, ncls, device, full_steps,
+                                            sink=sink)
         metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
         description = (f"{mode}@t{int(cfg.validator.t_eval)} on {source} diffusion; "
                        f"{'prompted' if prompted else 'plain (DiffAug)'} validator {val_src}; latents from {lat_src}")
@@ -233,7 +259,7 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
     image_gate = make_gate(mode, cfg, prompt, ncls, device, diffusion, validator, segmenter, full_steps)
     if mode == "pixel":
         start = time.time()
-        ious, preds = gate_in_batches(image_gate, gen.images, gen.masks)
+        ious, preds = gate_in_batches(image_gate, gen.images, gen.masks, sink=sink)
         metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
     return {"ious": ious, "preds": preds, "gate": image_gate, "description": description, "metrics": metrics,
             "sanity_cache": sanity_cache, "diffusion": diffusion}

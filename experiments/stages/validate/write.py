@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
 
 from datamodules.io import atomic_write, atomic_write_text, read_mask, write_png
+from datamodules.rows import LazyRows
 from experiments.stages.validate.erode import erode_new_lesion
 
 
@@ -25,7 +26,7 @@ def write_decisions(workdir: Path, gen_dir: Path, gen, decision: dict, erode_px:
     accepted row records it: ``eroded = {"px", "applied_to": "new_lesion" | "whole_label" | "none"}``.
 
     Args:
-        gen: the generated samples (``rows``, ``raw_masks``, ``early``).
+        gen: the generated samples (``rows``, ``raw_mask(k)``, ``early``).
         decision: tensors over the n samples: ``ious``, ``score``, ``iou_ok``, ``outlier``, ``near``,
             ``accepted``, and ``theta`` (float).
         description: the gate that judged them (recorded per sample).
@@ -40,12 +41,13 @@ def write_decisions(workdir: Path, gen_dir: Path, gen, decision: dict, erode_px:
         iou = None if torch.isnan(d["ious"][i]) else round(float(d["ious"][i]), 4)
         q = None if torch.isnan(d["score"][i]) else round(float(d["score"][i]), 4)
         decisions.append({"id": row["id"], "accepted": bool(d["accepted"][i]), "iou": iou, "quality_score": q,
-                          "reasons": reasons, "gate": description})
+                          "reasons": reasons, "gate": description,
+                          "pred_mask": pred_path(row["id"]) if d.get("preds_written") else None})
         if d["accepted"][i]:
             mask_path = workdir / "masks" / f"{row['id']}.png"
             new_path = (gen_dir / row["new_mask"]).resolve() if row.get("new_mask") else None
             new = read_mask(new_path) if new_path is not None and int(erode_px) > 0 else None
-            write_png(mask_path, erode_new_lesion(gen.raw_masks[i].astype(np.uint8), new, int(erode_px)))
+            write_png(mask_path, erode_new_lesion(gen.raw_mask(i), new, int(erode_px)))
             # the image stays in the generate folder; workdir is renamed when done, so masks are relative;
             # new_mask (the generated lesion, not eroded) is absolute like the image
             acc_rows.append({**row, "image": str((gen_dir / row["image"]).resolve()),
@@ -60,14 +62,42 @@ def write_decisions(workdir: Path, gen_dir: Path, gen, decision: dict, erode_px:
     return acc_rows
 
 
+PREDS = "preds"  # the gate's predicted mask of each sample: preds/<id>.png (class indices)
+
+
+def pred_path(sample_id: str) -> str:
+    """Where a sample's predicted mask lies, relative to the stage folder."""
+    return f"{PREDS}/{sample_id}.png"
+
+
+def pred_writer(workdir: Path, rows: list):
+    """A gate ``sink``: writes each batch's predictions (B,H,W) as ``preds/<id>.png``, keeps nothing."""
+    def sink(first: int, preds: torch.Tensor) -> None:
+        for k, pred in enumerate(preds):
+            write_png(Path(workdir) / pred_path(rows[first + k]["id"]), pred.numpy().astype(np.uint8))
+    return sink
+
+
+def pred_view(workdir: Path, rows: list) -> LazyRows:
+    """The predictions :func:`pred_writer` wrote, as a (N,H,W) int64 row view."""
+    paths = [Path(workdir) / pred_path(r["id"]) for r in rows]
+    return LazyRows(lambda pos: torch.from_numpy(np.stack([read_mask(paths[k]) for k in pos]).astype(np.int64)),
+                    n=len(rows))
+
+
 def _erosion_record(px: int, new_known: bool) -> dict:
     """What erosion did to an accepted mask: its radius and which pixels it applied to."""
     return {"px": px, "applied_to": "none" if px <= 0 else ("new_lesion" if new_known else "whole_label")}
 
 
-def save_accept_reject(path: Path, images: torch.Tensor, masks: torch.Tensor, preds: Optional[torch.Tensor],
-                       ious: torch.Tensor, accepted: torch.Tensor, per_row: int = 6) -> Path:
-    """Two rows of panels, accepted then rejected: image, intended mask (green), prediction (yellow)."""
+def save_accept_reject(path: Path, images, masks, preds, ious: torch.Tensor, accepted: torch.Tensor,
+                       per_row: int = 6) -> Path:
+    """Two rows of panels, accepted then rejected: image, intended mask (green), prediction (yellow).
+
+    Args:
+        images / masks / preds: (N,3,H,W) / (N,H,W) / (N,H,W) tensors or row views (only the shown
+            rows are read); ``preds`` None when the gate predicted nothing.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
