@@ -1,7 +1,7 @@
 """Can the latent gate be trusted at 16 labels? Its in-run self-check against the truth on held-out pairs.
 
 ``python -m benchmarks.gate_trust [--modalities polyp fundus skin ultrasound] [--seeds 300 ... 309]
-[--heldout 200] [--gates prompted plain pasted pasted_q0.9] [--folds 4] [--records DIR] [key=value ...]``
+[--heldout 200] [--gates prompted plain pasted pasted_q0.9 features] [--folds 4] [--records DIR] [key=value ...]``
 
 For each procedural modality, gate and seed, a run with n_real = 16 labelled pairs (12 ``train_few`` +
 4 ``val``, the headline grids' budget and seed keys) trains the gate as the validate stage does
@@ -51,6 +51,9 @@ GATES = {"prompted": ["validator.prompted=true"], "plain": ["validator.prompted=
          # calibrated to pass 80 % is flagged (real pass < 0.8) by the check's own noise about half the time
          "pasted_q0.9": ["validator.prompted=true", "data.n_normal=64", "validator.pasted_pairs=64",
                          "validator.calibrate_real_pass=0.9"]}
+# features: a pixel classifier on the UNet's decoder features of the single-step call (no prompt), at t = 50,
+# where the sample is least noised
+GATES["features"] = ["validator.features=unet_decoder", "validator.t_eval=50"]
 NEEDS_POOL = {"pasted", "pasted_q0.9"}
 SEED_KEYS = ("seed", "data.split_seed", "data.procedural_seed", "augment.seed", "generation.seed")
 CONFIG = "experiments/configs/procedural_polyp_diffaug.yaml"

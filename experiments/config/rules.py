@@ -16,6 +16,7 @@ CHOICES = {
     "generation.mask_source": ("real", "blob", "mixed"),
     "validator.mode": ("single_step", "full", "pixel", "none"),
     "validator.quality_features": ("random_resnet18", "vae"),
+    "validator.features": ("latent", "unet_decoder"),
     "augment.method": ("none", "standard", "copy_paste", "diffusion"),
     "data.transforms": ("standard", "none"),
 }
@@ -43,12 +44,26 @@ def validate(cfg: DictConfig) -> None:
     if q is not None and cfg.validator.early_reject_t is not None:
         raise ConfigError("'validator.calibrate_real_pass' and 'validator.early_reject_t' cannot be combined: early "
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")
+    _validate_features(cfg.validator)
     if cfg.augment.ratio < 0:
         raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
     _validate_budget(cfg)
     _validate_memory_options(cfg.diffusion)
     check_ranges(cfg, ConfigError)  # every count, size and ratio
     external_specs(cfg, ConfigError)
+
+
+def _validate_features(v: DictConfig) -> None:
+    """``validator.features=unet_decoder`` reads the single-step gate's own UNet call: nothing else has one."""
+    if v.features != "unet_decoder":
+        return
+    clash = {"validator.mode": v.mode == "full", "validator.early_reject_t": v.early_reject_t is not None,
+             "validator.pasted_pairs": int(v.pasted_pairs) > 0}
+    for key, bad in clash.items():
+        if bad:
+            raise ConfigError(f"'validator.features=unet_decoder' works with validator.mode=single_step, no "
+                              f"early rejection and no pasted pairs; '{key}' is {OmegaConf.select(v, key.split('.', 1)[1])}. "
+                              f"Change '{key}' or set validator.features=latent.")
 
 
 def _validate_memory_options(d: DictConfig) -> None:

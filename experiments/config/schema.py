@@ -136,6 +136,9 @@ class ValidatorConfig:
     # cross-fitted over K folds of train_few + val (latent gates; see docs/gate-trust.md)
     crossfit_folds: int = 0
     t_eval: int = 200  # timestep for the single-step clean-latent estimate
+    # what the latent validator reads: latent (ẑ0 of the single-step estimate; DiffAug) | unet_decoder (the
+    # decoder features of that same UNet call, classified pixel by pixel; see docs/gate-trust.md)
+    features: str = "latent"
     prompted: bool = True  # the latent validator also sees the intended mask (verification, not segmentation)
     augment_copies: int = 8  # the real pairs plus transformed copies the latent validator trains on
     # label-free pairs the latent validator also trains on: labelled lesions pasted into the normal pool

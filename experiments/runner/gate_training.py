@@ -11,18 +11,23 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from datamodules.io import atomic_write
 from experiments.runner.builders import build_segmenter
 from experiments.runner.trainer import build_trainer
+from lightning_modules.feature_validator import FeatureValidator
+from lightning_modules.gating.feature_bank import build_feature_bank
 from lightning_modules.gating.pasted_pairs import PastedPairs
 from lightning_modules.gating.validator_bank import AugmentedPairs, build_validator_bank
 from lightning_modules.validator import LatentValidator
+
+# validator.features -> the class a saved validator is rebuilt as
+VALIDATOR_CLASSES = {"latent": LatentValidator, "unet_decoder": FeatureValidator}
 
 
 PIXEL_SEGMENTER = "pixel_segmenter.pt"  # the pixel gate's segmenter, kept in the validate stage's folder
@@ -64,6 +69,8 @@ def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
     v, seed = cfg.validator, int(cfg.generation.seed)
     t_focus = [int(v.t_eval)] + ([int(v.early_reject_t)] if v.early_reject_t is not None else [])
     pairs = AugmentedPairs(images, masks, int(v.augment_copies), seed=seed)
+    if str(v.features) == "unet_decoder":
+        return _train_feature_validator(cfg, diffusion, pairs, prompt, num_classes, Path(workdir), logger)
     if int(v.pasted_pairs):  # label-free pairs: the labelled lesions pasted into the normal pool
         if pool is None or not len(pool):
             raise ValueError(f"validator.pasted_pairs={v.pasted_pairs} needs a normal pool of lesion-free images: "
@@ -93,6 +100,33 @@ def train_latent_validator(cfg, diffusion, images, masks, prompt: str,
                                 generator=torch.Generator().manual_seed(seed))
         loader = DataLoader(bank, batch_size=16, sampler=sampler, num_workers=0)
         _fit(model, loader, cfg, v.train_steps, workdir / "checkpoints" / "validator", logger)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return model.eval()
+
+
+def _train_feature_validator(cfg, diffusion, pairs, prompt: str, num_classes: int, workdir: Path,
+                             logger=None) -> FeatureValidator:
+    """The :class:`FeatureValidator` on the UNet decoder features of ``pairs`` at ``validator.t_eval`` (eval)."""
+    v, seed = cfg.validator, int(cfg.generation.seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_banks(workdir)
+    folder = Path(tempfile.mkdtemp(prefix=f"validator_bank_{socket.gethostname()}_{os.getpid()}_", dir=workdir))
+    try:
+        start = time.perf_counter()
+        bank = build_feature_bank(diffusion, pairs, prompt, int(v.t_eval), folder, seed=seed)
+        lesion_share = float(np.mean([(bank.masks[i] > 0).mean() for i in range(len(bank))]))
+        print(f"[gate] feature validator data: {len(pairs)} pairs x 3 (as is, misplaced, missing) -> {len(bank)} "
+              f"items of {tuple(bank.feats.shape[1:])} UNet decoder features on disk, "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+        L.seed_everything(seed, workers=True, verbose=False)
+        model = FeatureValidator(bank.feats.shape[1], num_classes, train_steps=int(v.train_steps), t_eval=int(v.t_eval),
+                                 pos_weight=(1 - lesion_share) / max(lesion_share, 1e-3))
+        model.feature_mean.copy_(bank.mean), model.feature_std.copy_(bank.std)
+        sampler = RandomSampler(bank, replacement=True, num_samples=int(v.train_steps) * 32,
+                                generator=torch.Generator().manual_seed(seed))
+        _fit(model, DataLoader(bank, batch_size=32, sampler=sampler, num_workers=0), cfg, int(v.train_steps),
+             workdir / "checkpoints" / "validator", logger)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return model.eval()
@@ -154,16 +188,20 @@ def validator_settings(cfg, prompt: str, num_classes: int) -> dict:
             "prompt": str(prompt), "num_classes": int(num_classes), "prompted": bool(v.prompted),
             "augment_copies": int(v.augment_copies),
             # added only when used, so validators cached before the key existed are still found
-            **({"pasted_pairs": int(v.pasted_pairs)} if int(v.pasted_pairs) else {})}
+            **({"pasted_pairs": int(v.pasted_pairs)} if int(v.pasted_pairs) else {}),
+            **({"features": str(v.features)} if str(v.features) != "latent" else {})}
 
 
-def save_validator(path: Path, model: LatentValidator, settings: dict) -> Path:
-    """``torch.save`` of hparams + weights + settings (plain types; loads with ``weights_only=True``)."""
+def save_validator(path: Path, model, settings: dict) -> Path:
+    """``torch.save`` of hparams + weights + settings (plain types; loads with ``weights_only=True``).
+
+    ``model``: a :class:`LatentValidator` or a :class:`FeatureValidator` (``settings["features"]`` says which).
+    """
     blob = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), "settings": settings}
     return atomic_write(path, lambda f: torch.save(blob, f))
 
 
-def load_validator(path: Path, settings: dict) -> Optional[LatentValidator]:
+def load_validator(path: Path, settings: dict):
     """The validator saved at ``path`` if it was trained with exactly ``settings``, else None."""
     path = Path(path)
     if not path.is_file():
@@ -171,6 +209,6 @@ def load_validator(path: Path, settings: dict) -> Optional[LatentValidator]:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob.get("settings") != settings:
         return None
-    model = LatentValidator(**blob["hyper_parameters"])
+    model = VALIDATOR_CLASSES[settings.get("features", "latent")](**blob["hyper_parameters"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()

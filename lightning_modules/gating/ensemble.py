@@ -25,6 +25,7 @@ class EnsembleValidator:
         self.members = list(members)
         self.binary = bool(self.members[0].binary)
         self.prompted = bool(getattr(self.members[0], "prompted", False))
+        self.uses_unet_features = bool(getattr(self.members[0], "uses_unet_features", False))
 
     def to(self, device):
         self.members = [m.to(device) for m in self.members]
@@ -39,4 +40,10 @@ class EnsembleValidator:
             logits = m(x.to(m.device, torch.float32), t, out_size, prompt=prompt)
             probs.append(logits[:, 0].sigmoid() if self.binary else logits.softmax(1))
         mean = torch.stack(probs).mean(0)
+        return (mean > 0.5).long() if self.binary else mean.argmax(1)
+
+    @torch.no_grad()
+    def predict_from_features(self, feats: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+        """Class-index masks (B,H,W) int64 from UNet decoder features (members: FeatureValidator)."""
+        mean = torch.stack([m.probabilities(feats, out_size) for m in self.members]).mean(0)
         return (mean > 0.5).long() if self.binary else mean.argmax(1)

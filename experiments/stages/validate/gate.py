@@ -21,6 +21,7 @@ from experiments.tracking import is_rank_zero
 from lightning_modules.gating.batching import gate_in_batches, in_chunks
 from lightning_modules.gating.latent_gate import (encode_condition, encode_prompt, full_denoise_z0, mask_iou,
                                                   single_step_z0)
+from lightning_modules.gating.unet_features import unet_features
 
 FULL_STEPS = 50  # DDIM steps of the "full" gate (DiffAug's baseline)
 LATENT_BATCH = 64  # samples per ε̂ call in the latent gates (all share the prompt embedding)
@@ -58,9 +59,17 @@ def make_latent_gate(mode: str, cfg, num_classes: int, device: torch.device, dif
     gen = torch.Generator().manual_seed(int(cfg.generation.seed) + 1)
     t_eval, text = int(cfg.validator.t_eval), text.to(device)
 
+    features = bool(getattr(validator, "uses_unet_features", False))
+    if features and mode != "single_step":
+        raise ValueError(f"validator.features=unet_decoder works with validator.mode=single_step, not {mode}")
+
     @torch.no_grad()
     def gate(cond: dict, masks: torch.Tensor):
         z0, m_lat, mi_lat = (cond[k].to(device) for k in ("z0", "mask_lat", "masked_lat"))
+        if features:  # the same ε̂ call's decoder features, classified pixel by pixel
+            feats = unet_features(diffusion, z0, m_lat, mi_lat, text, t_eval, gen)
+            pred = validator.predict_from_features(feats, masks.shape[-2:]).cpu().long()
+            return mask_iou(pred, masks.cpu().long(), num_classes), pred
         if mode == "single_step":
             x, t_seg = single_step_z0(diffusion, z0, m_lat, mi_lat, text, t_eval, gen), t_eval
         else:
@@ -244,8 +253,10 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
                                             gen.images, gen.masks, gen.cond_masks, prompt, ncls, device, full_steps,
                                             sink=sink)
         metrics["gen/validate_sps"] = n / max(time.time() - start, 1e-9)
+        kind = "UNet-decoder-feature" if getattr(validator, "uses_unet_features", False) else \
+            ("prompted" if prompted else "plain (DiffAug)")
         description = (f"{mode}@t{int(cfg.validator.t_eval)} on {source} diffusion; "
-                       f"{'prompted' if prompted else 'plain (DiffAug)'} validator {val_src}; latents from {lat_src}")
+                       f"{kind} validator {val_src}; latents from {lat_src}")
         if not models_given:
             # the real pairs' IoUs depend on the gate, not on θ: a θ sweep computes them once
             sanity_cache = validator_cache_path(cfg, upstream, settings).with_suffix(f".{mode}{full_steps}.real_ious.pt")
