@@ -95,6 +95,21 @@ def summarize(modality: str, gate: str, runs: list, heldout: int, truth: str = "
     return row
 
 
+def markdown_table(rows: list) -> str:
+    """The lines as the table of docs/gate-trust.md: rates as mean ± ``_ci95``, then the in-run figures."""
+    def rate(row, key):
+        ci = row[f"{key}_ci95"]
+        return f"{row[key]:.3f}" + ("" if ci is None else f" ± {ci:.3f}")
+
+    out = ["| modality | gate | seeds | real pass | misplaced reject | missing reject | self-check error | flagged "
+           "| in-run real pass | θ |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rates = " | ".join(rate(r, k) for k in ("real_pass_rate", "misplaced_reject_rate", "missing_reject_rate"))
+        out.append(f"| {r['modality']} | {r['gate']} | {r['seeds']} | {rates} | {r['selfcheck_error']:.3f} | "
+                   f"{r['flagged_share']:.2f} | {r['in_run_real_pass_rate']:.3f} | {r['theta']:.3f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gate_trust", description=__doc__.splitlines()[0])
     parser.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
@@ -103,6 +118,7 @@ def main(argv=None) -> list:
     parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(GATES))
     parser.add_argument("--folds", type=int, default=4, help="validator.crossfit_folds of the in-run check")
     parser.add_argument("--records", default=RECORDS, help="folder of the per-seed result files (read, then written)")
+    parser.add_argument("--table", action="store_true", help="print a Markdown table of the lines instead of JSON")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides (every run)")
     args = parser.parse_args(argv)
     from benchmarks.gate_trust_run import judge_run_once
@@ -122,7 +138,9 @@ def main(argv=None) -> list:
                     runs.append(judge_run_once(cfg, key, args.records))
             for name, truth in ((gate, "heldout"), (f"{gate}+ensemble", "heldout_ensemble")):
                 rows.append(summarize(modality, name, runs, args.heldout, truth))
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1]), flush=not args.table, file=sys.stderr if args.table else sys.stdout)
+    if args.table:
+        print(markdown_table(rows))
     return rows
 
 

@@ -1,6 +1,7 @@
 """Single-step latent validation vs full reverse diffusion vs pixel space (DiffAug: 12.5 vs 0.31 samples/s).
 
-``python -m benchmarks.validator [--n 64] [--threshold 0.7] [--train-steps N] [--repeats 3]``
+``python -m benchmarks.validator [--n 64] [--threshold 0.7 | --operating-point 0.5] [--finetuned]
+[--train-steps N] [--repeats 3]``
 
 On one set of generated samples (the tiny base inpainting lesions into procedural polyp images),
 times the gates side by side, each exactly as the validate stage runs it, and measures how often
@@ -15,7 +16,12 @@ their accept/reject decisions agree:
 * ``pixel``: the pixel segmenter on the generated images (what ``mode=pixel`` runs).
 
 The IoU target is the sample's full label (the source's own lesions ∪ the new one); the gate
-conditions on the inpainted region, as generation did. Prints ONE JSON line.
+conditions on the inpainted region, as generation did. ``--operating-point q`` sets θ to the IoU that
+the share q of the samples reach under the single-step gate (so q of them pass it) and judges every
+gate at that θ: agreement means something only where both decisions occur. ``--finetuned`` draws the
+samples from the tiny base LoRA-fine-tuned by the finetune stage of
+``experiments/configs/procedural_polyp_diffaug.yaml`` (run, or reused from its cache) instead of the base.
+Prints ONE JSON line.
 """
 from __future__ import annotations
 
@@ -42,6 +48,17 @@ def _diffusion(tmp: Path):
         return InpaintingDiffusion.from_base(str(tmp / "base")), "untrained tiny (shipped base missing)"
 
 
+def _finetuned():
+    """The tiny base LoRA-fine-tuned by the finetune stage of the procedural polyp DiffAug config (cached)."""
+    from experiments.config import load_config
+    from experiments.runner.builders import load_finetuned
+    from experiments.runner.pipeline import run_stages
+
+    cfg = load_config("experiments/configs/procedural_polyp_diffaug.yaml", ["tracking.enabled=false"])
+    folder = run_stages(cfg, ["finetune"]).stage_dirs["finetune"]
+    return load_finetuned(cfg, folder), f"tiny, LoRA-fine-tuned ({cfg.name} finetune stage)"
+
+
 def _timed(fn, repeats: int = 1):
     """``(result, seconds)``: the best of ``repeats`` runs (timeit's rule: the minimum is the least disturbed).
 
@@ -59,6 +76,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=64, help="generated samples")
     p.add_argument("--threshold", type=float, default=0.7)
+    p.add_argument("--operating-point", type=float, default=None,
+                   help="θ such that this share of samples passes the single-step gate (overrides --threshold)")
+    p.add_argument("--finetuned", action="store_true", help="samples of the LoRA-fine-tuned tiny base")
     p.add_argument("--train-steps", type=int, default=None, help="validator / pixel segmenter steps (default: the config's)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per gate; the fastest counts")
     p.add_argument("--full-steps", type=int, default=50)
@@ -81,7 +101,7 @@ def main(argv=None) -> dict:
                              "trainer.accelerator=auto", f"data.cache_dir={tmp / 'cache'}", "data.n_procedural=200"])
     dm = create_datamodule("procedural_polyp", **{k: v for k, v in cfg.data.items() if k != "name"})
     dm.setup()
-    diffusion, base = _diffusion(tmp)
+    diffusion, base = _finetuned() if args.finetuned else _diffusion(tmp)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     diffusion = diffusion.to(device).eval()
     prompt = getattr(diffusion, "lesion_prompt", "") or dm.prompt
@@ -128,8 +148,10 @@ def main(argv=None) -> dict:
     (iou_f, src_f), t_f = _timed(lambda: (latent_gate("full", rows), sync())[0], r)
     (iou_p, _), t_p = _timed(lambda: (run_gate(pixel, generated, labels), sync())[0], r)
     assert (src_s, src_v, src_f) == ("generate", "vae", "generate"), (src_s, src_v, src_f)
-    acc = {k: v >= args.threshold for k, v in (("s", iou_s), ("v", iou_v), ("f", iou_f), ("p", iou_p))}
-    real = {k: float((run_gate(make_gate(k, **kw), imgs[val], msks[val])[0] >= args.threshold).float().mean())
+    theta = args.threshold if args.operating_point is None else \
+        float(torch.quantile(iou_s, 1 - args.operating_point))
+    acc = {k: v >= theta for k, v in (("s", iou_s), ("v", iou_v), ("f", iou_f), ("p", iou_p))}
+    real = {k: float((run_gate(make_gate(k, **kw), imgs[val], msks[val])[0] >= theta).float().mean())
             for k in ("single_step", "full")}
     result = {
         "single_step_sps": round(args.n / t_s, 3), "full_sps": round(args.n / t_f, 3), "pixel_sps": round(args.n / t_p, 3),
@@ -142,7 +164,7 @@ def main(argv=None) -> dict:
         "accept_rate_full": round(float(acc["f"].float().mean()), 3),
         "accept_rate_pixel": round(float(acc["p"].float().mean()), 3),
         "real_pass_rate_single_step": round(real["single_step"], 3), "real_pass_rate_full": round(real["full"], 3),
-        "n": args.n, "threshold": args.threshold, "full_steps": args.full_steps, "t_eval": int(cfg.validator.t_eval),
+        "n": args.n, "threshold": round(theta, 4), "operating_point": args.operating_point, "full_steps": args.full_steps, "t_eval": int(cfg.validator.t_eval),
         "latent_batch": LATENT_BATCH, "repeats": r, "validator_train_steps": int(cfg.validator.train_steps), "base": base, "device": device.type, "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))

@@ -69,3 +69,17 @@ def test_feature_validator_refuses_what_it_cannot_read(clash):
         load_config(None, ["validator.features=unet_decoder", clash])
     with pytest.raises(ConfigError, match="validator.features"):
         load_config(None, ["validator.features=pixels"])
+
+
+def test_tables_name_the_feature_validator_not_diffaugs_plain_one():
+    import pandas as pd
+
+    from experiments.reporting.aggregate import validator_of
+
+    def runs(features, prompted_metric):
+        return pd.DataFrame({"params.validator.mode": ["single_step"] * 2, "params.augment.method": ["diffusion"] * 2,
+                             "params.validator.features": features, "metrics.gen/validator_prompted": prompted_metric})
+
+    assert validator_of(runs(["unet_decoder"] * 2, [None, None])) == "features"
+    assert validator_of(runs(["unet_decoder", "latent"], [None, 0.0])) == "mixed"
+    assert validator_of(runs(["latent"] * 2, [0.0, 0.0])) == "plain"

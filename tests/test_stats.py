@@ -94,3 +94,17 @@ def test_paired_difference_carries_p_and_mde():
     diffs = [0.1, 0.15, 0.05]
     assert d["p"] == pytest.approx(st.ttest_1samp(diffs, 0).pvalue)
     assert d["mde80"] > 0
+
+
+def test_paired_power_is_what_a_simulation_rejects_and_inverts_the_mde():
+    import numpy as np
+    from scipy import stats
+
+    from experiments.reporting.stats import mde_paired, paired_power
+
+    assert paired_power(mde_paired(0.05, 20, 0.0125), 0.05, 20, 0.0125) == pytest.approx(0.8, abs=1e-6)
+    assert paired_power(0.03, 0.05, 40) > paired_power(0.03, 0.05, 20) > paired_power(0.0, 0.05, 20)
+    assert paired_power(0.0, 0.05, 20) == pytest.approx(0.05, abs=1e-9)  # no effect: the test's own level
+    diffs = np.random.default_rng(1).normal(0.03, 0.06, size=(4000, 20))
+    rejected = float((stats.ttest_1samp(diffs, 0.0, axis=1).pvalue < 0.0125).mean())
+    assert rejected == pytest.approx(paired_power(0.03, 0.06, 20, 0.0125), abs=0.025)

@@ -36,14 +36,18 @@ def _row_sort(spec: Dict[str, Any], key: tuple) -> tuple:
 
 
 def validator_of(frame: pd.DataFrame) -> Optional[str]:
-    """Which latent validator a row's runs used: ``prompted`` (this suite's, lesion prompt) or ``plain``
-    (DiffAug's), ``mixed``, or None when no latent gate ran (or the runs do not say).
+    """Which latent validator a row's runs used: ``prompted`` (this suite's, lesion prompt), ``plain``
+    (DiffAug's), ``features`` (``validator.features=unet_decoder``), ``mixed``, or None when no latent gate
+    ran (or the runs do not say).
 
     The gate's own metric ``gen/validator_prompted`` wins; else the ``validator.prompted`` param.
     """
     mode, method = frame.get("params.validator.mode"), frame.get("params.augment.method")
     if mode is None or (mode.astype(str) == "none").any() or (method is not None and (method == "standard").any()):
         return None
+    features = frame.get("params.validator.features")
+    if features is not None and (features.astype(str) == "unet_decoder").any():  # no prompt: its own kind
+        return "features" if (features.astype(str) == "unet_decoder").all() else "mixed"
     flags = frame.get("metrics.gen/validator_prompted")
     if flags is not None and flags.notna().any():
         values = [bool(v >= 0.5) for v in flags.dropna()]

@@ -12,6 +12,7 @@ from experiments.reporting import findings
 from experiments.reporting.stats import fmt, jsonable, paired_difference
 from experiments.reporting.aggregate import mde_alpha
 from experiments.reporting.keys import EXTERNAL_PREFIX, canon, column_of
+from experiments.reporting.primary import primary_comparison, primary_markdown
 from experiments.reporting.table_render import render_markdown_table
 
 DICE, FNR = "test/dice", "test/fnr_small"
@@ -147,7 +148,15 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
                       f"(paired t-test, the observed paired SD) at two-sided α = 0.05/{table['holm_family']} = "
                       f"{alpha:.2g}, Holm's strictest step over the table's {table['holm_family']} comparisons: the "
                       "level a Δ must reach to be bold.", ""]
-    return {"json": {"headline_by_modality": out, "frozen_code": frozen, "seed_block": block},
+    primary = primary_comparison(spec, table, [label for label, _ in spec["sources"]], _find)
+    extra = {}
+    if primary:  # the pre-registered comparison: per modality in its entry, the whole family beside
+        for label, entry in primary["by_modality"].items():
+            out[label]["primary"] = entry
+        extra = {"primary": {k: v for k, v in primary.items() if k != "by_modality"},
+                 "preregistration": spec.get("preregistration")}
+        markdown += primary_markdown(primary, spec.get("preregistration")) if body else []
+    return {"json": {"headline_by_modality": out, "frozen_code": frozen, "seed_block": block, **extra},
             "markdown": markdown, "pending": pending, "notes": {"by_modality": out},
             "findings": findings.headline({k: v for k, v in out.items() if k in dict(spec["sources"])},
                                           table["holm_family"])}

@@ -19,7 +19,8 @@ from lightning_modules.gating.flags import MIN_REAL_PASS, MIN_WRONG_REJECT
 
 SPEC_KEYS = {"title", "grid", "grids", "grid_key", "command", "rows", "columns", "baseline", "compare", "filter",
              "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes", "note_metrics",
-             "gate_min_real_pass", "gate_min_real_reject", "samples", "summary", "efficiency", "external"}
+             "gate_min_real_pass", "gate_min_real_reject", "samples", "summary", "efficiency", "external",
+             "primary", "preregistration"}
 SUMMARIES = {"headline_by_modality": {"by_modality"}, "data_efficiency": {"exchange"}}  # their note names
 
 def load_table(path: str | Path) -> Dict[str, Any]:

@@ -206,13 +206,31 @@ def holm(p_values: Sequence[Optional[float]]) -> List[float]:
     return out
 
 
+def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided paired t-test over ``n`` pairs at true mean difference ``effect``.
+
+    ``P(|T| > t_crit)`` with T noncentral t (df = n − 1, noncentrality effect·√n / sd). statsmodels'
+    ``TTestPower.power`` does the same, but statsmodels is not a dependency of this suite.
+
+    Args:
+        effect: the true mean difference, in the metric's units.
+        sd: SD of the per-pair differences.
+        n: number of pairs (>= 2).
+        alpha: two-sided significance level.
+    """
+    df, crit = n - 1, float(_st.t.ppf(1 - alpha / 2, n - 1))
+    nc = float(effect) / float(sd) * math.sqrt(n)
+    reach = float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
+    if not math.isfinite(reach):  # scipy's nct gives NaN for large df and nc; T is normal there
+        reach = float(_st.norm.sf(crit - nc) + _st.norm.cdf(-crit - nc))
+    return reach
+
+
 def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """Minimum detectable effect of a two-sided paired t-test: the smallest true mean difference
     found significant with probability ``power``, given the paired SD observed over ``n`` pairs.
 
-    The power of the test at effect δ is ``P(|T| > t_crit)`` with T noncentral t (df = n − 1,
-    noncentrality δ·√n / sd); the MDE solves power(δ) = ``power`` with a root finder. statsmodels'
-    ``TTestPower.solve_power`` does the same, but statsmodels is not a dependency of this suite.
+    Solves :func:`paired_power` (effect) = ``power`` with a root finder.
 
     Args:
         sd: sample SD of the per-seed differences.
@@ -229,14 +247,8 @@ def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> fl
         return 0.0
     from scipy.optimize import brentq
 
-    df, crit = n - 1, float(_st.t.ppf(1 - alpha / 2, n - 1))
-
     def shortfall(d: float) -> float:  # d: effect in SD units (Cohen's d_z)
-        nc = d * math.sqrt(n)
-        reach = float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
-        if not math.isfinite(reach):  # scipy's nct gives NaN for large df and nc; T is normal there
-            reach = float(_st.norm.sf(crit - nc) + _st.norm.cdf(-crit - nc))
-        return reach - power
+        return paired_power(d, 1.0, n, alpha) - power
 
     high = 1.0 / math.sqrt(n)
     while shortfall(high) < 0:  # bracket the root: power grows with the effect

@@ -55,7 +55,8 @@ def _diff_cell(diff: Optional[Dict[str, Any]], col: Dict[str, Any], is_base: boo
     return f"{text} [{fmt(low, spec, True)}, {fmt(high, spec, True)}] (n={diff['n']}{mde})"
 
 
-VALIDATOR_NAMES = {"prompted": "prompted (this suite)", "plain": "plain (DiffAug)", "mixed": "mixed", None: "—"}
+VALIDATOR_NAMES = {"prompted": "prompted (this suite)", "plain": "plain (DiffAug)",
+                   "features": "UNet decoder features", "mixed": "mixed", None: "—"}
 
 
 def render_section(spec: Dict[str, Any], table: Dict[str, Any], plot: Optional[str] = None,

@@ -225,7 +225,7 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
         "sanity_cache", "diffusion"}``: ``sanity_cache`` is where the real pairs' IoUs under this gate
         are kept (None for the pixel gate and for given models, which leave nothing to cache by key);
         ``diffusion`` the model the latent gates used (None for the pixel gate). ``metrics`` holds
-        ``gen/validate_sps`` and, for the latent gates, ``gen/validator_prompted`` (1.0 prompted, 0.0 plain).
+        ``gen/validate_sps`` and, for the latent gates on ẑ0, ``gen/validator_prompted`` (1.0 prompted, 0.0 plain).
     """
     mode, device, n = str(cfg.validator.mode), device_of(cfg), len(gen.rows)
     ncls, few = int(datamodule.num_classes), datamodule.split_indices["train_few"]
@@ -247,7 +247,8 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
         # which validator judged: prompted (sees the intended mask; this suite's) or plain (DiffAug's);
         # the tables name it per row (experiments.reporting reads gen/validator_prompted)
         prompted = bool(getattr(validator, "prompted", cfg.validator.prompted))
-        metrics["gen/validator_prompted"] = float(prompted)
+        if not getattr(validator, "uses_unet_features", False):  # the feature validator takes no prompt at all
+            metrics["gen/validator_prompted"] = float(prompted)
         start = time.time()  # the whole gate: latents (loaded or encoded) + prompt + ε̂ + validator
         ious, preds, lat_src = gate_latents(mode, cfg, diffusion, validator, Path(upstream["generate"]), gen.rows,
                                             gen.images, gen.masks, gen.cond_masks, prompt, ncls, device, full_steps,

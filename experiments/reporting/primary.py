@@ -1,0 +1,64 @@
+"""A block's pre-registered primary comparison: one arm against one control on one metric, per modality.
+
+The table spec's ``primary: {arm, versus, metric}`` names it before the block runs. Each modality's
+difference is paired by seed (a paired t-test, as every Δ of the tables), and the p-values are
+Holm-adjusted within the modalities: the family the pre-registration fixes. A modality without runs
+enters the family with p = 1, so an unmeasured modality never makes the others easier to pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from experiments.reporting.keys import canon
+from experiments.reporting.stats import fmt, holm, paired_difference
+
+ALPHA = 0.05  # family-wise level of the primary comparison
+
+
+def primary_comparison(spec: Dict[str, Any], table: Dict[str, Any], labels: List[str],
+                       find: Callable[..., Optional[dict]]) -> Optional[Dict[str, Any]]:
+    """The spec's primary comparison over ``labels`` (the modalities), or None without one.
+
+    Args:
+        find: ``find(table, arm, (canon(label),)) -> row or None`` (the table's row of an arm).
+
+    Returns:
+        ``{"arm", "versus", "metric", "alpha", "family", "by_modality": {label: {"mean", "ci95", "p",
+        "p_holm", "n", "significant"}}}``; a modality without paired seeds has None figures.
+    """
+    chosen = spec.get("primary")
+    if not chosen:
+        return None
+    arm, versus, metric = chosen["arm"], chosen["versus"], chosen.get("metric", "test/dice")
+    by_modality: Dict[str, Dict[str, Any]] = {}
+    for label in labels:
+        a, b = (find(table, name, (canon(label),)) for name in (arm, versus))
+        diff = None
+        if a and b and metric in a["by_seed"] and metric in b["by_seed"]:
+            diff = paired_difference(a["by_seed"][metric], b["by_seed"][metric])
+        measured = bool(diff and diff["n"] >= 2)
+        by_modality[label] = {"mean": diff["mean"] if measured else None,
+                              "ci95": [diff["ci95_low"], diff["ci95_high"]] if measured else [None, None],
+                              "p": diff["p"] if measured else None, "n": diff["n"] if diff else 0}
+    adjusted = holm([entry["p"] if entry["p"] is not None else 1.0 for entry in by_modality.values()])
+    for entry, p_holm in zip(by_modality.values(), adjusted):
+        entry["p_holm"] = p_holm if entry["p"] is not None else None
+        entry["significant"] = None if entry["p"] is None else bool(p_holm <= ALPHA)
+    return {"arm": arm, "versus": versus, "metric": metric, "alpha": ALPHA, "family": len(labels),
+            "by_modality": by_modality}
+
+
+def primary_markdown(primary: Dict[str, Any], preregistration: Optional[str]) -> List[str]:
+    """One line per modality under the headline table: Δ [95 % CI], p and Holm-adjusted p."""
+    where = f" (pre-registered in `{preregistration}`)" if preregistration else ""
+    lines = [f"Primary comparison{where}: `{primary['arm']}` − `{primary['versus']}`, {primary['metric']}, "
+             f"paired by seed, Holm over the {primary['family']} modalities at α = {primary['alpha']}:", ""]
+    for label, e in primary["by_modality"].items():
+        if e["mean"] is None:
+            lines.append(f"* {label}: not measured")
+            continue
+        verdict = "significant" if e["significant"] else "not significant"
+        low, high = (fmt(x, ".3f", True) for x in e["ci95"])
+        lines.append(f"* {label}: Δ {fmt(e['mean'], '.3f', True)} [{low}, {high}], {e['n']} seeds, "
+                     f"p = {fmt(e['p'], '.3g')}, Holm p = {fmt(e['p_holm'], '.3g')} ({verdict})")
+    return lines + [""]
