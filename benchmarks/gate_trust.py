@@ -119,6 +119,8 @@ def main(argv=None) -> list:
     parser.add_argument("--folds", type=int, default=4, help="validator.crossfit_folds of the in-run check")
     parser.add_argument("--records", default=RECORDS, help="folder of the per-seed result files (read, then written)")
     parser.add_argument("--table", action="store_true", help="print a Markdown table of the lines instead of JSON")
+    parser.add_argument("--recorded-only", action="store_true",
+                        help="summarise the seeds that have a record; run nothing")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides (every run)")
     args = parser.parse_args(argv)
     from benchmarks.gate_trust_run import judge_run_once
@@ -135,7 +137,11 @@ def main(argv=None) -> list:
                 key = {"modality": modality, "gate": gate, "seed": seed, "folds": args.folds,
                        "heldout": args.heldout, "overrides": list(args.overrides)}
                 with contextlib.redirect_stdout(sys.stderr):  # training logs; stdout holds the JSON lines
-                    runs.append(judge_run_once(cfg, key, args.records))
+                    result = judge_run_once(cfg, key, args.records, run=not args.recorded_only)
+                runs += [result] if result is not None else []
+            if not runs:
+                print(f"[gate_trust] {modality} {gate}: no recorded seed", file=sys.stderr, flush=True)
+                continue
             for name, truth in ((gate, "heldout"), (f"{gate}+ensemble", "heldout_ensemble")):
                 rows.append(summarize(modality, name, runs, args.heldout, truth))
                 print(json.dumps(rows[-1]), flush=not args.table, file=sys.stderr if args.table else sys.stdout)

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def _base_diffusion(name: str):
     return InpaintingDiffusion.from_base(name).eval()
 
 
-def judge_run_once(cfg, key: dict, records: str) -> dict:
+def judge_run_once(cfg, key: dict, records: str, run: bool = True) -> Optional[dict]:
     """:func:`judge_run` for one seed, read from its record under ``records`` when one exists.
 
     Args:
@@ -93,13 +94,15 @@ def judge_run_once(cfg, key: dict, records: str) -> dict:
 
     Returns:
         The :func:`judge_run` result; a new one is written atomically with ``key``, the commit of the
-        code and the seconds it took.
+        code and the seconds it took. None when there is no record and ``run`` is False.
     """
     path = Path(records) / f"{key['modality']}-{key['gate']}-s{key['seed']}-{short_hash(key)}.json"
     if path.is_file():
         record = json.loads(path.read_text())
         print(f"[gate_trust] {key['modality']} {key['gate']} seed {key['seed']}: from {path}", file=sys.stderr)
         return record["result"]
+    if not run:
+        return None
     from experiments.runner.pipeline import build_datamodule
 
     start = time.time()

@@ -16,9 +16,9 @@ their accept/reject decisions agree:
 * ``pixel``: the pixel segmenter on the generated images (what ``mode=pixel`` runs).
 
 The IoU target is the sample's full label (the source's own lesions ∪ the new one); the gate
-conditions on the inpainted region, as generation did. ``--operating-point q`` sets θ to the IoU that
-the share q of the samples reach under the single-step gate (so q of them pass it) and judges every
-gate at that θ: agreement means something only where both decisions occur. ``--finetuned`` draws the
+conditions on the inpainted region, as generation did. ``--operating-point q`` sets θ where the share of
+samples passing the single-step gate comes closest to q (a midpoint between two distinct IoUs) and
+judges every gate at that θ: agreement means something only where both decisions occur. ``--finetuned`` draws the
 samples from the tiny base LoRA-fine-tuned by the finetune stage of
 ``experiments/configs/procedural_polyp_diffaug.yaml`` (run, or reused from its cache) instead of the base.
 Prints ONE JSON line.
@@ -46,6 +46,17 @@ def _diffusion(tmp: Path):
         print("[benchmark] shipped tiny base missing: using an UNTRAINED tiny model (timings meaningful, "
               "agreement not)", file=sys.stderr)
         return InpaintingDiffusion.from_base(str(tmp / "base")), "untrained tiny (shipped base missing)"
+
+
+def operating_threshold(ious: torch.Tensor, share: float) -> float:
+    """The θ whose pass share (IoU ≥ θ) comes closest to ``share``: a midpoint between two distinct IoUs,
+    so ties (many samples at IoU 0) never sit on the threshold. (N,) IoUs in, θ out."""
+    values = torch.unique(ious.float())  # ascending
+    if len(values) < 2:
+        return float(values[0]) if len(values) else 0.0
+    cuts = (values[1:] + values[:-1]) / 2
+    shares = torch.stack([(ious >= c).float().mean() for c in cuts])
+    return float(cuts[(shares - share).abs().argmin()])
 
 
 def _finetuned():
@@ -148,8 +159,7 @@ def main(argv=None) -> dict:
     (iou_f, src_f), t_f = _timed(lambda: (latent_gate("full", rows), sync())[0], r)
     (iou_p, _), t_p = _timed(lambda: (run_gate(pixel, generated, labels), sync())[0], r)
     assert (src_s, src_v, src_f) == ("generate", "vae", "generate"), (src_s, src_v, src_f)
-    theta = args.threshold if args.operating_point is None else \
-        float(torch.quantile(iou_s, 1 - args.operating_point))
+    theta = args.threshold if args.operating_point is None else operating_threshold(iou_s, args.operating_point)
     acc = {k: v >= theta for k, v in (("s", iou_s), ("v", iou_v), ("f", iou_f), ("p", iou_p))}
     real = {k: float((run_gate(make_gate(k, **kw), imgs[val], msks[val])[0] >= theta).float().mean())
             for k in ("single_step", "full")}

@@ -26,14 +26,16 @@ class FeatureValidator(L.LightningModule):
         num_classes: classes including background; 2 = binary (one logit, BCE weighted by ``pos_weight``).
         lr / train_steps: AdamW learning rate (cosine decay to 5 %) and optimisation steps.
         t_eval: the timestep its features come from (the gate must use the same).
-        pos_weight: weight of lesion pixels in the binary loss (background : lesion pixel ratio of the data).
+        class_weights: weight of each class's pixels in the loss, background first (the data's background :
+            class pixel ratio, so small structures such as the optic cup are not drowned by background);
+            binary validators use the lesion's as BCE's ``pos_weight``. None: all 1.
     """
 
     uses_unet_features = True  # the gate hands it features, not a latent (experiments.stages.validate.gate)
     prompted = False
 
     def __init__(self, in_channels: int, num_classes: int = 2, lr: float = 2e-3, train_steps: int = 300,
-                 t_eval: int = 50, pos_weight: float = 1.0, width: int = 64):
+                 t_eval: int = 50, class_weights: Optional[Sequence[float]] = None, width: int = 64):
         super().__init__()
         self.save_hyperparameters()
         self.binary = num_classes <= 2
@@ -66,11 +68,13 @@ class FeatureValidator(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         feats, mask = batch["feats"].float(), batch["mask"].long()
         logits = self(feats, mask.shape[-2:])
+        weights = self.hparams.class_weights
         if self.binary:
-            weight = torch.tensor(float(self.hparams.pos_weight), device=logits.device)
+            weight = torch.tensor(float(weights[1]) if weights else 1.0, device=logits.device)
             loss = F.binary_cross_entropy_with_logits(logits[:, 0], (mask > 0).float(), pos_weight=weight)
         else:
-            loss = F.cross_entropy(logits, mask)
+            weight = torch.tensor(list(weights), device=logits.device, dtype=logits.dtype) if weights else None
+            loss = F.cross_entropy(logits, mask, weight=weight)
         self.log("validator/loss", loss, prog_bar=True, batch_size=feats.shape[0])
         return loss
 

@@ -216,3 +216,13 @@ def test_augmented_copies_are_seeded_and_keep_masks_aligned():
     red = (a_img[:, 0] - a_img[:, 1]) > 0.5
     assert mask_iou(red.long(), a_msk).min() > 0.6
     assert augmented_copies(images, masks, copies=1)[0] is images
+
+
+def test_operating_threshold_passes_the_share_asked_for_and_never_sits_on_a_tie():
+    from benchmarks.validator import operating_threshold
+
+    ties = torch.tensor([0.0] * 6 + [0.3, 0.5, 0.7, 0.9])  # most samples at IoU 0: a quantile would be 0
+    theta = operating_threshold(ties, 0.5)
+    assert 0.0 < theta < 0.3 and float((ties >= theta).float().mean()) == pytest.approx(0.4)
+    spread = torch.linspace(0.05, 0.95, 20)
+    assert float((spread >= operating_threshold(spread, 0.3)).float().mean()) == pytest.approx(0.3)

@@ -115,13 +115,16 @@ def _train_feature_validator(cfg, diffusion, pairs, prompt: str, num_classes: in
     try:
         start = time.perf_counter()
         bank = build_feature_bank(diffusion, pairs, prompt, int(v.t_eval), folder, seed=seed)
-        lesion_share = float(np.mean([(bank.masks[i] > 0).mean() for i in range(len(bank))]))
+        # background : class pixel ratio of the targets, counted one item at a time (the masks stay on disk)
+        counts = sum(np.bincount(np.asarray(bank.masks[i]).ravel(), minlength=num_classes)[:num_classes]
+                     for i in range(len(bank))).astype(np.float64)
+        weights = [float(counts[0] / max(c, 1.0)) for c in counts]
         print(f"[gate] feature validator data: {len(pairs)} pairs x 3 (as is, misplaced, missing) -> {len(bank)} "
               f"items of {tuple(bank.feats.shape[1:])} UNet decoder features on disk, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         L.seed_everything(seed, workers=True, verbose=False)
         model = FeatureValidator(bank.feats.shape[1], num_classes, train_steps=int(v.train_steps), t_eval=int(v.t_eval),
-                                 pos_weight=(1 - lesion_share) / max(lesion_share, 1e-3))
+                                 class_weights=weights)
         model.feature_mean.copy_(bank.mean), model.feature_std.copy_(bank.std)
         sampler = RandomSampler(bank, replacement=True, num_samples=int(v.train_steps) * 32,
                                 generator=torch.Generator().manual_seed(seed))
