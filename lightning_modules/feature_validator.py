@@ -9,13 +9,14 @@ erased under its own mask (missing), the target always being where the lesion tr
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lightning_modules.validator import adamw_cosine
 
 
 class FeatureValidator(L.LightningModule):
@@ -79,8 +80,4 @@ class FeatureValidator(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-3)
-        steps = max(1, self.hparams.train_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self.parameters(), self.hparams.lr, 1e-3, self.hparams.train_steps)

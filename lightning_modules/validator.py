@@ -201,11 +201,16 @@ class LatentValidator(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
-        steps = max(1, self.hparams.train_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self.parameters(), self.hparams.lr, 1e-4, self.hparams.train_steps)
+
+
+def adamw_cosine(parameters, lr: float, weight_decay: float, steps: int) -> dict:
+    """AdamW with the learning rate decayed on a cosine to 5 % over ``steps`` (Lightning's optimizer dict)."""
+    opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    steps = max(1, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def _random_flips(x: torch.Tensor, mask: torch.Tensor, prompt: Optional[torch.Tensor]):
