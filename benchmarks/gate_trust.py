@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -133,11 +134,11 @@ def main(argv=None) -> list:
                 continue
             runs = []
             for seed in args.seeds:
-                cfg = run_config(modality, gate, seed, args.folds, args.overrides)
+                config = functools.partial(run_config, modality, gate, seed, args.folds, args.overrides)
                 key = {"modality": modality, "gate": gate, "seed": seed, "folds": args.folds,
                        "heldout": args.heldout, "overrides": list(args.overrides)}
                 with contextlib.redirect_stdout(sys.stderr):  # training logs; stdout holds the JSON lines
-                    result = judge_run_once(cfg, key, args.records, run=not args.recorded_only)
+                    result = judge_run_once(config, key, args.records, run=not args.recorded_only)
                 runs += [result] if result is not None else []
             if not runs:
                 print(f"[gate_trust] {modality} {gate}: no recorded seed", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -85,10 +85,11 @@ def _base_diffusion(name: str):
     return InpaintingDiffusion.from_base(name).eval()
 
 
-def judge_run_once(cfg, key: dict, records: str, run: bool = True) -> Optional[dict]:
+def judge_run_once(config: Callable, key: dict, records: str, run: bool = True) -> Optional[dict]:
     """:func:`judge_run` for one seed, read from its record under ``records`` when one exists.
 
     Args:
+        config: ``() -> cfg`` of the run (built only when the seed runs).
         key: what identifies the run (modality, gate, seed, folds, held-out pairs, overrides); its hash
             names the file ``<modality>-<gate>-s<seed>-<hash>.json``.
 
@@ -105,7 +106,7 @@ def judge_run_once(cfg, key: dict, records: str, run: bool = True) -> Optional[d
         return None
     from experiments.runner.pipeline import build_datamodule
 
-    start = time.time()
+    start, cfg = time.time(), config()
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     result = judge_run(cfg, datamodule, _base_diffusion(str(cfg.diffusion.base_model)), key["modality"],

@@ -56,3 +56,14 @@ def test_benchmark_prints_one_line_per_modality_and_gate(capsys, tmp_path, monke
     capsys.readouterr()
     monkeypatch.setattr("benchmarks.gate_trust_run.judge_run", lambda *a, **k: pytest.fail("a recorded seed reran"))
     assert main(argv) == rows
+
+
+def test_the_documented_table_is_the_one_the_committed_records_give(capsys):
+    """docs/gate-trust.md's feature-gate table is rebuilt from benchmarks/records/gate_trust, running nothing."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    main(["--seeds", *map(str, range(300, 310)), "--gates", "features", "prompted", "--recorded-only", "--table",
+          "--records", str(repo / "benchmarks" / "records" / "gate_trust")])
+    table = capsys.readouterr().out.strip()
+    assert table.count("\n") >= 10 and table in (repo / "docs" / "gate-trust.md").read_text()
