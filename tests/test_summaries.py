@@ -230,3 +230,32 @@ def test_external_columns_from_runs_that_have_them_and_not_measured_otherwise(tm
         spec["external"] = {"colon": "x"}
         path.write_text(yaml.safe_dump(spec))
         main([str(path), "--runs", str(tmp_path)])
+
+
+def test_block200_reports_its_preregistered_primary_comparison_holm_over_four(tmp_path):
+    from experiments.reporting.table_cli import main
+
+    arms = ["real_only", "copy_paste", "diffusion", "diffusion_gate"]
+    noise = lambda s: 0.02 * math.sin(3.7 * s)  # noqa: E731  (a per-seed wobble, so differences vary)
+    polyp = lambda v, n, s, i: 0.40 + (0.05 + noise(s) if v == "diffusion_gate" else 0.0)  # noqa: E731
+    skin = lambda v, n, s, i: 0.50 + (noise(s) if v == "diffusion_gate" else 0.0)  # noqa: E731
+    _records(tmp_path, "headline200_polyp", arms, range(200, 223), dice=polyp)
+    _records(tmp_path, "headline200_skin", arms, range(200, 236), dice=skin)
+    assert main([str(TABLES / "headline_block200.yaml"), "--runs", str(tmp_path), "--write",
+                 str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["seed_block"] == 200 and result["preregistration"] == "sweeps/preregistration/block200.md"
+    assert result["primary"] == {"arm": "diffusion_gate", "versus": "copy_paste", "metric": "test/dice",
+                                 "alpha": 0.05, "family": 4}
+    block = result["headline_by_modality"]
+    gain, flat = block["polyp"]["primary"], block["skin"]["primary"]
+    assert gain["n"] == 23 and gain["mean"] == pytest.approx(0.05 + np.mean([noise(s) for s in range(200, 223)]))
+    # Holm over four, the unmeasured two entering with p = 1: the smallest p is multiplied by 4
+    assert gain["significant"] and gain["p_holm"] == pytest.approx(min(1.0, 4 * gain["p"]), rel=1e-6)
+    assert flat["n"] == 36 and not flat["significant"] and flat["p_holm"] >= flat["p"]
+    assert block["fundus"]["primary"] == {"mean": None, "ci95": [None, None], "p": None, "n": 0, "p_holm": None,
+                                          "significant": None}
+    assert block["polyp"]["diffusion_arm"] == "diffusion_gate"  # fixed before the block: never chosen after it
+    text = (tmp_path / "r.md").read_text()
+    assert "Primary comparison (pre-registered in `sweeps/preregistration/block200.md`)" in text
+    assert "* fundus: not measured" in text

@@ -1,0 +1,58 @@
+"""Block 200's pre-registration: it names the files the block runs from, and no record predates it."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PREREG = "sweeps/preregistration/block200.md"
+MODALITIES = ("polyp", "skin", "fundus", "ultrasound")
+
+
+def test_the_grids_and_table_point_at_the_preregistration_and_run_the_seeds_it_fixes():
+    text = (REPO / PREREG).read_text()
+    spec = yaml.safe_load((REPO / "experiments/tables/headline_block200.yaml").read_text())
+    assert spec["preregistration"] == PREREG and spec["primary"]["arm"] == "diffusion_gate"
+    assert spec["headline_rows"]["diffusion"] == "diffusion_gate"  # fixed: no arm is chosen after the runs
+    for modality in MODALITIES:
+        grid = yaml.safe_load((REPO / f"sweeps/grids/headline200_{modality}.yaml").read_text())
+        seeds = grid["seeds"]
+        assert seeds == list(range(200, 200 + len(seeds)))
+        assert f"{modality} 200–{seeds[-1]} ({len(seeds)})" in text, f"{modality}: seeds differ from {PREREG}"
+        assert spec["grids"][modality] == grid["name"] == f"headline200_{modality}"
+    assert "seed_block: \"200\"" in (REPO / "sweeps/grids/bases/headline_block200.yaml").read_text()
+
+
+def _first_commit(path: str) -> str:
+    out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", path], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[-1] if out else ""
+
+
+def test_every_block200_record_runs_on_the_commit_that_preregistered_it():
+    records = [json.loads(line) for m in MODALITIES
+               for path in [REPO / f"sweeps/records/headline200_{m}.jsonl"] if path.is_file()
+               for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return  # nothing has run yet: nothing can predate the file
+    frozen = _first_commit(PREREG)
+    assert frozen, f"{PREREG} is not in the git history, yet block-200 records exist"
+    stray = {r["git_sha"] for r in records if not frozen.startswith(str(r["git_sha"]))}
+    assert not stray, f"block-200 records from {stray}, not from the pre-registered commit {frozen[:7]}"
+    assert all(re.fullmatch(r"[0-9a-f]{7,40}", str(r["git_sha"])) for r in records)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_power_statement_matches_its_command(modality):
+    from sweeps.preregistration.power import main
+
+    row = next(r for r in main(["--effect", "0.03", "--seeds", "20", "--family", "4",
+                                          "--records", str(REPO / "sweeps" / "records")]) if r["modality"] == modality)
+    line = f"| {modality} | {row['pairs_block100']} | {row['sd_diff']:.4f} | {row['power']:.3f} | " \
+           f"{row['power_alpha_0.05']:.3f} | {row['seeds_for_80pct']} |"
+    assert line in (REPO / PREREG).read_text()
