@@ -38,7 +38,10 @@ def gate_in_batches(gate: Callable, inputs: Inputs, masks: torch.Tensor, batch_s
         part = {k: v[i:i + batch_size] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i:i + batch_size]
         iou, pred = gate(part, masks[i:i + batch_size])
         ious.append(iou)
-        preds.append(pred) if sink is None else sink(i, pred)
+        if sink is None:
+            preds.append(pred)
+        else:
+            sink(i, pred)
     if not ious:
         return torch.zeros(0), torch.zeros((0, *masks.shape[1:]), dtype=torch.long) if sink is None else None
     return torch.cat(ious), torch.cat(preds) if sink is None else None
