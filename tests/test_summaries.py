@@ -253,9 +253,23 @@ def test_block200_reports_its_preregistered_primary_comparison_holm_over_four(tm
     # Holm over four, the unmeasured two entering with p = 1: the smallest p is multiplied by 4
     assert gain["significant"] and gain["p_holm"] == pytest.approx(min(1.0, 4 * gain["p"]), rel=1e-6)
     assert flat["n"] == 36 and not flat["significant"] and flat["p_holm"] >= flat["p"]
-    assert block["fundus"]["primary"] == {"mean": None, "ci95": [None, None], "p": None, "n": 0, "p_holm": None,
-                                          "significant": None}
+    assert block["fundus"]["primary"] == {"mean": None, "ci95": [None, None], "p": None, "n": 0, "mde80": None,
+                                          "p_holm": None, "significant": None}
+    assert 0 < gain["mde80"] < 0.05  # at α = 0.05/4, from the observed paired SD of the wobble
     assert block["polyp"]["diffusion_arm"] == "diffusion_gate"  # fixed before the block: never chosen after it
     text = (tmp_path / "r.md").read_text()
     assert "Primary comparison (pre-registered in `sweeps/preregistration/block200.md`)" in text
     assert "* fundus: not measured" in text
+    findings = text.split("## Findings")[1].split("\n## ")[0]
+    assert "(`diffusion_gate`) was fixed before the runs" in findings and "chosen on validation" not in findings
+    primary_line = next(line for line in findings.splitlines() if line.startswith("- Primary comparison"))
+    assert "Holm over the 4 modalities" in primary_line and "significant in polyp (better)" in primary_line
+    assert "Not measured: fundus, ultrasound (each counted with p = 1)" in primary_line
+    # the primary replaces the headline arm's copy-paste contrast (one verdict in its own family) ...
+    assert "`diffusion_gate` against the copy-paste control (test Dice" not in findings
+    assert "`diffusion_gate` against real only (test Dice" in findings
+    # ... and the arm the headline does not report is reported beside it, never dropped
+    assert "`diffusion` against the copy-paste control (test Dice" in findings
+    assert "`diffusion` against real only (test Dice" in findings
+    assert set(block["polyp"]["other_arms"]) == {"diffusion"}
+    assert block["polyp"]["other_arms"]["diffusion"]["gain_vs_copy_paste"] == pytest.approx(0.0)

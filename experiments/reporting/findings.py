@@ -15,7 +15,8 @@ def _delta(value: Optional[float], ci: List[Optional[float]]) -> str:
     return f"{fmt(value, '.3f', True)} [{fmt(ci[0], '.3f', True)}, {fmt(ci[1], '.3f', True)}]"
 
 
-def _contrast(entries: Mapping[str, Mapping[str, Any]], against: str, family: int, name: str) -> str:
+def _contrast(entries: Mapping[str, Mapping[str, Any]], against: str, family: int, name: str,
+              subject: str = "Diffusion") -> str:
     """One sentence per baseline: the Δs per modality, what survives Holm, and the power at that level."""
     measured = {m: e for m, e in entries.items() if e.get(f"gain_vs_{against}") is not None}
     if not measured:
@@ -31,19 +32,50 @@ def _contrast(entries: Mapping[str, Mapping[str, Any]], against: str, family: in
     mdes = {m: v for m, v in mdes.items() if v is not None and math.isfinite(v)}
     power = ""
     if mdes:
-        low, high = min(mdes, key=mdes.get), max(mdes, key=mdes.get)
-        power = (f" At that level, the smallest true difference these seeds detect with 80 % power ranges from "
-                 f"{fmt(mdes[low])} Dice ({low}) to {fmt(mdes[high])} ({high}); smaller true differences, in either "
-                 "direction, are not ruled out.")
-    return f"Diffusion against {name} (test Dice, paired by seed, 95 % CI): {listed}; {verdict}.{power}"
+        power = f" At that level, {_power(mdes)}"
+    return f"{subject} against {name} (test Dice, paired by seed, 95 % CI): {listed}; {verdict}.{power}"
 
 
-def headline(entries: Mapping[str, Mapping[str, Any]], family: int) -> List[str]:
-    """Findings of ``headline_by_modality``: the two contrasts, the gate's flags, the thin gate runs.
+def _power(mdes: Mapping[str, float]) -> str:
+    """The 80 %-power sentence over the modalities' minimum detectable effects (MDE80)."""
+    low, high = min(mdes, key=mdes.get), max(mdes, key=mdes.get)
+    span = (f"is {fmt(mdes[low])} Dice ({low})" if low == high else
+            f"ranges from {fmt(mdes[low])} Dice ({low}) to {fmt(mdes[high])} ({high})")
+    return (f"the smallest true difference these seeds detect with 80 % power {span}; smaller true differences, "
+            "in either direction, are not ruled out.")
+
+
+def _primary(primary: Mapping[str, Any]) -> str:
+    """The pre-registered comparison's sentence: per modality Δ, CI and Holm p within its own family."""
+    by = primary["by_modality"]
+    measured = {m: e for m, e in by.items() if e.get("mean") is not None}
+    missing = [m for m in by if m not in measured]
+    name = f"`{primary['arm']}` against `{primary['versus']}`"
+    if not measured:
+        return f"Primary comparison (pre-registered, {name}): not measured yet."
+    listed = ", ".join(f"{m} {_delta(e['mean'], e['ci95'])} ({e['n']} paired seeds, Holm p = {fmt(e['p_holm'], '.3g')})"
+                       for m, e in measured.items())
+    significant = [m for m, e in measured.items() if e.get("significant")]
+    verdict = ("significant in none" if not significant else "significant in " + ", ".join(
+        f"{m} ({'better' if measured[m]['mean'] > 0 else 'worse'})" for m in significant))
+    text = (f"Primary comparison (pre-registered, {name}, {primary['metric']}, paired by seed, 95 % CI, Holm over "
+            f"the {primary['family']} modalities at α = {primary['alpha']}): {listed}; {verdict}.")
+    if missing:
+        text += f" Not measured: {', '.join(missing)} (each counted with p = 1)."
+    mdes = {m: e["mde80"] for m, e in measured.items() if e.get("mde80") is not None}
+    return text + (f" At α = {primary['alpha']}/{primary['family']}, {_power(mdes)}" if mdes else "")
+
+
+def headline(entries: Mapping[str, Mapping[str, Any]], family: int,
+             primary: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """Findings of ``headline_by_modality``: the pre-registered comparison (when the spec has one), the
+    contrasts, the gate's flags, the thin gate runs.
 
     Args:
         entries: modality -> its ``headline_by_modality`` entry (modalities without runs are skipped).
         family: the Holm family size of the table the Δs come from.
+        primary: :func:`experiments.reporting.primary.primary_comparison`'s result, or None. When it is
+            the headline arm against copy-paste, it replaces that contrast (one verdict, in its own family).
 
     Returns:
         Sentences (Markdown), possibly empty.
@@ -52,17 +84,29 @@ def headline(entries: Mapping[str, Mapping[str, Any]], family: int) -> List[str]
     if not entries:
         return []
     out = [_choice(entries)]
-    out += [s for s in (_contrast(entries, "copy_paste", family, "the copy-paste control"),
-                        _contrast(entries, "real_only", family, "real only")) if s]
+    arms = {e["diffusion_arm"] for e in entries.values()}
+    replaced = bool(primary) and arms == {primary["arm"]} and primary["versus"] == "copy_paste"
+    out += [_primary(primary)] if primary else []
+    fixed = all(e.get("candidates") == [e["diffusion_arm"]] for e in entries.values())
+    subject = f"`{next(iter(arms))}`" if fixed and len(arms) == 1 else "Diffusion"
+    out += [s for s in (None if replaced else _contrast(entries, "copy_paste", family, "the copy-paste control", subject),
+                        _contrast(entries, "real_only", family, "real only", subject)) if s]
     external = {m: {**numbers, "n_seeds": e["n_seeds"]} for m, e in entries.items()
                 for numbers in (e.get("external") or {}).values()}
     if external:
         sets = ", ".join(f"{m}: {s}" for m, e in entries.items() for s in (e.get("external") or {}))
-        out += [s for s in (_contrast(external, "copy_paste", family, f"the copy-paste control on the external test sets ({sets})"),
-                            _contrast(external, "real_only", family, "real only on the external test sets")) if s]
+        out += [s for s in (_contrast(external, "copy_paste", family,
+                                      f"the copy-paste control on the external test sets ({sets})", subject),
+                            _contrast(external, "real_only", family, "real only on the external test sets", subject)) if s]
+    others = sorted({a for e in entries.values() for a in e.get("other_arms") or {}})
+    for arm in others:
+        mine = {m: {**e["other_arms"][arm], "n_seeds": e["n_seeds"]} for m, e in entries.items()
+                if arm in (e.get("other_arms") or {})}
+        out += [s for s in (_contrast(mine, "copy_paste", family, "the copy-paste control", f"`{arm}`"),
+                            _contrast(mine, "real_only", family, "real only", f"`{arm}`")) if s]
     flagged = [m for m, e in entries.items() if e.get("gate_flagged")]
     if flagged:
-        out.append(f"The chosen arm's gate is flagged (⚠) in {len(flagged)} of {len(entries)} modalities "
+        out.append(f"The headline arm's gate is flagged (⚠) in {len(flagged)} of {len(entries)} modalities "
                    f"({', '.join(flagged)}): its real lesion pass rate or its rejection of wrong pairs is below the "
                    "table's threshold, so its verdicts are not evidence that the accepted samples are good.")
     for m, e in entries.items():
@@ -82,6 +126,9 @@ def _runs(n: int) -> str:
 def _choice(entries: Mapping[str, Mapping[str, Any]]) -> str:
     """Which diffusion arm each modality reports, and where the arm not chosen did better on test."""
     chosen = sorted({e["diffusion_arm"] for e in entries.values()})
+    if all(e.get("candidates") == [e["diffusion_arm"]] for e in entries.values()):  # fixed in the spec
+        return (f"The headline's diffusion arm ({', '.join(f'`{a}`' for a in chosen)}) was fixed before the runs; "
+                "the table reports every diffusion arm with its paired differences.")
     text = ("The diffusion arm of each modality was chosen on validation Dice by a rule fixed before the runs "
             f"(chosen: {', '.join(f'`{a}`' for a in chosen)}).")
     better = []

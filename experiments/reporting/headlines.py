@@ -118,6 +118,8 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
         # chosen arm) with the no-gate arm, whose variant is called "diffusion"
         entry["dice_by_arm"] = {r["key"][-1]: _mean(r, DICE) for r in table["rows"]
                                 if r["key"][0] == canon(label) and r["n"]}
+        if isinstance(arms["diffusion"], str):  # a fixed headline arm: the other arms' verdicts beside it
+            entry["other_arms"] = _other_arms(table, label, arms, diffusion_arm, alpha)
         external = spec.get("external")
         external = external.get(label) if isinstance(external, dict) else external
         if external:
@@ -159,7 +161,30 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
     return {"json": {"headline_by_modality": out, "frozen_code": frozen, "seed_block": block, **extra},
             "markdown": markdown, "pending": pending, "notes": {"by_modality": out},
             "findings": findings.headline({k: v for k, v in out.items() if k in dict(spec["sources"])},
-                                          table["holm_family"])}
+                                          table["holm_family"], primary)}
+
+
+def _other_arms(table: Dict[str, Any], label: str, arms: Dict[str, Any], headline_arm: str,
+                alpha: float) -> Dict[str, Any]:
+    """Every other augmented arm of the modality against both controls (test Dice, paired by seed), with
+    the table's Holm verdicts: what a fixed headline arm leaves out of the headline."""
+    real, cp = (_find(table, arms[role], (canon(label),)) for role in ("real_only", "copy_paste"))
+    skip = {canon(arms["real_only"]), canon(arms["copy_paste"]), canon(headline_arm)}
+    out = {}
+    for row in table["rows"]:
+        if row["key"][0] != canon(label) or not row["n"] or row["key"][-1] in skip:
+            continue
+        gain, gain_cp = _pair(row, real, alpha), _pair(row, cp, alpha)
+        out[row["key"][-1]] = {
+            "dice": _mean(row, DICE), "gain_vs_real_only": gain["mean"] if gain else None,
+            "gain_vs_real_only_ci95": _ci(gain), "pairs_vs_real_only": gain["n"] if gain else 0,
+            "significant_vs_real_only": _holm_significant(row, arms["real_only"]),
+            "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None, "gain_vs_copy_paste_ci95": _ci(gain_cp),
+            "pairs_vs_copy_paste": gain_cp["n"] if gain_cp else 0,
+            "significant_vs_copy_paste": _holm_significant(row, arms["copy_paste"]),
+            "mde80_vs_real_only": gain["mde80"] if gain else None,
+            "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None}
+    return out
 
 
 def _holm_significant(row: Optional[dict], baseline: str, metric: str = DICE) -> Optional[bool]:
