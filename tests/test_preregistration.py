@@ -47,6 +47,24 @@ def test_every_block200_record_runs_on_the_commit_that_preregistered_it():
     assert all(re.fullmatch(r"[0-9a-f]{7,40}", str(r["git_sha"])) for r in records)
 
 
+ANALYSIS_KEYS = ("grids", "grid_key", "summary", "preregistration", "primary", "external", "baseline", "compare",
+                 "headline_rows")
+
+
+def test_the_analysis_is_the_one_committed_with_the_preregistration():
+    """Presentation may change after the freeze (columns, names, wording); the analysis may not: the
+    table spec's comparisons, arms, family and grids equal those of the pre-registering commit."""
+    path = "experiments/tables/headline_block200.yaml"
+    frozen = _first_commit(PREREG)
+    assert frozen, f"{PREREG} is not in the git history"
+    then = yaml.safe_load(subprocess.run(["git", "show", f"{frozen}:{path}"], cwd=REPO, capture_output=True,
+                                         text=True, check=True).stdout)
+    now = yaml.safe_load((REPO / path).read_text())
+    for key in ANALYSIS_KEYS:
+        assert now.get(key) == then.get(key), f"{path}: '{key}' differs from the pre-registered {frozen[:7]}"
+    assert now["rows"]["by"] == then["rows"]["by"] and now["rows"]["order"] == then["rows"]["order"]
+
+
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_power_statement_matches_its_command(modality):
     from sweeps.preregistration.power import main
