@@ -308,6 +308,25 @@ class OracleLatentValidator:
         return F.interpolate(OracleSegmenter().predict_masks(img)[:, None].float(), size=tuple(out_size))[:, 0].long()
 
 
+class OracleLogitValidator(OracleLatentValidator):
+    """The oracle as an ensemble member: ``forward`` gives binary lesion logits (B,1,H,W) of its mask.
+
+    ``scale`` sets the logits' magnitude, so members can disagree in confidence but not in the mask."""
+
+    binary, prompted, device = True, False, torch.device("cpu")
+
+    def __init__(self, diffusion, scale: float = 4.0):
+        super().__init__(diffusion)
+        self.scale = scale
+
+    def __call__(self, x, t, out_size, prompt=None):
+        mask = super().predict_masks(x, t, out_size).float()
+        return (mask * 2 - 1)[:, None] * self.scale
+
+    def to(self, device):
+        return self
+
+
 class CoreOnlySegmenter:
     """A weak gate: finds the lesion but only its core, so even real pairs reach IoU well below 0.7."""
 

@@ -10,7 +10,7 @@ from experiments.cache.signatures import subtree
 from experiments.stages.validate import run_validate
 from lightning_modules.gating.crossfit import crossfit_folds, crossfit_ious, crossfit_thresholds
 
-from fakes import FakeDiffusion, OracleLatentValidator, RenderedDataModule
+from fakes import FakeDiffusion, OracleLatentValidator, OracleLogitValidator, RenderedDataModule
 
 
 def _masks(n_lesion: int, n_free: int) -> torch.Tensor:
@@ -88,3 +88,53 @@ def test_stage_reports_crossfitted_rates_over_every_labelled_lesion_pair(generat
     assert fitted["gen/real_pass_rate"] >= 0.9 and fitted["gen/real_misplaced_reject_rate"] >= 0.9
     assert fitted["gen/gate_flagged"] == 0.0
     assert fitted["gen/n_accepted"] == plain["gen/n_accepted"]  # the samples are judged by the run's validator
+
+
+def test_fold_ensemble_judge_needs_folds_and_is_neutral_at_final():
+    assert "judge" not in subtree(load_config(None, ["validator.crossfit_folds=4"]), "validator")
+    on = ["validator.crossfit_folds=4", "validator.judge=fold_ensemble"]
+    assert subtree(load_config(None, on), "validator")["judge"] == "fold_ensemble"
+    with pytest.raises(ConfigError, match="crossfit_folds"):
+        load_config(None, ["validator.judge=fold_ensemble"])
+    with pytest.raises(ConfigError, match="validator.judge"):
+        load_config(None, ["validator.crossfit_folds=4", "validator.judge=average"])
+
+
+def test_fold_ensemble_judges_the_samples_and_trains_no_final_validator(generated, tmp_path, monkeypatch):
+    """validator.judge=fold_ensemble: the K fold validators are trained once (the check reads their
+    scores, nothing is trained twice), their ensemble judges the samples, and the run's own validator
+    is never trained."""
+    import json
+
+    import importlib
+
+    import experiments.stages.validate.crossfit as stage_crossfit
+
+    stage_gate = importlib.import_module("experiments.stages.validate.gate")  # the package exports a function `gate`
+    _, gen, kinds = generated
+    dm, diffusion = RenderedDataModule(), FakeDiffusion()
+    trained = []
+    monkeypatch.setattr(stage_crossfit, "train_latent_validator",
+                        lambda cfg, diff, images, masks, *a, **k: trained.append(len(masks))
+                        or OracleLogitValidator(diff, scale=1.0 + len(trained)))
+
+    def never(*a, **k):
+        raise AssertionError("the fold ensemble judges: the run's own validator must not be trained")
+
+    monkeypatch.setattr(stage_gate, "train_latent_validator", never)
+    base = ["validator.mode=single_step", "validator.quality_filter=false", "validator.t_eval=1",
+            "validator.iou_threshold=0.5", "validator.crossfit_folds=4"]
+    final = run_validate(load_config(None, base), dm, tmp_path / "a", {"generate": gen}, diffusion=diffusion,
+                         validator=OracleLatentValidator(diffusion))
+    trained.clear()
+    ensemble = run_validate(load_config(None, base + ["validator.judge=fold_ensemble"]), dm, tmp_path / "b",
+                            {"generate": gen}, diffusion=diffusion)
+    assert trained == [18, 18, 18, 18]
+    # members that agree on every mask: the ensemble decides as the oracle does, sample by sample
+    for key in ("gen/n_accepted", "gen/real_pass_rate", "gen/real_misplaced_reject_rate"):
+        assert ensemble[key] == pytest.approx(final[key]), key
+    rows = [json.loads(line) for line in (tmp_path / "b" / "decisions.jsonl").read_text().splitlines()]
+    judged = {r["id"]: r for r in rows}
+    assert all(judged[f"g{i}"]["accepted"] for i, kind in enumerate(kinds) if kind == "good")
+    assert not any(judged[f"g{i}"]["accepted"] for i, kind in enumerate(kinds) if kind in ("erased", "shifted"))
+    assert all("validator ensemble of the 4 cross-fitted fold validators" in r["gate"] for r in rows)

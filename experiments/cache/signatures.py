@@ -22,7 +22,8 @@ IGNORED = {"data": {"num_workers", "cache_dir", "external_tests"},
 # Options whose default reproduces the results of configs that do not set them: left out of the
 # signature at that value, so adding an option does not invalidate every cached stage.
 NEUTRAL = {"validator": {"calibrate_real_pass": None, "crossfit_folds": 0, "pasted_pairs": 0,
-                         "quality_features": "random_resnet18", "features": "latent"},
+                         "quality_features": "random_resnet18", "features": "latent",
+                         "judge": "final"},
            "data": {"split_file": None, "n_val": None, "n_normal": 0, "test_pool": None},
            "augment": {"synthetic_only": False},
            "diffusion": {"mixed_precision": None, "grad_accum": 1, "ema_decay": None, "attention": "sdpa",

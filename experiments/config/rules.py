@@ -17,6 +17,7 @@ CHOICES = {
     "validator.mode": ("single_step", "full", "pixel", "none"),
     "validator.quality_features": ("random_resnet18", "vae"),
     "validator.features": ("latent", "unet_decoder"),
+    "validator.judge": ("final", "fold_ensemble"),
     "augment.method": ("none", "standard", "copy_paste", "diffusion"),
     "data.transforms": ("standard", "none"),
 }
@@ -45,6 +46,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("'validator.calibrate_real_pass' and 'validator.early_reject_t' cannot be combined: early "
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")
     _validate_features(cfg.validator)
+    if cfg.validator.judge == "fold_ensemble" and k < 2:
+        raise ConfigError(f"'validator.judge=fold_ensemble' averages the cross-fitted fold validators, but "
+                          f"'validator.crossfit_folds' is {k}: set validator.crossfit_folds=4 (or K >= 2), "
+                          f"or validator.judge=final.")
     if cfg.augment.ratio < 0:
         raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
     _validate_budget(cfg)

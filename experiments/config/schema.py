@@ -135,6 +135,10 @@ class ValidatorConfig:
     # 0: the gate is checked (and θ calibrated) on the validation pairs. K >= 2: on every labelled pair,
     # cross-fitted over K folds of train_few + val (latent gates; see docs/gate-trust.md)
     crossfit_folds: int = 0
+    # who judges the generated samples: final (the validator trained on train_few) | fold_ensemble (the
+    # mean of the K cross-fitted fold validators, which together saw every labelled pair; needs
+    # crossfit_folds >= 2; see docs/gate-trust.md)
+    judge: str = "final"
     t_eval: int = 200  # timestep for the single-step clean-latent estimate
     # what the latent validator reads: latent (ẑ0 of the single-step estimate; DiffAug) | unet_decoder (the
     # decoder features of that same UNet call, classified pixel by pixel; see docs/gate-trust.md)

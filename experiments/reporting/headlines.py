@@ -83,10 +83,9 @@ def _all_runs(row: Optional[dict]) -> Optional[dict]:
 
 def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
     """``headline_by_modality``: per modality the seeds, the three headline arms' Dice, the paired gains
-    with 95 % CIs and the MDE at 80 % power; ``frozen_code`` (the commit all runs share) and
-    ``seed_block`` (the block's first seed) beside them. Also the Markdown summary and pending rows.
-
-    Returns:
+    with 95 % CIs and the MDE at 80 % power (and, under a fixed headline arm, the other arms' gains);
+    ``frozen_code`` (the commit all runs share) and ``seed_block`` (the block's first seed) beside them.
+    Also the Markdown summary and pending rows. Returns
         ``{"json": {...}, "markdown": [...], "pending": [...], "notes": {"by_modality": {...}}}``.
     """
     arms = {"real_only": "real_only", "copy_paste": "copy_paste", "diffusion": "diffusion_gate",
@@ -121,7 +120,7 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
         if isinstance(arms["diffusion"], str):  # a fixed headline arm: the other arms' verdicts beside it
             entry["other_arms"] = _other_arms(table, label, arms, diffusion_arm, alpha)
         external = spec.get("external")
-        external = external.get(label) if isinstance(external, dict) else external
+        external = external.get(label, None) if isinstance(external, dict) else external
         if external:
             entry["external"] = {str(external): _external(real, cp, diff, arms, alpha)}
         out[label] = entry

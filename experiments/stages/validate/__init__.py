@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 from datamodules.rows import LazyRows
 from datamodules.synthetic import load_generated, to_tensor
 from experiments.cache.signatures import subtree
-from experiments.stages.validate.crossfit import crossfit_cache, crossfit_scorer
+from experiments.stages.validate.crossfit import crossfit_cache, crossfit_scorer, fold_ensemble
 from experiments.stages.validate.filter import feature_extractor, quality_filter
-from experiments.stages.validate.gate import FULL_STEPS, device_of, gate, stage_prompt
+from experiments.stages.validate.gate import FULL_STEPS, device_of, gate, load_diffusion, stage_prompt
 from experiments.stages.validate.gate_model import gate_training_needed, train_gate_model  # noqa: F401 (pipeline)
 from experiments.stages.validate.sanity import sanity
 from experiments.stages.validate.write import pred_view, pred_writer, save_accept_reject, write_decisions
@@ -64,6 +64,7 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         segmenter: a ready pixel segmenter (``predict_masks``) for ``mode == "pixel"``; default trained.
         validator: a ready latent validator for the latent modes; default: the one the generate stage
             trained for early rejection (``validator.pt``, when its settings match), else trained here.
+            With ``validator.judge=fold_ensemble`` the cross-fitted fold validators judge instead.
         feature_fn: feature extractor of the quality filter (tests); default by ``validator.quality_features``:
             the random resnet18 of ``gating.fidelity`` or the diffusion model's VAE (``gating.vae_features``).
         full_steps: DDIM steps of the ``full`` gate.
@@ -86,7 +87,6 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     # row views: only the rows read (validation, sources, the normal pool) are converted, a batch at a time
     real = (LazyRows(lambda rows: to_tensor(datamodule.images[rows]), n=len(datamodule.images)),
             LazyRows(lambda rows: torch.from_numpy(datamodule.masks[rows].astype(np.int64)), n=len(datamodule.masks)))
-    val = datamodule.split_indices["val"]
     gen = load_generated(gen_dir, real[0].shape[-1])
     n, total = len(gen.rows), len(gen.rows) + len(gen.early)
     # the prompt generation conditioned on (recorded per row), else the config's / dataset's
@@ -96,19 +96,14 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
     # 1. gate and 2. its sanity check on real pairs (θ calibrated there when asked)
     ious, description, theta = torch.full((n,), float("nan")), "none", float(cfg.validator.iou_threshold)
     if mode != "none":
+        diffusion, validator, crossfit, sources = _judge(cfg, datamodule, workdir, upstream, diffusion, validator,
+                                                         prompt, full_steps)
         judged = gate(cfg, datamodule, workdir, upstream, gen, real, prompt, logger, diffusion=diffusion,
                       validator=validator, segmenter=segmenter, full_steps=full_steps,
-                      sink=pred_writer(workdir, gen.rows))
+                      sink=pred_writer(workdir, gen.rows), **sources)
         ious, description = judged["ious"], judged["description"]
         diffusion = judged["diffusion"]  # reused by the quality filter's VAE features
-        pool = list(datamodule.split_indices.get("normal") or [])  # lesion-free sources outside the budget
-        folds, cache = int(cfg.validator.crossfit_folds), judged["sanity_cache"]
-        crossfit = crossfit_scorer(cfg, datamodule, workdir, diffusion, prompt, full_steps) if folds else None
-        theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val],
-                               crossfit_cache(cache, folds) if folds else cache,
-                               pool_images=real[0][pool] if pool else None, crossfit=crossfit)
-        if folds:
-            checks["gen/crossfit_folds"] = float(folds)
+        theta, checks = _check(cfg, datamodule, workdir, judged, real, prompt, full_steps, crossfit)
         metrics.update(judged["metrics"], **checks, **{"gen/mean_iou": float(ious.mean()) if n else 0.0,
                                                         "gen/iou_threshold": theta})
     else:  # no gate: nothing real can fail it
@@ -129,6 +124,38 @@ def run_validate(cfg, datamodule, workdir: Path, upstream: dict, logger=None, di
         save_accept_reject(workdir / "accept_reject.png", gen.images, gen.masks, preds, ious, accepted)
     metrics.update(_verdict_rates(decision, total, len(gen.early)))
     return metrics
+
+
+def _judge(cfg, datamodule, workdir: Path, upstream: dict, diffusion, validator, prompt: str, full_steps: int):
+    """``(diffusion, validator, crossfit scorer or None, sources for the description)`` of the judge.
+
+    ``validator.judge=fold_ensemble``: the cross-fitted fold validators are trained first and judge
+    together; their scorer has run, so the sanity check reads its scores. Otherwise all is as given.
+    """
+    if str(cfg.validator.judge) != "fold_ensemble":
+        return diffusion, validator, None, {}
+    sources = {"validator_source": f"ensemble of the {int(cfg.validator.crossfit_folds)} cross-fitted fold validators"}
+    if diffusion is None:
+        diffusion, sources["diffusion_source"] = load_diffusion(cfg, upstream)
+        diffusion = diffusion.to(device_of(cfg)).eval()
+    ensemble, crossfit = fold_ensemble(cfg, datamodule, workdir, diffusion, prompt, full_steps)
+    return diffusion, ensemble, crossfit, sources
+
+
+def _check(cfg, datamodule, workdir: Path, judged: dict, real, prompt: str, full_steps: int, crossfit):
+    """``(θ, gen/* figures)`` of the gate's sanity check on real pairs: the validation pairs, or with
+    ``validator.crossfit_folds`` every labelled pair cross-fitted (``crossfit``: a scorer that has run, or
+    None to make one), the normal pool judged by the gate that judged the samples."""
+    folds, cache, val = int(cfg.validator.crossfit_folds), judged["sanity_cache"], datamodule.split_indices["val"]
+    pool = list(datamodule.split_indices.get("normal") or [])  # lesion-free sources outside the budget
+    if folds and crossfit is None:
+        crossfit = crossfit_scorer(cfg, datamodule, workdir, judged["diffusion"], prompt, full_steps)
+    theta, checks = sanity(cfg, judged["gate"], real[0][val], real[1][val],
+                           crossfit_cache(cache, folds) if folds else cache,
+                           pool_images=real[0][pool] if pool else None, crossfit=crossfit)
+    if folds:
+        checks["gen/crossfit_folds"] = float(folds)
+    return theta, checks
 
 
 def _verdict_rates(decision: dict, total: int, n_early: int) -> dict:

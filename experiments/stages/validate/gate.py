@@ -210,7 +210,8 @@ def load_diffusion(cfg, upstream: dict):
 
 
 def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str, logger=None, diffusion=None,
-         validator=None, segmenter=None, full_steps: int = FULL_STEPS, sink=None) -> dict:
+         validator=None, segmenter=None, full_steps: int = FULL_STEPS, sink=None, validator_source=None,
+         diffusion_source=None) -> dict:
     """Build (or reuse) the gate of ``cfg.validator.mode`` and score the generated samples with it.
 
     Args:
@@ -219,6 +220,8 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
             (N,S,S))`` row views.
         diffusion / validator / segmenter: ready models (tests, benchmarks), else loaded or trained.
         sink: takes each batch's predictions (``sink(first row, pred (B,H,W))``) instead of "preds".
+        validator_source / diffusion_source: what the given ``validator`` / ``diffusion`` is, for the
+            description (default "given").
 
     Returns:
         ``{"ious" (n,), "preds" (n,H,W) or None with a sink, "gate" (image-space gate), "description", "metrics",
@@ -232,7 +235,7 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
     models_given = diffusion is not None or validator is not None  # tests/benchmarks: nothing to cache by key
     metrics, sanity_cache = {}, None
     if mode in ("single_step", "full"):
-        diffusion, source = load_diffusion(cfg, upstream) if diffusion is None else (diffusion, "given")
+        diffusion, source = load_diffusion(cfg, upstream) if diffusion is None else (diffusion, diffusion_source or "given")
         diffusion = diffusion.to(device).eval() if hasattr(diffusion, "to") else diffusion
         settings = validator_settings(cfg, prompt, ncls)
         validator, val_src = reuse_validator(cfg, upstream, settings, validator, use_cache=not models_given)
@@ -257,7 +260,7 @@ def gate(cfg, datamodule, workdir: Path, upstream: dict, gen, real, prompt: str,
         kind = "UNet-decoder-feature" if getattr(validator, "uses_unet_features", False) else \
             ("prompted" if prompted else "plain (DiffAug)")
         description = (f"{mode}@t{int(cfg.validator.t_eval)} on {source} diffusion; "
-                       f"{kind} validator {val_src}; latents from {lat_src}")
+                       f"{kind} validator {validator_source or val_src}; latents from {lat_src}")
         if not models_given:
             # the real pairs' IoUs depend on the gate, not on θ: a θ sweep computes them once
             sanity_cache = validator_cache_path(cfg, upstream, settings).with_suffix(f".{mode}{full_steps}.real_ious.pt")

@@ -30,8 +30,8 @@ def gate_training_needed(cfg, datamodule, workdir: Path, upstream: dict) -> bool
     mode = str(cfg.validator.mode)
     if mode == "pixel":
         return not (Path(workdir) / PIXEL_SEGMENTER).is_file()
-    if mode not in LATENT_MODES:
-        return False
+    if mode not in LATENT_MODES or str(cfg.validator.judge) == "fold_ensemble":
+        return False  # the fold validators of an ensemble judge are cross-fitted inside the stage (rank 0)
     datamodule.setup()
     settings = validator_settings(cfg, _prompt(cfg, datamodule, upstream), int(datamodule.num_classes))
     return reuse_validator(cfg, upstream, settings)[0] is None
