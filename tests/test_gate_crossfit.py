@@ -96,6 +96,8 @@ def test_fold_ensemble_judge_needs_folds_and_is_neutral_at_final():
     assert subtree(load_config(None, on), "validator")["judge"] == "fold_ensemble"
     with pytest.raises(ConfigError, match="crossfit_folds"):
         load_config(None, ["validator.judge=fold_ensemble"])
+    with pytest.raises(ConfigError, match="early_reject_t"):
+        load_config(None, on + ["validator.early_reject_t=400"])
     with pytest.raises(ConfigError, match="validator.judge"):
         load_config(None, ["validator.crossfit_folds=4", "validator.judge=average"])
 

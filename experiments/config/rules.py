@@ -46,10 +46,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("'validator.calibrate_real_pass' and 'validator.early_reject_t' cannot be combined: early "
                           "rejection runs during generation, before θ is calibrated on real pairs. Unset one of them.")
     _validate_features(cfg.validator)
-    if cfg.validator.judge == "fold_ensemble" and k < 2:
-        raise ConfigError(f"'validator.judge=fold_ensemble' averages the cross-fitted fold validators, but "
-                          f"'validator.crossfit_folds' is {k}: set validator.crossfit_folds=4 (or K >= 2), "
-                          f"or validator.judge=final.")
+    if cfg.validator.judge == "fold_ensemble" and (k < 2 or cfg.validator.early_reject_t is not None):
+        raise ConfigError(f"'validator.judge=fold_ensemble' averages the cross-fitted fold validators over every "
+                          f"sample; 'validator.crossfit_folds' is {k} and 'validator.early_reject_t' is "
+                          f"{cfg.validator.early_reject_t}: set validator.crossfit_folds=4 (or K >= 2) and no early "
+                          f"rejection (run during generation, by another validator), or validator.judge=final.")
     if cfg.augment.ratio < 0:
         raise ConfigError("'augment.ratio' must be >= 0 (0 means no synthetic pairs).")
     _validate_budget(cfg)
