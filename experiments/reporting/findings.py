@@ -85,12 +85,13 @@ def headline(entries: Mapping[str, Mapping[str, Any]], family: int,
         return []
     out = [_choice(entries)]
     arms = {e["diffusion_arm"] for e in entries.values()}
-    replaced = bool(primary) and arms == {primary["arm"]} and primary["versus"] == "copy_paste"
+    # the primary comparison replaces the headline arm's contrast against the same control
+    replaced = primary["versus"] if primary and arms == {primary["arm"]} else None
     out += [_primary(primary)] if primary else []
-    fixed = all(e.get("candidates") == [e["diffusion_arm"]] for e in entries.values())
-    subject = f"`{next(iter(arms))}`" if fixed and len(arms) == 1 else "Diffusion"
-    out += [s for s in (None if replaced else _contrast(entries, "copy_paste", family, "the copy-paste control", subject),
-                        _contrast(entries, "real_only", family, "real only", subject)) if s]
+    subject = f"`{next(iter(arms))}`" if _fixed(entries) and len(arms) == 1 else "Diffusion"
+    out += [_contrast(entries, control, family, name, subject) for control, name in
+            (("copy_paste", "the copy-paste control"), ("real_only", "real only")) if control != replaced]
+    out = [s for s in out if s]
     external = {m: {**numbers, "n_seeds": e["n_seeds"]} for m, e in entries.items()
                 for numbers in (e.get("external") or {}).values()}
     if external:
@@ -123,10 +124,15 @@ def _runs(n: int) -> str:
     return f"{n} run" + ("" if n == 1 else "s")
 
 
+def _fixed(entries: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether the spec fixed the headline's diffusion arm (no rule chose among candidates)."""
+    return all(e.get("candidates") == [e["diffusion_arm"]] for e in entries.values())
+
+
 def _choice(entries: Mapping[str, Mapping[str, Any]]) -> str:
     """Which diffusion arm each modality reports, and where the arm not chosen did better on test."""
     chosen = sorted({e["diffusion_arm"] for e in entries.values()})
-    if all(e.get("candidates") == [e["diffusion_arm"]] for e in entries.values()):  # fixed in the spec
+    if _fixed(entries):
         return (f"The headline's diffusion arm ({', '.join(f'`{a}`' for a in chosen)}) was fixed before the runs; "
                 "the table reports every diffusion arm with its paired differences.")
     text = ("The diffusion arm of each modality was chosen on validation Dice by a rule fixed before the runs "

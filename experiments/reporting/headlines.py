@@ -173,16 +173,21 @@ def _other_arms(table: Dict[str, Any], label: str, arms: Dict[str, Any], headlin
     for row in table["rows"]:
         if row["key"][0] != canon(label) or not row["n"] or row["key"][-1] in skip:
             continue
-        gain, gain_cp = _pair(row, real, alpha), _pair(row, cp, alpha)
-        out[row["key"][-1]] = {
-            "dice": _mean(row, DICE), "gain_vs_real_only": gain["mean"] if gain else None,
-            "gain_vs_real_only_ci95": _ci(gain), "pairs_vs_real_only": gain["n"] if gain else 0,
-            "significant_vs_real_only": _holm_significant(row, arms["real_only"]),
-            "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None, "gain_vs_copy_paste_ci95": _ci(gain_cp),
-            "pairs_vs_copy_paste": gain_cp["n"] if gain_cp else 0,
-            "significant_vs_copy_paste": _holm_significant(row, arms["copy_paste"]),
-            "mde80_vs_real_only": gain["mde80"] if gain else None,
-            "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None}
+        out[row["key"][-1]] = {"dice": _mean(row, DICE), **_versus(row, real, cp, arms, alpha)}
+    return out
+
+
+def _versus(row: Optional[dict], real: Optional[dict], cp: Optional[dict], arms: Dict[str, Any], alpha: float,
+            metric: str = DICE) -> Dict[str, Any]:
+    """``row``'s paired Δ of ``metric`` against each control: mean, 95 % CI, MDE80 (at ``alpha``), number
+    of pairs and the table's Holm verdict (None where no seed pairs)."""
+    out: Dict[str, Any] = {}
+    for role, control in (("real_only", real), ("copy_paste", cp)):
+        gain = _pair(row, control, alpha, metric)
+        gain = gain if gain and gain["n"] else None
+        out.update({f"gain_vs_{role}": gain["mean"] if gain else None, f"gain_vs_{role}_ci95": _ci(gain),
+                    f"mde80_vs_{role}": gain["mde80"] if gain else None, f"pairs_vs_{role}": gain["n"] if gain else 0,
+                    f"significant_vs_{role}": _holm_significant(row, arms[role], metric)})
     return out
 
 
@@ -197,17 +202,9 @@ def _holm_significant(row: Optional[dict], baseline: str, metric: str = DICE) ->
 def _external(real: Optional[dict], cp: Optional[dict], diff: Optional[dict], arms: Dict[str, Any],
               alpha: float) -> Dict[str, Any]:
     """The chosen diffusion arm against both controls on the modality's external set (None: not measured)."""
-    gain, gain_cp = _pair(diff, real, alpha, EXTERNAL_DICE), _pair(diff, cp, alpha, EXTERNAL_DICE)
-    gain, gain_cp = (g if g and g["n"] else None for g in (gain, gain_cp))
     return {"dice_real_only": _mean(real, EXTERNAL_DICE), "dice_copy_paste": _mean(cp, EXTERNAL_DICE),
-            "dice_diffusion": _mean(diff, EXTERNAL_DICE),
-            "gain_vs_real_only": gain["mean"] if gain else None, "gain_vs_real_only_ci95": _ci(gain),
-            "gain_vs_copy_paste": gain_cp["mean"] if gain_cp else None, "gain_vs_copy_paste_ci95": _ci(gain_cp),
-            "mde80_vs_real_only": gain["mde80"] if gain else None,
-            "mde80_vs_copy_paste": gain_cp["mde80"] if gain_cp else None, "mde80_alpha": alpha,
-            "pairs_vs_real_only": gain["n"] if gain else 0, "pairs_vs_copy_paste": gain_cp["n"] if gain_cp else 0,
-            "significant_vs_real_only": _holm_significant(diff, arms["real_only"], EXTERNAL_DICE),
-            "significant_vs_copy_paste": _holm_significant(diff, arms["copy_paste"], EXTERNAL_DICE)}
+            "dice_diffusion": _mean(diff, EXTERNAL_DICE), **_versus(diff, real, cp, arms, alpha, EXTERNAL_DICE),
+            "mde80_alpha": alpha}
 
 
 def _excluded(arm: Optional[dict], copy_paste: Optional[dict]) -> Optional[Dict[str, Any]]:
