@@ -19,10 +19,11 @@ from typing import Any, Dict, List, Optional
 
 from datamodules.io import atomic_write_text
 from experiments.reporting import findings
+from experiments.reporting.completeness import DefinedCells, interim_finding, unfinished_grids
 from experiments.reporting.stats import jsonable, published
 from experiments.reporting.aggregate import build_table
 from experiments.reporting.keys import column_of
-from experiments.reporting.sources import gather_runs
+from experiments.reporting.sources import collect_runs, gather_runs
 from experiments.reporting.spec import load_table
 from experiments.reporting.store import default_tracking_uri
 from experiments.reporting.table_render import render_section
@@ -81,8 +82,20 @@ def _plot(spec: Dict[str, Any], runs: Any, out_dir: Path) -> Optional[Path]:
     return plot_from_spec(spec["plot"], cols, out_dir / f"{spec['id']}.png", spec["title"], labels)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``meddiffaug table TABLE.yaml [...] [--write results.md] [--json results.json] [--runs RECORDS ...]``."""
+def _finished_ids(uri: Optional[str], records: Any) -> Any:
+    """grid name -> the cell ids of its FINISHED runs (no table filter: the whole grid)."""
+    def ids(grid: str) -> List[str]:
+        df = collect_runs(grid, uri, None, records)
+        return list(df["tags.cell"].dropna()) if "tags.cell" in df else []
+
+    return ids
+
+
+def main(argv: Optional[List[str]] = None, defined_cells: Optional[DefinedCells] = None) -> int:
+    """``meddiffaug table TABLE.yaml [...] [--write results.md] [--json results.json] [--runs RECORDS ...]``.
+
+    ``defined_cells`` (grid name -> its cell ids) lets the output say when a grid has not finished.
+    """
     parser = argparse.ArgumentParser(prog="meddiffaug table", description=main.__doc__)
     parser.add_argument("tables", nargs="+", help="table YAMLs, e.g. experiments/tables/diffaug_main.yaml")
     parser.add_argument("--write", default=None, help="Markdown output (all tables, in order)")
@@ -106,7 +119,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         require_server(uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
     out_dir = Path(args.write or args.json or ".").parent
-    sections, result, written, found = [], {"generated_by": command, "tables": {}}, [], []
+    sections, result, written = [], {"generated_by": command, "tables": {}}, []
+    unfinished = unfinished_grids(specs, _finished_ids(uri, records), defined_cells)
+    if unfinished:  # only then: a finished table's files stay what they were
+        result["unfinished_grids"] = unfinished
+    found = interim_finding(unfinished)
     for spec in specs:
         runs = gather_runs(spec, uri, records)
         table = build_table(spec, runs)
