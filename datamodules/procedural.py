@@ -130,14 +130,18 @@ def render_test_pool(kind: str, n: int, size: int) -> tuple[np.ndarray, np.ndarr
     return images, masks
 
 
+# Kinds with no lesion-free image: every retina shows an optic disc and cup, the "lesion" of fundus.
+NO_NORMAL_POOL = frozenset({"fundus"})
+
+
 def render_normal_pool(kind: str, n: int, size: int, seed: int) -> np.ndarray:
     """``n`` lesion-free images of :data:`NORMAL_STREAM` of content seed ``seed``; uint8 (n,S,S,3).
 
     Raises:
         ValueError: ``kind`` has no lesion-free images (``fundus``: every retina has a disc and cup).
     """
-    if kind == "fundus":
-        raise ValueError("procedural_fundus has no lesion-free images (every retina shows an optic disc "
+    if kind in NO_NORMAL_POOL:
+        raise ValueError(f"procedural_{kind} has no lesion-free images (every retina shows an optic disc "
                          "and cup): set data.n_normal=0")
     images, masks, _ = render_procedural(kind, n, size, seed, normal_fraction=1.0, stream=NORMAL_STREAM)
     assert not masks.any(), "normal-pool images must hold no lesion"

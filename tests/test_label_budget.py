@@ -107,6 +107,9 @@ def test_budget_keys_refuse_what_cannot_work():
         load_config(CONFIG, ["data.n_real=4", "data.n_val=4"])
     with pytest.raises(ConfigError, match="synthetic_only"):
         load_config(CONFIG, ["augment.method=standard", "augment.synthetic_only=true"])
+    with pytest.raises(ConfigError, match="procedural_fundus has no lesion-free images"):
+        load_config(CONFIG, ["data.name=procedural_fundus", "data.n_normal=64"])  # a grid fails before any cell
+    assert load_config(CONFIG, ["data.name=procedural_fundus", "data.n_normal=0"]).data.n_normal == 0
 
 
 def test_new_keys_at_neutral_values_keep_old_signatures(monkeypatch):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.procedural import NO_NORMAL_POOL
+
 from experiments.config.external import external_specs
 from experiments.config.ranges import check_ranges
 from experiments.config.schema import STAGES, ConfigError
@@ -104,6 +106,11 @@ def _validate_budget(cfg: DictConfig) -> None:
                               f"pairs come out of the n_real labelled pairs and train_few keeps the rest.")
     if d.n_normal < 0:
         raise ConfigError(f"'data.n_normal' is {d.n_normal}; it must be >= 0 (0 = no pool of lesion-free sources).")
+    kind = str(d.name)[len("procedural_"):] if str(d.name).startswith("procedural_") else None
+    if d.n_normal > 0 and kind in NO_NORMAL_POOL:
+        # caught here, not when the data is built: a grid checks every cell's config before any runs
+        raise ConfigError(f"'data.n_normal' is {d.n_normal}, but {d.name} has no lesion-free images to draw "
+                          f"from: set data.n_normal=0.")
     if d.test_pool is not None:
         if not str(d.name).startswith("procedural_"):
             raise ConfigError(f"'data.test_pool' is for procedural datasets; '{d.name}' has its own test split: "
