@@ -34,17 +34,31 @@ def _first_commit(path: str) -> str:
     return out[-1] if out else ""
 
 
+AMENDMENT = "sweeps/preregistration/block200_amendment1.md"
+AMENDED = {"fundus": AMENDMENT}  # modality -> the amendment whose commit its cells run on
+
+
 def test_every_block200_record_runs_on_the_commit_that_preregistered_it():
-    records = [json.loads(line) for m in MODALITIES
-               for path in [REPO / f"sweeps/records/headline200_{m}.jsonl"] if path.is_file()
-               for line in path.read_text().splitlines() if line.strip()]
-    if not records:
-        return  # nothing has run yet: nothing can predate the file
     frozen = _first_commit(PREREG)
-    assert frozen, f"{PREREG} is not in the git history, yet block-200 records exist"
-    stray = {r["git_sha"] for r in records if not frozen.startswith(str(r["git_sha"]))}
-    assert not stray, f"block-200 records from {stray}, not from the pre-registered commit {frozen[:7]}"
-    assert all(re.fullmatch(r"[0-9a-f]{7,40}", str(r["git_sha"])) for r in records)
+    for modality in MODALITIES:
+        path = REPO / f"sweeps/records/headline200_{modality}.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        if not records:
+            continue  # nothing has run yet: nothing can predate the file
+        code = _first_commit(AMENDED[modality]) if modality in AMENDED else frozen
+        assert code, f"{AMENDED.get(modality, PREREG)} is not in the git history, yet {path.name} has records"
+        stray = {r["git_sha"] for r in records if not code.startswith(str(r["git_sha"]))}
+        assert not stray, f"{path.name}: records from {stray}, not from {code[:7]}"
+        assert all(re.fullmatch(r"[0-9a-f]{7,40}", str(r["git_sha"])) for r in records)
+
+
+def test_the_amendment_changes_only_what_it_says():
+    frozen, amended = _first_commit(PREREG), _first_commit(AMENDMENT)
+    changed = subprocess.run(["git", "diff", "--name-only", frozen, amended], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert sorted(changed) == sorted([AMENDMENT, "sweeps/grids/headline200_fundus.yaml"])
+    grid = yaml.safe_load((REPO / "sweeps/grids/headline200_fundus.yaml").read_text())
+    assert "data.n_normal=0" in grid["overrides"]
 
 
 ANALYSIS_KEYS = ("grids", "grid_key", "summary", "preregistration", "primary", "external", "baseline", "compare",

@@ -245,6 +245,7 @@ def test_block200_reports_its_preregistered_primary_comparison_holm_over_four(tm
                  str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["seed_block"] == 200 and result["preregistration"] == "sweeps/preregistration/block200.md"
+    assert result["amendments"] == ["sweeps/preregistration/block200_amendment1.md"]
     assert result["primary"] == {"arm": "diffusion_gate", "versus": "copy_paste", "metric": "test/dice",
                                  "alpha": 0.05, "family": 4}
     block = result["headline_by_modality"]
@@ -258,7 +259,8 @@ def test_block200_reports_its_preregistered_primary_comparison_holm_over_four(tm
     assert 0 < gain["mde80"] < 0.05  # at α = 0.05/4, from the observed paired SD of the wobble
     assert block["polyp"]["diffusion_arm"] == "diffusion_gate"  # fixed before the block: never chosen after it
     text = (tmp_path / "r.md").read_text()
-    assert "Primary comparison (pre-registered in `sweeps/preregistration/block200.md`)" in text
+    assert ("Primary comparison (pre-registered in `sweeps/preregistration/block200.md`, amended in "
+            "`sweeps/preregistration/block200_amendment1.md`)") in text
     assert "* fundus: not measured" in text
     findings = text.split("## Findings")[1].split("\n## ")[0]
     assert "(`diffusion_gate`) was fixed before the runs" in findings and "chosen on validation" not in findings
@@ -273,3 +275,23 @@ def test_block200_reports_its_preregistered_primary_comparison_holm_over_four(tm
     assert "`diffusion` against real only (test Dice" in findings
     assert set(block["polyp"]["other_arms"]) == {"diffusion"}
     assert block["polyp"]["other_arms"]["diffusion"]["gain_vs_copy_paste"] == pytest.approx(0.0)
+
+
+def test_a_block_amended_for_one_modality_names_each_modalitys_commit(tmp_path):
+    """One commit per modality is an amended block, said plainly; two within one modality is a warning."""
+    from experiments.reporting.table_cli import main
+
+    arms = ["real_only", "copy_paste", "diffusion", "diffusion_gate"]
+    _records(tmp_path, "headline_polyp", arms, range(100, 105), sha="aaa1111")
+    _records(tmp_path, "headline_skin", arms, range(100, 105), sha="bbb2222")
+    args = [str(TABLES / "headline_by_modality.yaml"), "--runs", str(tmp_path), "--write", str(tmp_path / "r.md"),
+            "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["frozen_code"] == {"polyp": "aaa1111", "skin": "bbb2222"}
+    text = (tmp_path / "r.md").read_text()
+    assert "Code: `aaa1111` (polyp), `bbb2222` (skin);" in text and "⚠ the runs of" not in text
+    records = (tmp_path / "headline_skin.jsonl").read_text().splitlines()
+    mixed = [line.replace("bbb2222", "ccc3333") if i % 2 else line for i, line in enumerate(records)]
+    (tmp_path / "headline_skin.jsonl").write_text("\n".join(mixed) + "\n")  # half of skin on another commit
+    assert main(args) == 0
+    assert "⚠ the runs of skin come from several commits" in (tmp_path / "r.md").read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
@@ -81,6 +81,30 @@ def _all_runs(row: Optional[dict]) -> Optional[dict]:
     return row.get("all_runs", row) if row else None
 
 
+def _code(runs: pd.DataFrame, key: str, labels: List[str]) -> Tuple[Any, str]:
+    """The commits the runs come from: ``(frozen_code, text)``. ``frozen_code`` is the one commit, or per
+    modality its commit(s) when modalities differ (a block amended for one modality); the text warns
+    when one modality's runs come from several commits, which a frozen block never has."""
+    if "tags.git_sha" not in runs or f"tags.{key}" not in runs:
+        shas = sorted(set(runs["tags.git_sha"].dropna())) if "tags.git_sha" in runs else []
+        text = ", ".join(f"`{s}`" for s in shas) or "unknown"
+        if len(shas) > 1:
+            text += " ⚠ the runs come from several commits; a frozen block has one"
+        return (shas[0] if len(shas) == 1 else shas or None), text
+    by_label = {label: sorted(set(runs.loc[runs[f"tags.{key}"] == label, "tags.git_sha"].dropna()))
+                for label in labels}
+    by_label = {label: shas for label, shas in by_label.items() if shas}
+    every = sorted({s for shas in by_label.values() for s in shas})
+    if len(every) <= 1:
+        return (every[0] if every else None), (f"`{every[0]}`" if every else "unknown")
+    mixed = [label for label, shas in by_label.items() if len(shas) > 1]
+    owners = {sha: [label for label, shas in by_label.items() if sha in shas] for sha in every}
+    text = ", ".join(f"`{sha}` ({', '.join(owners[sha])})" for sha in every)
+    if mixed:
+        text += f" ⚠ the runs of {', '.join(mixed)} come from several commits; a frozen block has one per modality"
+    return {label: shas[0] if len(shas) == 1 else shas for label, shas in by_label.items()}, text
+
+
 def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
     """``headline_by_modality``: per modality the seeds, the three headline arms' Dice, the paired gains
     with 95 % CIs and the MDE at 80 % power (and, under a fixed headline arm, the other arms' gains);
@@ -132,19 +156,16 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
         body.append([label, str(len(seeds)), fmt(entry["dice_real_only"]), fmt(entry["dice_copy_paste"]),
                      f"{fmt(entry['dice_diffusion'])} (`{diffusion_arm}`)", d(gain), d(gain_cp),
                      fmt(entry["mde80_vs_real_only"]), fmt(entry["mde80_vs_copy_paste"])])
-    shas = sorted(set(runs["tags.git_sha"].dropna())) if "tags.git_sha" in runs else []
+    frozen, code = _code(runs, key, [label for label, _ in spec["sources"]])
     all_seeds = sorted({s for e in out.values() for s in e["seeds"]})
-    frozen = shas[0] if len(shas) == 1 else (shas or None)
     block = all_seeds[0] if all_seeds else None
     out.update({"frozen_code": frozen, "seed_block": block})
     markdown = []
     if body:
         header = ["Modality", "seeds", "Dice real only", "Dice copy-paste", "Dice diffusion (arm)",
                   "Δ vs real only [95 % CI]", "Δ vs copy-paste [95 % CI]", "MDE80 vs real only", "MDE80 vs copy-paste"]
-        code = ", ".join(f"`{s}`" for s in shas) or "unknown"
         markdown = [render_markdown_table(header, body), "",
                     f"Diffusion arm: {_describe(arms['diffusion'])}. Code: {code}"
-                    + (" ⚠ the runs come from several commits; a frozen block has one" if len(shas) > 1 else "")
                     + f"; seed block from {block}. MDE80: the smallest true paired Δ Dice found with 80 % power "
                       f"(paired t-test, the observed paired SD) at two-sided α = 0.05/{table['holm_family']} = "
                       f"{alpha:.2g}, Holm's strictest step over the table's {table['holm_family']} comparisons: the "
@@ -155,8 +176,9 @@ def by_modality(spec: Dict[str, Any], table: Dict[str, Any], runs: pd.DataFrame)
         for label, entry in primary["by_modality"].items():
             out[label]["primary"] = entry
         extra = {"primary": {k: v for k, v in primary.items() if k != "by_modality"},
-                 "preregistration": spec.get("preregistration")}
-        markdown += primary_markdown(primary, spec.get("preregistration")) if body else []
+                 "preregistration": spec.get("preregistration"),
+                 **({"amendments": spec["amendments"]} if spec.get("amendments") else {})}
+        markdown += primary_markdown(primary, spec.get("preregistration"), spec.get("amendments")) if body else []
     return {"json": {"headline_by_modality": out, "frozen_code": frozen, "seed_block": block, **extra},
             "markdown": markdown, "pending": pending, "notes": {"by_modality": out},
             "findings": findings.headline({k: v for k, v in out.items() if k in dict(spec["sources"])},

@@ -53,9 +53,11 @@ def primary_comparison(spec: Dict[str, Any], table: Dict[str, Any], labels: List
             "by_modality": by_modality}
 
 
-def primary_markdown(primary: Dict[str, Any], preregistration: Optional[str]) -> List[str]:
+def primary_markdown(primary: Dict[str, Any], preregistration: Optional[str],
+                     amendments: Optional[List[str]] = None) -> List[str]:
     """One line per modality under the headline table: Δ [95 % CI], p and Holm-adjusted p."""
-    where = f" (pre-registered in `{preregistration}`)" if preregistration else ""
+    amended = "".join(f", amended in `{path}`" for path in amendments or [])
+    where = f" (pre-registered in `{preregistration}`{amended})" if preregistration else ""
     lines = [f"Primary comparison{where}: `{primary['arm']}` − `{primary['versus']}`, {primary['metric']}, "
              f"paired by seed, Holm over the {primary['family']} modalities at α = {primary['alpha']}:", ""]
     for label, e in primary["by_modality"].items():

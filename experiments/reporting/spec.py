@@ -20,7 +20,7 @@ from lightning_modules.gating.flags import MIN_REAL_PASS, MIN_WRONG_REJECT
 SPEC_KEYS = {"title", "grid", "grids", "grid_key", "command", "rows", "columns", "baseline", "compare", "filter",
              "pending", "plot", "headline", "headline_rows", "dataset", "n_real", "notes", "note_metrics",
              "gate_min_real_pass", "gate_min_real_reject", "samples", "summary", "efficiency", "external",
-             "primary", "preregistration"}
+             "primary", "preregistration", "amendments"}
 SUMMARIES = {"headline_by_modality": {"by_modality"}, "data_efficiency": {"exchange"}}  # their note names
 
 def load_table(path: str | Path) -> Dict[str, Any]:
@@ -58,6 +58,10 @@ def load_table(path: str | Path) -> Dict[str, Any]:
     spec.setdefault("command", f"{grid_cmd} && meddiffaug table {path} --write outputs/{path.stem}.md")
     spec["id"], spec["path"] = path.stem, str(path)
     _check_external(spec)
+    amendments = spec.get("amendments")
+    if amendments is not None and not (isinstance(amendments, list) and all(isinstance(a, str) for a in amendments)):
+        raise ConfigError(f"{path}: 'amendments' is {amendments!r}; give a list of file paths "
+                          f"(e.g. [sweeps/preregistration/block200_amendment1.md]).")
     # the validate stage flags a gate at these rates too (gen/gate_flagged); a table may be stricter
     spec.setdefault("gate_min_real_pass", MIN_REAL_PASS)
     spec.setdefault("gate_min_real_reject", MIN_WRONG_REJECT)
