@@ -132,7 +132,9 @@ def test_only_filters_and_rejects_unknown_keys(tmp_path):
         select(cells, ["colour=red"])
 
 
-@pytest.mark.parametrize("name, n_cells", [("ablation_main", 36), ("diffaug_main", 60), ("meddiff_ft", 36), ("demo", 9), ("msdm", 10)])
+@pytest.mark.parametrize("name, n_cells", [("ablation_main", 36), ("diffaug_main", 60), ("meddiff_ft", 36), ("demo", 9), ("msdm", 10),
+                                           ("headline200_polyp", 92), ("headline200_skin", 144),
+                                           ("headline200_fundus", 80), ("headline200_ultrasound", 80)])
 def test_shipped_grids_resolve(name, n_cells):
     from sweeps.grid import grid_cells
 
