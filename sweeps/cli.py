@@ -29,6 +29,7 @@ commands:
   meddiffaug --version                                          print the installed version
 """
 
+
 def defined_cell_ids(grid: str) -> Optional[Sequence[str]]:
     """The cell ids ``sweeps/grids/<grid>.yaml`` (from the working directory, as the table specs name
     grids) defines; None when there is no such file, it names another grid, or it no longer loads."""
@@ -40,7 +41,9 @@ def defined_cell_ids(grid: str) -> Optional[Sequence[str]]:
         return None
     try:
         cells = grid_cells(path)
-    except ConfigError:  # an old grid whose keys have gone: its table still builds, without the count
+    except ConfigError as err:  # an old grid whose keys have gone: its table still builds, without the count
+        print(f"[table] {path} does not load ({err}); the table cannot say whether grid '{grid}' has finished",
+              file=sys.stderr)
         return None
     return [c.sig for c in cells] if cells and cells[0].grid == grid else None
 

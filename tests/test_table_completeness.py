@@ -58,3 +58,14 @@ def test_the_table_command_says_which_grids_have_not_finished(tmp_path, monkeypa
     assert meddiffaug(args) == 0
     assert "Interim" not in Path("r.md").read_text()
     assert "unfinished_grids" not in json.loads(Path("r.json").read_text())
+
+
+def test_a_grid_file_that_no_longer_loads_is_named_not_counted(tmp_path, monkeypatch, capsys):
+    from sweeps.cli import defined_cell_ids
+
+    monkeypatch.chdir(tmp_path)
+    grid = tmp_path / "sweeps" / "grids" / "old.yaml"
+    grid.parent.mkdir(parents=True)
+    grid.write_text(yaml.safe_dump({"name": "old", "base_config": "missing.yaml", "seeds": [0]}))
+    assert defined_cell_ids("old") is None and defined_cell_ids("absent") is None
+    assert "sweeps/grids/old.yaml does not load" in capsys.readouterr().err
