@@ -69,3 +69,17 @@ def test_a_grid_file_that_no_longer_loads_is_named_not_counted(tmp_path, monkeyp
     grid.write_text(yaml.safe_dump({"name": "old", "base_config": "missing.yaml", "seeds": [0]}))
     assert defined_cell_ids("old") is None and defined_cell_ids("absent") is None
     assert "sweeps/grids/old.yaml does not load" in capsys.readouterr().err
+
+
+def test_each_grid_is_read_once_per_table_command(monkeypatch):
+    from experiments.reporting import sources
+
+    calls = []
+    monkeypatch.setattr(sources, "collect_runs", lambda grid, uri, filter, records: calls.append(grid) or
+                        __import__("pandas").DataFrame({"tags.cell": ["c"]}))
+    fetch = sources.memo_collect_runs(None, [])
+    first = fetch("g", None)
+    first["tags.cell"] = ["changed"]  # a caller's frame is its own
+    assert list(fetch("g", None)["tags.cell"]) == ["c"] and calls == ["g"]
+    fetch("g", {"variant": "real"})
+    assert calls == ["g", "g"]  # another filter is another read

@@ -3,7 +3,8 @@ grid runner exports into the repository (:mod:`experiments.reporting.run_records
 same rows in the same order, so the same tables to the last byte."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+import json
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import pandas as pd
 
@@ -60,14 +61,31 @@ def collect_runs(grid: str, tracking_uri: Optional[str] = None, filter: Optional
     return select_runs(df, filter)
 
 
+def memo_collect_runs(tracking_uri: Optional[str], records: Optional[Sequence[Dict[str, Any]]]) -> Callable:
+    """:func:`collect_runs` on one store, each ``(grid, filter)`` read once: a table command asks for a
+    grid's runs for its completeness count and again for each table that reads it (one MLflow search each
+    otherwise). ``fetch(grid, filter)`` returns a copy, so a caller's changes stay its own."""
+    seen: Dict[str, pd.DataFrame] = {}
+
+    def fetch(grid: str, filter: Optional[Dict[str, Any]] = None) -> pd.DataFrame:
+        key = json.dumps([grid, filter], sort_keys=True, default=str)
+        if key not in seen:
+            seen[key] = collect_runs(grid, tracking_uri, filter, records)
+        return seen[key].copy()
+
+    return fetch
+
+
 def gather_runs(spec: Dict[str, Any], tracking_uri: Optional[str] = None,
-                records: Optional[Sequence[Dict[str, Any]]] = None) -> pd.DataFrame:
+                records: Optional[Sequence[Dict[str, Any]]] = None, fetch: Optional[Callable] = None) -> pd.DataFrame:
     """The runs of every grid a table reads; with ``grids:`` each run gets the tag ``grid_key``
     (e.g. ``modality``) set to its grid's label, so rows can group by it; with ``external:`` (one set,
-    or one per grid label) the set's metrics are also read as ``test/external/<metric>``."""
+    or one per grid label) the set's metrics are also read as ``test/external/<metric>``. ``fetch``
+    (:func:`memo_collect_runs`) replaces the store and records arguments when given."""
+    fetch = fetch or memo_collect_runs(tracking_uri, records)
     frames = []
     for label, grid in spec["sources"]:
-        df = collect_runs(grid, tracking_uri, spec.get("filter"), records)
+        df = fetch(grid, spec.get("filter"))
         if label is not None and len(df):
             df = df.assign(**{f"tags.{spec.get('grid_key', 'group')}": label})
         external = spec.get("external")

@@ -15,7 +15,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from datamodules.io import atomic_write_text
 from experiments.reporting import findings
@@ -23,7 +23,7 @@ from experiments.reporting.completeness import DefinedCells, interim_finding, un
 from experiments.reporting.stats import jsonable, published
 from experiments.reporting.aggregate import build_table
 from experiments.reporting.keys import column_of
-from experiments.reporting.sources import collect_runs, gather_runs
+from experiments.reporting.sources import gather_runs, memo_collect_runs
 from experiments.reporting.spec import load_table
 from experiments.reporting.store import default_tracking_uri
 from experiments.reporting.table_render import render_section
@@ -82,10 +82,10 @@ def _plot(spec: Dict[str, Any], runs: Any, out_dir: Path) -> Optional[Path]:
     return plot_from_spec(spec["plot"], cols, out_dir / f"{spec['id']}.png", spec["title"], labels)
 
 
-def _finished_ids(uri: Optional[str], records: Any) -> Any:
+def _finished_ids(fetch: Callable) -> Any:
     """grid name -> the cell ids of its FINISHED runs (no table filter: the whole grid)."""
     def ids(grid: str) -> List[str]:
-        df = collect_runs(grid, uri, None, records)
+        df = fetch(grid, None)
         return list(df["tags.cell"].dropna()) if "tags.cell" in df else []
 
     return ids
@@ -120,12 +120,13 @@ def main(argv: Optional[List[str]] = None, defined_cells: Optional[DefinedCells]
         require_server(uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
     out_dir = Path(args.write or args.json or ".").parent
     sections, result, written = [], {"generated_by": command, "tables": {}}, []
-    unfinished = unfinished_grids(specs, _finished_ids(uri, records), defined_cells)
+    fetch = memo_collect_runs(uri, records)
+    unfinished = unfinished_grids(specs, _finished_ids(fetch), defined_cells)
     if unfinished:  # only then: a finished table's files stay what they were
         result["unfinished_grids"] = unfinished
     found = interim_finding(unfinished)
     for spec in specs:
-        runs = gather_runs(spec, uri, records)
+        runs = gather_runs(spec, fetch=fetch)
         table = build_table(spec, runs)
         plot, samples, extra = None, None, None
         if spec.get("summary"):
