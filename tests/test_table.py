@@ -302,3 +302,13 @@ def test_a_rerun_cell_counts_once_with_its_latest_run(tmp_path):
         time.sleep(0.01)  # distinct start times (milliseconds)
     df = collect_runs("g", uri)
     assert len(df) == 1 and float(df["metrics.test/dice"].iloc[0]) == 0.5
+
+
+def test_gate_note_names_the_pairs_its_rate_rests_on():
+    from experiments.reporting.table_render import gate_notes
+
+    spec = {"gate_min_real_pass": 0.8, "gate_min_real_reject": 0.8}
+    row = {"label": "arm", "gate_warning": True, "metrics": {"gen/real_pass_rate": {"mean": 0.75}}}
+    assert "on real validation lesion pairs < 0.80" in gate_notes(row, spec)[0]
+    cross = gate_notes({**row, "gate_crossfit_folds": 4}, spec)[0]
+    assert "on all labelled real lesion pairs, cross-fitted in 4 folds < 0.80" in cross

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from experiments.reporting.keys import COLLAPSE_METRIC, GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES, canon, column_of
+from experiments.reporting.keys import COLLAPSE_METRIC, CROSSFIT_METRIC, GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES, canon, column_of
 from experiments.reporting.spec import table_metrics
 from experiments.reporting.stats import holm, mde_paired, paired_difference, summarize
 from experiments.reporting.thin_runs import accepted_none, drawn_with_replacement
@@ -111,6 +111,9 @@ def build_table(spec: Dict[str, Any], runs: pd.DataFrame) -> Dict[str, Any]:
         rejects = [row["metrics"][m]["mean"] for m in GATE_REJECT_METRICS]
         row["gate_warning"] = bool(gate == gate and gate < spec["gate_min_real_pass"]) or any(
             r == r and r < spec["gate_min_real_reject"] for r in rejects)
+        folds = everything.get(f"metrics.{CROSSFIT_METRIC}", pd.Series(dtype=float)).max()
+        if folds == folds and folds > 0:  # which real pairs the gate's rates rest on (only then: old tables unchanged)
+            row["gate_crossfit_folds"] = int(folds)
         rows.append(row)
     for base in spec["baselines"]:
         for row in rows:

@@ -10,6 +10,7 @@ SEG_PREFIXES = ("test/", "val/")  # metrics a collapsed segmenter corrupts
 GATE_METRIC, COLLAPSE_METRIC = "gen/real_pass_rate", "seg/collapsed"
 # a gate must also reject real pairs made wrong; one that passes them judges nothing
 GATE_REJECT_METRICS = ("gen/real_misplaced_reject_rate", "gen/real_missing_reject_rate")
+CROSSFIT_METRIC = "gen/crossfit_folds"  # K > 0: the gate's real rates are cross-fitted over all labelled pairs
 # A table names each grid's external test set (data.external_tests, logged as test/<set>/<metric>);
 # its metrics are read under one name, test/external/<metric>, so rows of several grids share columns.
 EXTERNAL_PREFIX = "test/external/"

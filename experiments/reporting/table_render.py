@@ -147,8 +147,11 @@ def gate_notes(row: Dict[str, Any], spec: Dict[str, Any]) -> list:
     rate = row["metrics"][GATE_METRIC]["mean"]
     if rate < spec["gate_min_real_pass"]:
         # fractions in the columns' own format, so a note never disagrees with its cell by rounding
+        folds = row.get("gate_crossfit_folds")
+        pairs = (f"on all labelled real lesion pairs, cross-fitted in {folds} folds" if folds
+                 else "on real validation lesion pairs")
         return [f"⚠ {row['label']}: the gate's real pass rate is only {fmt(rate, '.2f')} (mean "
-                f"`{GATE_METRIC}` on real validation lesion pairs < {spec['gate_min_real_pass']:.2f}); "
+                f"`{GATE_METRIC}` {pairs} < {spec['gate_min_real_pass']:.2f}); "
                 "its verdicts on synthetic pairs are not trustworthy."]
     rejects = ", ".join(f"{fmt(row['metrics'][m]['mean'], '.2f')} ({m.split('_')[1]})" for m in GATE_REJECT_METRICS)
     return [f"⚠ {row['label']}: the gate's reject rates on real lesions made wrong are only {rejects} (mean < "
