@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from experiments.reporting import run_records as rr
@@ -76,7 +77,7 @@ def test_each_grid_is_read_once_per_table_command(monkeypatch):
 
     calls = []
     monkeypatch.setattr(sources, "collect_runs", lambda grid, uri, filter, records: calls.append(grid) or
-                        __import__("pandas").DataFrame({"tags.cell": ["c"]}))
+                        pd.DataFrame({"tags.cell": ["c"]}))
     fetch = sources.memo_collect_runs(None, [])
     first = fetch("g", None)
     first["tags.cell"] = ["changed"]  # a caller's frame is its own

@@ -6,7 +6,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from experiments.reporting.keys import COLLAPSE_METRIC, CROSSFIT_METRIC, GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES, canon, column_of
+from experiments.reporting.keys import (COLLAPSE_METRIC, CROSSFIT_METRIC, GATE_METRIC, GATE_REJECT_METRICS, SEG_PREFIXES,
+                                       canon, column_of)
 from experiments.reporting.spec import table_metrics
 from experiments.reporting.stats import holm, mde_paired, paired_difference, summarize
 from experiments.reporting.thin_runs import accepted_none, drawn_with_replacement
