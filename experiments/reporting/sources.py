@@ -76,13 +76,11 @@ def memo_collect_runs(tracking_uri: Optional[str], records: Optional[Sequence[Di
     return fetch
 
 
-def gather_runs(spec: Dict[str, Any], tracking_uri: Optional[str] = None,
-                records: Optional[Sequence[Dict[str, Any]]] = None, fetch: Optional[Callable] = None) -> pd.DataFrame:
-    """The runs of every grid a table reads; with ``grids:`` each run gets the tag ``grid_key``
-    (e.g. ``modality``) set to its grid's label, so rows can group by it; with ``external:`` (one set,
-    or one per grid label) the set's metrics are also read as ``test/external/<metric>``. ``fetch``
-    (:func:`memo_collect_runs`) replaces the store and records arguments when given."""
-    fetch = fetch or memo_collect_runs(tracking_uri, records)
+def gather_runs(spec: Dict[str, Any], fetch: Callable) -> pd.DataFrame:
+    """The runs of every grid a table reads, through ``fetch`` (:func:`memo_collect_runs`); with ``grids:``
+    each run gets the tag ``grid_key`` (e.g. ``modality``) set to its grid's label, so rows can group by
+    it; with ``external:`` (one set, or one per grid label) the set's metrics are also read as
+    ``test/external/<metric>``."""
     frames = []
     for label, grid in spec["sources"]:
         df = fetch(grid, spec.get("filter"))

@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None, defined_cells: Optional[DefinedCells]
         result["unfinished_grids"] = unfinished
     found = interim_finding(unfinished)
     for spec in specs:
-        runs = gather_runs(spec, fetch=fetch)
+        runs = gather_runs(spec, fetch)
         table = build_table(spec, runs)
         plot, samples, extra = None, None, None
         if spec.get("summary"):
